@@ -1,0 +1,24 @@
+"""Kyutai's Moshi with a user-audio Depformer that predicts what the user is about to say, the Hugging Face way."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_moshi_userpred import MoshiUserPredConfig
+from .modeling_moshi_userpred import (
+    MoshiUserPredForConditionalGeneration,
+    MoshiUserPredOutput,
+    MoshiUserPredPreTrainedModel,
+    masked_cross_entropy,
+)
+
+AutoConfig.register(MoshiUserPredConfig.model_type, MoshiUserPredConfig, exist_ok=True)
+AutoModel.register(MoshiUserPredConfig, MoshiUserPredForConditionalGeneration, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoshiUserPredConfig",
+    "MoshiUserPredForConditionalGeneration",
+    "MoshiUserPredOutput",
+    "MoshiUserPredPreTrainedModel",
+    "masked_cross_entropy",
+]

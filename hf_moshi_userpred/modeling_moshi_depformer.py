@@ -1,0 +1,128 @@
+"""Moshi's token embedding and Depformer.
+
+The Depformer is a small transformer over the *codebook axis*: for every time step it reads the main
+transformer's output and generates `num_steps` codebooks one after the other, step k seeing the token
+of step k-1 (the text token for k = 0). Moshi has one for the system's audio; this package adds a
+second one, of the same kind, for the user's audio.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modeling_moshi_transformer import MoshiTransformer, create_norm
+
+ZERO_TOKEN_ID = -1  # "no input": embeds to exactly 0 and carries no loss
+
+
+class MoshiScaledEmbedding(nn.Embedding):
+    """Embedding where token -1 maps to an exact zero vector; optional layer norm and low-rank projection.
+
+    Parameters follow moshi's `ScaledEmbedding`: `weight` `[num_embeddings, low_rank or dim]`,
+    `norm.*` (when `norm`), `low_rank.weight` `[dim, low_rank]` (when `low_rank`).
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, norm: bool = False, low_rank: int | None = None):
+        super().__init__(num_embeddings, low_rank or dim)
+        self.norm = create_norm("layer_norm", self.embedding_dim) if norm else None
+        self.low_rank = nn.Linear(low_rank, dim, bias=False) if low_rank else None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens` `[...]` (long, -1 allowed) -> `[..., dim]`."""
+        y = super().forward(tokens.clamp(min=0))
+        if self.norm is not None:
+            y = self.norm(y)
+        y = torch.where((tokens == ZERO_TOKEN_ID)[..., None], torch.zeros((), dtype=y.dtype, device=y.device), y)
+        if self.low_rank is not None:
+            y = self.low_rank(y)
+        return y
+
+
+class MoshiDepformer(nn.Module):
+    """Generates `num_steps` codebooks for each time step from the main transformer's output.
+
+    Step k's input is `in_projs[k](hidden) + emb_k(previous token)` where the previous token is the
+    text token for k = 0 (`text_emb`) and codebook k-1 otherwise (`emb[k-1]`); step k's logits are
+    `heads[k](norms[k](out_k))`. With `weights_per_step`, step k uses weight set `schedule[k]`.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        dim: int,
+        num_steps: int,
+        num_heads: int,
+        num_layers: int,
+        dim_feedforward: int | list[int],
+        card: int,
+        text_card: int,
+        multi_linear: bool,
+        weights_per_step: bool,
+        schedule: list[int] | None,
+        low_rank_embeddings: int | None,
+        pos_emb: str,
+        out_norm: str | None,
+        norm: str,
+        gating: str,
+        layer_scale: float | None,
+        kv_repeat: int,
+        max_period: float,
+        positional_scale: float,
+        norm_emb: bool,
+        bias_proj: bool,
+    ):
+        super().__init__()
+        self.num_steps = num_steps
+        self.schedule = schedule
+        num_weight_sets = (max(schedule) + 1 if schedule is not None else num_steps) if weights_per_step else 1
+        self.in_projs = nn.ModuleList(
+            [nn.Linear(input_dim, dim, bias=False) for _ in range(num_weight_sets if multi_linear else 1)]
+        )
+        self.text_emb = MoshiScaledEmbedding(text_card + 1, dim, norm=norm_emb, low_rank=low_rank_embeddings)
+        self.emb = nn.ModuleList(
+            [MoshiScaledEmbedding(card + 1, dim, norm=norm_emb, low_rank=low_rank_embeddings)
+             for _ in range(num_steps - 1)]
+        )
+        self.transformer = MoshiTransformer(
+            dim, num_heads, num_layers, dim_feedforward, norm, gating, pos_emb, max_period, positional_scale,
+            layer_scale, kv_repeat, context=None,
+            num_weight_sets=num_weight_sets if weights_per_step else 1, schedule=schedule,
+        )
+        self.norms = nn.ModuleList(
+            [nn.Identity() if out_norm is None else create_norm(out_norm, dim) for _ in range(num_steps)]
+        )
+        self.heads = nn.ModuleList([nn.Linear(dim, card, bias=bias_proj) for _ in range(num_steps)])
+
+    def in_proj_index(self, step: int) -> int:
+        """Which input projection codebook step `step` uses."""
+        if len(self.in_projs) == 1:
+            return 0
+        return self.schedule[step] if self.schedule is not None else step
+
+    def forward(self, hidden: torch.Tensor, text_tokens: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for every time step.
+
+        Args:
+            hidden: main transformer output `[B, T, input_dim]`.
+            text_tokens: the text token of each step `[B, T]` (input of codebook step 0).
+            prev_tokens: the ground-truth codebooks `0..num_steps-2` `[B, num_steps - 1, T]` (inputs of steps 1..).
+
+        Returns:
+            logits `[B, num_steps, T, card]`.
+        """
+        B, T, _ = hidden.shape
+        projected = [proj(hidden) for proj in self.in_projs]
+        inputs = []
+        for step in range(self.num_steps):
+            token_emb = self.text_emb(text_tokens) if step == 0 else self.emb[step - 1](prev_tokens[:, step - 1])
+            inputs.append(projected[self.in_proj_index(step)] + token_emb)
+        # The Depformer runs over the codebook axis: a batch of B*T sequences of num_steps positions.
+        x = torch.stack(inputs, dim=2).view(B * T, self.num_steps, -1)
+        out = self.transformer(x)
+        logits = [self.heads[k](self.norms[k](out[:, k])).view(B, T, -1) for k in range(self.num_steps)]
+        return torch.stack(logits, dim=1)
+
+
+__all__ = ["MoshiDepformer", "MoshiScaledEmbedding", "ZERO_TOKEN_ID"]

@@ -1,0 +1,506 @@
+"""PyTorch Moshi with a user-audio Depformer, as a Transformers `PreTrainedModel`.
+
+Architecture (moshi's `LMModel` plus one branch):
+
+    codes [B, 1 + n_q, T] --delay rows, prepend initial tokens--> [B, 1 + n_q, T + 1]
+    sum of row embeddings (emb, text_emb) -> transformer -> out_norm = hidden [B, T, dim]
+    hidden -> text_linear                   text logits   [B, 1, T, text_card]
+    hidden + text token -> depformer        system audio  [B, dep_q, T, card]      (codebook axis)
+    hidden + text token -> user_depformer   user audio    [B, user_dep_q, T, card] (codebook axis, new)
+
+All logits are un-delayed: `logits[:, k, t]` scores `codes[:, row_k, t]`, with `mask` False where no
+prediction exists (delay tails, filled with NaN) or the target is the zero token -1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_utils import load_state_dict
+from transformers.utils import ModelOutput, logging
+
+from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
+from .modeling_moshi_checkpoint import USER_BRANCH_PREFIX, convert_from_moshi, convert_to_moshi
+from .modeling_moshi_depformer import ZERO_TOKEN_ID, MoshiDepformer, MoshiScaledEmbedding
+from .modeling_moshi_transformer import MoshiLayerScale, MoshiRMSNorm, MoshiTransformer, create_norm
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MoshiUserPredOutput(ModelOutput):
+    r"""Outputs of [`MoshiUserPredForConditionalGeneration.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` `[]`): `text_loss + audio_loss + user_loss_weight * user_loss` (with `return_loss`).
+        text_loss, audio_loss, user_loss (`torch.FloatTensor` `[]`): weighted masked mean cross-entropies.
+        text_logits (`torch.FloatTensor` `[B, 1, T, text_card_out]`): scores of `codes[:, 0]`.
+        text_mask (`torch.BoolTensor` `[B, 1, T]`): where `text_logits` are valid targets.
+        audio_logits (`torch.FloatTensor` `[B, dep_q, T, card]`): scores of the system rows `codes[:, 1:1 + dep_q]`.
+        audio_mask (`torch.BoolTensor` `[B, dep_q, T]`).
+        user_logits (`torch.FloatTensor` `[B, user_dep_q, T, card]`, *optional*): scores of the user rows
+            `codes[:, 1 + dep_q:1 + dep_q + user_dep_q]`, each predicted `user_prediction_lookahead` steps ahead
+            of its delayed position.
+        user_mask (`torch.BoolTensor` `[B, user_dep_q, T]`, *optional*).
+        last_hidden_state (`torch.FloatTensor` `[B, T, dim]`): main transformer output (after `out_norm`);
+            position s has seen the delayed codes up to s - 1.
+    """
+
+    loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    audio_loss: torch.Tensor | None = None
+    user_loss: torch.Tensor | None = None
+    text_logits: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    audio_logits: torch.Tensor | None = None
+    audio_mask: torch.Tensor | None = None
+    user_logits: torch.Tensor | None = None
+    user_mask: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+def shift_time(
+    x: torch.Tensor, shifts: list[int], length: int, fill: list[float] | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row time shift: `out[:, k, t] = x[:, k, t + shifts[k]]` where that index exists, else `fill`.
+
+    Args:
+        x: `[B, K, T, ...]`.
+        shifts: one integer per row.
+        length: output length along time.
+        fill: a value, or one per row.
+
+    Returns:
+        `out` `[B, K, length, ...]` and `valid` `[K, length]` (False where `fill` was used).
+    """
+    B, K, T = x.shape[:3]
+    fills = fill if isinstance(fill, list) else [fill] * K
+    out = x.new_empty((B, K, length, *x.shape[3:]))
+    valid = torch.zeros(K, length, dtype=torch.bool, device=x.device)
+    for k, shift in enumerate(shifts):
+        lo, hi = max(0, -shift), min(length, T - shift)
+        out[:, k].fill_(fills[k])
+        if hi > lo:
+            out[:, k, lo:hi] = x[:, k, lo + shift : hi + shift]
+            valid[k, lo:hi] = True
+    return out, valid
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted mean cross-entropy over the positions where `mask` is True (moshi-finetune's loss).
+
+    Args:
+        logits: `[B, K, T, V]` (NaN allowed where `mask` is False).
+        targets: `[B, K, T]`.
+        mask: `[B, K, T]` bool.
+        weights: `[B, K, T]` per-target weights, or None for 1.
+
+    Returns:
+        `sum(w * ce) / sum(w)` over valid targets; 0 when there is none.
+    """
+    w = mask.float() if weights is None else weights.float() * mask
+    ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    selected = w[mask]
+    return (ce * selected).sum() / selected.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _trunc_normal_(weight: torch.Tensor, fan_in: int) -> None:
+    # moshi's scheme: truncated normal, std 1/sqrt(fan_in), cut at 3 std; drawn in float32 for low precisions.
+    std = 1 / math.sqrt(fan_in)
+    values = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    torch.nn.init.trunc_normal_(values, mean=0.0, std=std, a=-3 * std, b=3 * std)
+    init.copy_(weight, values)
+
+
+class MoshiUserPredPreTrainedModel(PreTrainedModel):
+    """Weight init (moshi's scheme) and the Transformers plumbing shared by Moshi user-prediction models."""
+
+    config_class = MoshiUserPredConfig
+    base_model_prefix = "moshi"
+    main_input_name = "codes"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoshiTransformerLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # moshi: truncated normal on embeddings, the main transformer's linears and the output heads;
+        # PyTorch's default init everywhere else (Depformer layers, input projections, low-rank maps).
+        if isinstance(module, MoshiScaledEmbedding):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                _trunc_normal_(module.weight, module.embedding_dim)
+        elif isinstance(module, nn.Linear):
+            if getattr(module, "_moshi_trunc_normal_init", False):
+                if not getattr(module.weight, "_is_hf_initialized", False):
+                    _trunc_normal_(module.weight, module.in_features)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            else:
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                if module.bias is not None:
+                    bound = 1 / math.sqrt(module.in_features)
+                    init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MoshiRMSNorm):
+            init.ones_(module.alpha)
+        elif isinstance(module, MoshiLayerScale):
+            init.constant_(module.scale, module.init_value)
+
+
+def _build_depformer(config: MoshiUserPredConfig, user: bool) -> MoshiDepformer:
+    prefix = "user_depformer_" if user else "depformer_"
+    return MoshiDepformer(
+        input_dim=config.dim,
+        dim=getattr(config, prefix + "dim"),
+        num_steps=config.user_dep_q if user else config.dep_q,
+        num_heads=getattr(config, prefix + "num_heads"),
+        num_layers=getattr(config, prefix + "num_layers"),
+        dim_feedforward=getattr(config, prefix + "dim_feedforward"),
+        card=config.card,
+        text_card=config.text_card,
+        multi_linear=getattr(config, prefix + "multi_linear"),
+        weights_per_step=getattr(config, prefix + "weights_per_step"),
+        schedule=None if user else config.depformer_weights_per_step_schedule,
+        low_rank_embeddings=getattr(config, prefix + "low_rank_embeddings"),
+        pos_emb=getattr(config, prefix + "pos_emb"),
+        out_norm=getattr(config, prefix + "norm"),
+        # Transformer options the user Depformer shares with the system one.
+        norm=config.norm,
+        gating=config.depformer_gating,
+        layer_scale=config.depformer_layer_scale,
+        kv_repeat=config.depformer_kv_repeat,
+        max_period=config.depformer_max_period,
+        positional_scale=config.depformer_positional_scale,
+        norm_emb=config.norm_emb,
+        bias_proj=config.bias_proj,
+    )
+
+
+class MoshiUserPredForConditionalGeneration(MoshiUserPredPreTrainedModel):
+    """Moshi's LM (text head + system-audio Depformer) with a Depformer predicting the user's next audio tokens.
+
+    Parameter names equal moshi `LMModel`'s except inside the system Depformer, grouped as `depformer.*`
+    (see `modeling_moshi_checkpoint`); `from_moshi` / `moshi_state_dict` convert both ways.
+    """
+
+    def __init__(self, config: MoshiUserPredConfig):
+        super().__init__(config)
+        c = config
+        self.emb = nn.ModuleList([MoshiScaledEmbedding(c.card + 1, c.dim, norm=c.norm_emb) for _ in range(c.n_q)])
+        self.text_emb = MoshiScaledEmbedding(c.text_card + 1, c.dim, norm=c.norm_emb)
+        self.transformer = MoshiTransformer(
+            c.dim, c.num_heads, c.num_layers, int(c.hidden_scale * c.dim), c.norm, c.gating, c.positional_embedding,
+            c.max_period, c.positional_scale, c.layer_scale, c.kv_repeat, c.context,
+        )
+        self.out_norm = create_norm(c.norm, c.dim)
+        self.text_linear = nn.Linear(c.dim, c.text_card_out, bias=c.bias_proj)
+        self.depformer = _build_depformer(c, user=False)
+        self.user_depformer = _build_depformer(c, user=True) if c.predict_user_audio else None
+        self.extra_heads = nn.ModuleList(
+            [nn.Linear(c.dim, c.extra_heads_dim, bias=False) for _ in range(c.extra_heads_num_heads)]
+        )
+        heads = [*self.depformer.heads, *(self.user_depformer.heads if self.user_depformer is not None else [])]
+        for module in [*self.transformer.modules(), self.text_linear, *heads]:
+            if isinstance(module, nn.Linear):
+                module._moshi_trunc_normal_init = True
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------- layout
+    @property
+    def user_rows(self) -> slice:
+        """Rows of `codes` the user Depformer predicts."""
+        start = 1 + self.config.dep_q
+        return slice(start, start + self.config.user_dep_q)
+
+    def initial_tokens(self) -> list[int]:
+        """Token fed before the first frame of every row: `text_card` for text, `card` for audio."""
+        return [self.config.text_card] + [self.config.card] * self.config.n_q
+
+    def _row_name(self, row: int) -> str:
+        dep_q = self.config.dep_q
+        if row == 0:
+            return "row 0 (text)"
+        if row <= dep_q:
+            return f"row {row} (system audio codebook {row - 1})"
+        return f"row {row} (user audio codebook {row - 1 - dep_q})"
+
+    def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Validate `codes` `[B, 1 + n_q, T]` and return them as int64; `ValueError` naming any problem."""
+        K = self.config.num_codebooks
+        if not isinstance(codes, torch.Tensor):
+            raise ValueError(f"codes must be a LongTensor [B, {K}, T], got {type(codes).__name__}")
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+        if codes.dim() != 3 or codes.shape[1] != K:
+            raise ValueError(f"codes must have shape [B, 1 + n_q = {K}, T], got {tuple(codes.shape)}")
+        if codes.shape[0] == 0 or codes.shape[2] == 0:
+            raise ValueError(f"codes must have at least one sequence and one frame, got shape {tuple(codes.shape)}")
+        if codes.device != self.device:
+            raise ValueError(f"codes are on {codes.device} but the model is on {self.device}: "
+                             "move them with codes.to(model.device)")
+        codes = codes.long()
+        upper = torch.tensor([self.config.text_card] + [self.config.card] * self.config.n_q, device=codes.device)
+        bad = (codes < ZERO_TOKEN_ID) | (codes >= upper.view(1, K, 1))
+        if bad.any():
+            b, row, t = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"codes[{b}, {row}, {t}] = {codes[b, row, t].item()} is out of range for {self._row_name(row)} "
+                f"at time step {t}: valid values are -1 (zero token) or 0..{int(upper[row]) - 1}"
+            )
+        return codes
+
+    # ---------------------------------------------------------------------------------------- forward
+    def embed(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Sum of the row embeddings of delayed codes `[B, 1 + n_q, S]` -> `[B, S, dim]`."""
+        x = None
+        for k, emb in enumerate(self.emb):
+            e = emb(sequence[:, 1 + k])
+            x = e if x is None else x + e
+        return x + self.text_emb(sequence[:, 0])
+
+    def forward(
+        self,
+        codes: torch.Tensor,
+        return_loss: bool = False,
+        user_loss_weight: float | None = None,
+        **kwargs,
+    ) -> MoshiUserPredOutput:
+        r"""Teacher-forced logits of every stream (and losses with `return_loss`).
+
+        Args:
+            codes (`torch.LongTensor` `[B, 1 + n_q, T]`): text row, `dep_q` system rows, `n_q - dep_q` user rows;
+                -1 marks "no token" (zero embedding, no loss).
+            return_loss (`bool`): also compute `loss`, `text_loss`, `audio_loss`, `user_loss`.
+            user_loss_weight (`float`, *optional*): weight of the user loss in `loss` (default: the config's).
+
+        Returns:
+            [`MoshiUserPredOutput`].
+        """
+        c = self.config
+        codes = self.check_codes(codes)
+        T = codes.shape[2]
+        delays = c.delays
+        delayed, _ = shift_time(codes, [-1 - d for d in delays], T + 1, self.initial_tokens())
+        hidden = self.out_norm(self.transformer(self.embed(delayed[:, :, :-1])))
+        text_tokens = delayed[:, 0, 1:]
+
+        text_logits, text_mask = self._undelay(self.text_linear(hidden)[:, None], codes[:, :1], delays[:1])
+        system_rows = slice(1, 1 + c.dep_q)
+        audio_logits, audio_mask = self._undelay(
+            self.depformer(hidden, text_tokens, delayed[:, 1 : c.dep_q, 1:]), codes[:, system_rows],
+            delays[system_rows],
+        )
+        user_logits = user_mask = None
+        if self.user_depformer is not None:
+            rows, lookahead = self.user_rows, c.user_prediction_lookahead
+            # Position s predicts the delayed user tokens of position s + lookahead; past the end: zero tokens.
+            future, _ = shift_time(delayed[:, rows], [lookahead] * c.user_dep_q, T, ZERO_TOKEN_ID)
+            user_logits, user_mask = self._undelay(
+                self.user_depformer(hidden, text_tokens, future[:, :-1]), codes[:, rows],
+                [d - (lookahead - 1) for d in delays[rows]],
+            )
+
+        output = MoshiUserPredOutput(
+            text_logits=text_logits, text_mask=text_mask, audio_logits=audio_logits, audio_mask=audio_mask,
+            user_logits=user_logits, user_mask=user_mask, last_hidden_state=hidden,
+        )
+        if return_loss:
+            self._add_losses(output, codes, user_loss_weight)
+        return output
+
+    @staticmethod
+    def _undelay(logits: torch.Tensor, targets: torch.Tensor, shifts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position-aligned logits -> target-aligned logits (NaN where none) and the loss mask."""
+        if any(shifts):
+            logits, valid = shift_time(logits, shifts, logits.shape[2], float("nan"))
+            return logits, valid[None] & (targets != ZERO_TOKEN_ID)
+        return logits, targets != ZERO_TOKEN_ID
+
+    def _add_losses(self, output: MoshiUserPredOutput, codes: torch.Tensor, user_loss_weight: float | None) -> None:
+        c = self.config
+        text_targets = codes[:, :1]
+        padding = (text_targets == c.existing_text_padding_id) | (text_targets == c.existing_text_end_padding_id)
+        text_weights = torch.where(padding, c.text_padding_weight, 1.0)
+        output.text_loss = masked_cross_entropy(output.text_logits, text_targets, output.text_mask, text_weights)
+        output.audio_loss = masked_cross_entropy(
+            output.audio_logits, codes[:, 1 : 1 + c.dep_q], output.audio_mask, self._codebook_weights(c.dep_q, codes)
+        )
+        output.loss = output.text_loss + output.audio_loss
+        if output.user_logits is not None:
+            output.user_loss = masked_cross_entropy(
+                output.user_logits, codes[:, self.user_rows], output.user_mask,
+                self._codebook_weights(c.user_dep_q, codes),
+            )
+            weight = c.user_loss_weight if user_loss_weight is None else user_loss_weight
+            output.loss = output.loss + weight * output.user_loss
+
+    def _codebook_weights(self, num_codebooks: int, codes: torch.Tensor) -> torch.Tensor:
+        weights = torch.ones(1, num_codebooks, 1, device=codes.device)
+        weights[:, 0] = self.config.first_codebook_weight_multiplier
+        return weights.expand(codes.shape[0], num_codebooks, codes.shape[2])
+
+    # ------------------------------------------------------------------------------- kyutai checkpoints
+    @classmethod
+    def from_moshi(
+        cls,
+        checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+        lm_kwargs: Mapping | None = None,
+        user_init: str = "copy_system",
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        **config_overrides,
+    ) -> "MoshiUserPredForConditionalGeneration":
+        """Build the model from a kyutai Moshi checkpoint, with the user branch initialised by `user_init`.
+
+        The model is created on the meta device and the checkpoint tensors are assigned, so a 7B
+        checkpoint is never held twice in memory.
+
+        Args:
+            checkpoint: a moshi-format `.safetensors` file or a state dict with moshi's key names.
+            lm_kwargs: moshi's LM kwargs or the checkpoint's `config.json` dict (default: moshiko's).
+            user_init: `"copy_system"` (the system Depformer's weights where shapes match) or `"random"`.
+            dtype: parameter dtype (default: the checkpoint's floating dtype).
+            device: where the parameters live.
+            **config_overrides: fields of [`MoshiUserPredConfig`] (e.g. `user_dep_q=1`).
+
+        Raises:
+            ValueError: the checkpoint does not match the config (every bad key and shape is listed).
+        """
+        if user_init not in USER_INITS:
+            raise ValueError(f"user_init={user_init!r}: must be one of {USER_INITS}")
+        config_overrides["user_init"] = user_init
+        if lm_kwargs is None:
+            config = MoshiUserPredConfig(**config_overrides)
+        else:
+            config = MoshiUserPredConfig.from_moshi_lm_kwargs(dict(lm_kwargs), **config_overrides)
+        state_dict = _read_checkpoint(checkpoint)
+        if dtype is None:
+            dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+        with torch.device("meta"):
+            model = cls(config).to(dtype)
+        model.load_moshi_state_dict(state_dict, device=device)
+        if model.user_depformer is not None:
+            model.user_depformer.to_empty(device=device)
+            model.init_user_branch(user_init)
+        return model.eval()
+
+    def load_moshi_state_dict(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device | None = None) -> None:
+        """Load moshi `LMModel` weights (released fused layout or moshi-finetune's) into the shared part.
+
+        Tensors are cast to the model's dtype; parameters still on the meta device are assigned (no copy).
+
+        Raises:
+            ValueError: listing every missing, unexpected or mis-shaped key.
+        """
+        params = dict(self.named_parameters())
+        converted = convert_from_moshi(state_dict, {name: p.shape for name, p in params.items()})
+        on_meta = any(p.is_meta for name, p in params.items() if name in converted)
+        target = device if device is not None else (None if on_meta else self.device)
+        converted = {
+            name: tensor.to(device=target, dtype=params[name].dtype if tensor.is_floating_point() else None)
+            for name, tensor in converted.items()
+        }
+        result = self.load_state_dict(converted, strict=False, assign=on_meta)
+        leftover = [key for key in result.missing_keys if not key.startswith(USER_BRANCH_PREFIX)]
+        if leftover or result.unexpected_keys:
+            raise ValueError(f"moshi weights left parameters unset: {leftover + result.unexpected_keys}")
+
+    def moshi_state_dict(self) -> dict[str, torch.Tensor]:
+        """The shared part in kyutai's released layout: moshi's `LMModel(**config.to_moshi_lm_kwargs())`
+        loads it with `strict=True`. The user branch is not part of it."""
+        return convert_to_moshi(self.state_dict())
+
+    @torch.no_grad()
+    def init_user_branch(self, method: str = "copy_system") -> list[str]:
+        """(Re)initialise the user Depformer: `"random"` (moshi's scheme) or `"copy_system"`.
+
+        `"copy_system"` copies, for every user codebook step k, the weights the system Depformer uses at step k
+        (its weight set, input projection, embedding, norm and head) wherever the shapes match, and leaves the
+        rest randomly initialised.
+
+        Returns:
+            The user-branch parameter names that were not copied (all of them for `"random"`).
+        """
+        if self.user_depformer is None:
+            raise ValueError("init_user_branch: the model has no user branch (predict_user_audio=False)")
+        if method not in USER_INITS:
+            raise ValueError(f"init_user_branch: method={method!r} must be one of {USER_INITS}")
+        for param in self.user_depformer.parameters():
+            param._is_hf_initialized = False
+        self.user_depformer.apply(self._init_weights)
+        user_params = dict(self.user_depformer.named_parameters())
+        if method == "random":
+            return sorted(user_params)
+        system_params = dict(self.depformer.named_parameters())
+        not_copied = []
+        for name, param in user_params.items():
+            source = system_params.get(self._system_counterpart(name))
+            if source is not None and source.shape == param.shape:
+                param.copy_(source)
+            else:
+                not_copied.append(name)
+        if not_copied:
+            logger.warning(f"copy_system: {len(not_copied)} user-branch tensors kept their random init "
+                           f"(no system counterpart of the same shape): {not_copied}")
+        return not_copied
+
+    def _system_counterpart(self, name: str) -> str:
+        """Name of the system-Depformer tensor that plays the role of user-Depformer tensor `name`."""
+        c = self.config
+
+        def weight_set(step: int) -> int | None:
+            if not c.depformer_weights_per_step:
+                return None
+            schedule = c.depformer_weights_per_step_schedule
+            return schedule[step] if schedule is not None else step
+
+        if match := re.match(r"in_projs\.(\d+)\.(.+)", name):
+            step = int(match[1])
+            return f"in_projs.{self.depformer.in_proj_index(step)}.{match[2]}" if step < c.dep_q else ""
+        if match := re.match(r"(transformer\.layers\.\d+\.)(self_attn\.in_projs|self_attn\.out_projs|gating)\.(\d+)\.(.+)",
+                             name):
+            prefix, module, step, rest = match.groups()
+            if int(step) >= c.dep_q:
+                return ""
+            index = weight_set(int(step))
+            if index is None:
+                return f"{prefix}gating.{rest}" if module == "gating" else f"{prefix}{module}.0.{rest}"
+            return f"{prefix}{module}.{index}.{rest}"
+        if match := re.match(r"(transformer\.layers\.\d+\.)gating\.(linear_in|linear_out)\.(.+)", name):
+            index = weight_set(0)
+            return name if index is None else f"{match[1]}gating.{index}.{match[2]}.{match[3]}"
+        return name
+
+
+def _read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    if isinstance(checkpoint, Mapping):
+        return checkpoint
+    path = os.fspath(checkpoint)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"moshi checkpoint {path!r}: expected a .safetensors file or a state dict")
+    if not os.path.isfile(path):
+        raise ValueError(f"moshi checkpoint {path!r} does not exist")
+    return load_state_dict(path)
+
+
+__all__ = [
+    "MoshiUserPredForConditionalGeneration",
+    "MoshiUserPredOutput",
+    "MoshiUserPredPreTrainedModel",
+    "masked_cross_entropy",
+    "shift_time",
+]
