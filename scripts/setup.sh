@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine: torch first (pinned, so pip does not pull a multi-GB CUDA build),
+# then this package. `setup.sh test` adds the test extras and the moshi oracle (installed --no-deps:
+# its own pins conflict with transformers 5, see DESIGN.md section 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${pip[@]}" --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
+if [ "${1:-}" = "test" ]; then
+  "${pip[@]}" -e ".[test]"
+  "${pip[@]}" --no-deps "moshi==0.2.13" einops
+else
+  "${pip[@]}" -e .
+fi
