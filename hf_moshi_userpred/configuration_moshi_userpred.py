@@ -185,12 +185,18 @@ class MoshiUserPredConfig(PreTrainedConfig):
             if getattr(self, f"user_depformer_{key}") is None:
                 setattr(self, f"user_depformer_{key}", value)
         if self.user_depformer_dim_feedforward is None:
+            # Mirror the system Depformer's widths step for step, so "copy_system" finds matching shapes.
             system_ff = self.depformer_dim_feedforward
-            uniform_ff = system_ff if isinstance(system_ff, int) else None
-            if uniform_ff is not None and self.user_depformer_dim == self.depformer_dim:
-                self.user_depformer_dim_feedforward = uniform_ff
-            else:
+            if self.user_depformer_dim != self.depformer_dim or (
+                    isinstance(system_ff, list) and self.user_dep_q > self.dep_q):
                 self.user_depformer_dim_feedforward = int(self.hidden_scale * self.user_depformer_dim)
+            elif isinstance(system_ff, int):
+                self.user_depformer_dim_feedforward = system_ff
+            elif self.user_depformer_weights_per_step:
+                self.user_depformer_dim_feedforward = [
+                    system_ff[self.depformer_weight_set(k) or 0] for k in range(self.user_dep_q)]
+            else:
+                self.user_depformer_dim_feedforward = system_ff[self.depformer_weight_set(0) or 0]
 
     def validate_moshi_config(self) -> None:
         """Raise a `ValueError` naming the first inconsistent field."""
@@ -271,6 +277,13 @@ class MoshiUserPredConfig(PreTrainedConfig):
     def num_codebooks(self) -> int:
         """Rows of the codes tensor: text + `n_q` audio."""
         return 1 + self.n_q
+
+    def depformer_weight_set(self, step: int) -> int | None:
+        """The system Depformer's weight set for codebook step `step` (None: a single set for all steps)."""
+        if not self.depformer_weights_per_step:
+            return None
+        schedule = self.depformer_weights_per_step_schedule
+        return schedule[step] if schedule is not None else step
 
     @property
     def depformer_num_weight_sets(self) -> int:

@@ -458,24 +458,18 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredPreTrainedModel):
                            f"(no system counterpart of the same shape): {not_copied}")
         return not_copied
 
-    def _system_counterpart(self, name: str) -> str:
-        """Name of the system-Depformer tensor that plays the role of user-Depformer tensor `name`."""
+    def _system_counterpart(self, name: str) -> str | None:
+        """Name of the system-Depformer tensor that plays the role of user-Depformer tensor `name`, if any."""
         c = self.config
-
-        def weight_set(step: int) -> int | None:
-            if not c.depformer_weights_per_step:
-                return None
-            schedule = c.depformer_weights_per_step_schedule
-            return schedule[step] if schedule is not None else step
-
+        weight_set = c.depformer_weight_set
         if match := re.match(r"in_projs\.(\d+)\.(.+)", name):
             step = int(match[1])
-            return f"in_projs.{self.depformer.in_proj_index(step)}.{match[2]}" if step < c.dep_q else ""
+            return f"in_projs.{self.depformer.in_proj_index(step)}.{match[2]}" if step < c.dep_q else None
         if match := re.match(r"(transformer\.layers\.\d+\.)(self_attn\.in_projs|self_attn\.out_projs|gating)\.(\d+)\.(.+)",
                              name):
             prefix, module, step, rest = match.groups()
             if int(step) >= c.dep_q:
-                return ""
+                return None
             index = weight_set(int(step))
             if index is None:
                 return f"{prefix}gating.{rest}" if module == "gating" else f"{prefix}{module}.0.{rest}"
