@@ -12,6 +12,10 @@ from .modeling_moshi_userpred import (
 
 AutoConfig.register(MoshiUserPredConfig.model_type, MoshiUserPredConfig, exist_ok=True)
 AutoModel.register(MoshiUserPredConfig, MoshiUserPredForConditionalGeneration, exist_ok=True)
+# save_pretrained then writes `auto_map` and copies the configuration/modeling files, so a saved model loads
+# with `trust_remote_code=True` where this package is not installed.
+MoshiUserPredConfig.register_for_auto_class()
+MoshiUserPredForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __version__ = "0.1.0"
 

@@ -237,10 +237,11 @@ class MoshiUserPredConfig(PreTrainedConfig):
                 fail(heads_field, f"must divide {dim_field}={dim}")
             if "rope" in getattr(self, pos_field) and (dim // heads) % 2:
                 fail(heads_field, f"rope needs an even head dimension, got {dim_field} / {heads_field} = {dim // heads}")
-        for field in ("kv_repeat", "depformer_kv_repeat"):
-            heads = self.num_heads if field == "kv_repeat" else self.depformer_num_heads
+        for field, heads_field in (("kv_repeat", "num_heads"), ("depformer_kv_repeat", "depformer_num_heads"),
+                                   ("depformer_kv_repeat", "user_depformer_num_heads")):
+            heads = getattr(self, heads_field)
             if getattr(self, field) <= 0 or heads % getattr(self, field):
-                fail(field, f"must divide the number of heads ({heads})")
+                fail(field, f"must divide the number of heads ({heads_field}={heads})")
         if self.context is not None and self.context <= 0:
             fail("context", "must be None or a positive number of frames")
         schedule = self.depformer_weights_per_step_schedule

@@ -112,6 +112,17 @@ def test_export_loads_strictly_into_moshi_and_round_trips(moshi_lm, name, tmp_pa
         assert_same_as_moshi(model(codes), fresh(codes))
 
 
+def test_default_config_is_moshiko():
+    """`from_moshi(checkpoint)` without lm_kwargs relies on the config defaults being moshiko's `_lm_kwargs`."""
+    from moshi.models.loaders import _lm_kwargs
+
+    from hf_moshi_userpred import MoshiUserPredConfig
+
+    default = MoshiUserPredConfig()
+    assert default.to_moshi_lm_kwargs() == MoshiUserPredConfig.from_moshi_lm_kwargs(_lm_kwargs).to_moshi_lm_kwargs()
+    assert (default.user_dep_q, default.user_depformer_dim, default.user_prediction_lookahead) == (8, 1024, 1)
+
+
 def test_moshiko_instantiates_on_meta_with_moshi_parameter_count(moshi_lm):
     from moshi.models.loaders import _lm_kwargs
 

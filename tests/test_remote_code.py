@@ -1,0 +1,62 @@
+"""A saved model loads through `trust_remote_code` in a process where hf_moshi_userpred cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from conftest import random_codes
+from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
+
+LOAD_WITHOUT_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_moshi_userpred"] = None  # any import of the package now fails
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    folder = sys.argv[1]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    codes = torch.load(folder + "/codes.pt")
+    with torch.no_grad():
+        out = model(codes, return_loss=True)
+    torch.save({name: getattr(out, name) for name in ("text_logits", "audio_logits", "user_logits", "loss")},
+               folder + "/remote_out.pt")
+    print(type(config).__name__, type(model).__name__)
+    """
+)
+
+
+def test_trust_remote_code_reproduces_the_logits(tmp_path):
+    torch.manual_seed(0)
+    config = MoshiUserPredConfig(dim=32, num_heads=2, num_layers=2, depformer_dim=16, depformer_num_heads=2,
+                                 depformer_num_layers=1, depformer_dim_feedforward=32, card=20, text_card=24, n_q=6,
+                                 dep_q=3, context=6, delays=[0, 0, 1, 1, 0, 1, 1], user_prediction_lookahead=2)
+    model = MoshiUserPredForConditionalGeneration(config).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["auto_map"] == {"AutoConfig": "configuration_moshi_userpred.MoshiUserPredConfig",
+                                 "AutoModel": "modeling_moshi_userpred.MoshiUserPredForConditionalGeneration"}
+    for name in ("configuration_moshi_userpred.py", "modeling_moshi_userpred.py", "modeling_moshi_transformer.py",
+                 "modeling_moshi_depformer.py", "modeling_moshi_checkpoint.py"):
+        assert (folder / name).is_file(), name
+    codes = random_codes(config, frames=10)
+    torch.save(codes, folder / "codes.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(folder)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MoshiUserPredConfig MoshiUserPredForConditionalGeneration" in result.stdout
+    remote = torch.load(folder / "remote_out.pt")
+    with torch.no_grad():
+        local = model(codes, return_loss=True)
+    for name, value in remote.items():
+        assert torch.equal(value.nan_to_num(), getattr(local, name).nan_to_num()), name
