@@ -151,8 +151,9 @@ class MoshiUserPredConfig(PreTrainedConfig):
     text_padding_weight: float = 0.5
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.delays is None:
-            self.delays = [0] + [0, *[1] * (self.dep_q - 1)] + [0, *[1] * (self.n_q - self.dep_q - 1)]
+        if self.delays is None:  # moshi's pattern: text 0, then per speaker semantic 0 and acoustic 1
+            user_rows = self.n_q - self.dep_q
+            self.delays = [0, 0, *[1] * (self.dep_q - 1)] + ([0, *[1] * (user_rows - 1)] if user_rows > 0 else [])
         self.delays = [int(d) for d in self.delays]
         if self.text_card_out is None:
             self.text_card_out = self.text_card
