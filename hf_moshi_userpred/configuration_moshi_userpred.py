@@ -37,8 +37,10 @@ _MOSHI_UNSUPPORTED = {
     "causal": True,
     "skip_self_attn": False,
 }
-# Depformer transformer options that default to the main transformer's value in moshi.
+# Depformer transformer options moshi routes from the main transformer unless `depformer_*` overrides them.
 _INHERITED_DEPFORMER_KEYS = ("num_layers", "max_period", "gating", "layer_scale", "kv_repeat", "positional_scale")
+# Config fields whose `depformer_*` value None means "the main transformer's" (None layer_scale means none).
+_DEPFORMER_NONE_MEANS_MAIN = ("num_heads", "num_layers", "max_period", "gating", "kv_repeat", "positional_scale")
 
 
 class MoshiUserPredConfig(PreTrainedConfig):
@@ -157,10 +159,8 @@ class MoshiUserPredConfig(PreTrainedConfig):
         self.delays = [int(d) for d in self.delays]
         if self.text_card_out is None:
             self.text_card_out = self.text_card
-        if self.depformer_num_heads is None:
-            self.depformer_num_heads = self.num_heads
-        for key in _INHERITED_DEPFORMER_KEYS:
-            if key != "layer_scale" and getattr(self, f"depformer_{key}") is None:
+        for key in _DEPFORMER_NONE_MEANS_MAIN:
+            if getattr(self, f"depformer_{key}") is None:
                 setattr(self, f"depformer_{key}", getattr(self, key))
         if self.depformer_dim_feedforward is None:
             self.depformer_dim_feedforward = int(self.hidden_scale * self.depformer_dim)

@@ -73,32 +73,33 @@ def convert_from_moshi(
     layout = moshi_layout(shapes)
     unfused = {to_moshi_key(key): key for parts in layout.values() for key in parts}
     out: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
+    unexpected: list[str] = []
+    mismatched: dict[str, tuple[torch.Size, torch.Size]] = {}  # moshi key -> (checkpoint shape, model shape)
     for key, tensor in state_dict.items():
         if key in layout:
             parts = layout[key]
             rows = [shapes[part][0] for part in parts]
             expected = torch.Size([sum(rows), *shapes[parts[0]][1:]])
             if tensor.shape != expected:
-                mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected)}")
+                mismatched[key] = (tensor.shape, expected)
                 continue
             out.update(zip(parts, torch.split(tensor, rows)))
         elif key in unfused:
             ours = unfused[key]
             if tensor.shape != shapes[ours]:
-                mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(shapes[ours])}")
+                mismatched[key] = (tensor.shape, shapes[ours])
                 continue
             out[ours] = tensor
         else:
             unexpected.append(key)
-    missing = sorted({name for name, parts in layout.items() for part in parts if part not in out} - {
-        m.split(":")[0] for m in mismatched})
+    missing = sorted({name for name, parts in layout.items() for part in parts if part not in out} - set(mismatched))
     if missing or unexpected or mismatched:
         lines = [f"the moshi checkpoint does not match the config ({len(missing)} missing, "
                  f"{len(unexpected)} unexpected, {len(mismatched)} mis-shaped keys):"]
         lines += [f"  missing: {key}" for key in missing]
         lines += [f"  unexpected: {key}" for key in sorted(unexpected)]
-        lines += [f"  mis-shaped: {entry}" for entry in mismatched]
+        lines += [f"  mis-shaped: {key}: checkpoint {tuple(got)} vs model {tuple(want)}"
+                  for key, (got, want) in mismatched.items()]
         raise ValueError("\n".join(lines))
     return out
 

@@ -29,7 +29,7 @@ from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput, logging
 
 from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
-from .modeling_moshi_checkpoint import USER_BRANCH_PREFIX, convert_from_moshi, convert_to_moshi
+from .modeling_moshi_checkpoint import convert_from_moshi, convert_to_moshi
 from .modeling_moshi_depformer import ZERO_TOKEN_ID, MoshiDepformer, MoshiScaledEmbedding
 from .modeling_moshi_transformer import MoshiLayerScale, MoshiRMSNorm, MoshiTransformer, create_norm
 
@@ -414,10 +414,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredPreTrainedModel):
             name: tensor.to(device=target, dtype=params[name].dtype if tensor.is_floating_point() else None)
             for name, tensor in converted.items()
         }
-        result = self.load_state_dict(converted, strict=False, assign=on_meta)
-        leftover = [key for key in result.missing_keys if not key.startswith(USER_BRANCH_PREFIX)]
-        if leftover or result.unexpected_keys:
-            raise ValueError(f"moshi weights left parameters unset: {leftover + result.unexpected_keys}")
+        self.load_state_dict(converted, strict=False, assign=on_meta)  # convert_from_moshi checked completeness
 
     def moshi_state_dict(self) -> dict[str, torch.Tensor]:
         """The shared part in kyutai's released layout: moshi's `LMModel(**config.to_moshi_lm_kwargs())`
@@ -461,7 +458,6 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredPreTrainedModel):
     def _system_counterpart(self, name: str) -> str | None:
         """Name of the system-Depformer tensor that plays the role of user-Depformer tensor `name`, if any."""
         c = self.config
-        weight_set = c.depformer_weight_set
         if match := re.match(r"in_projs\.(\d+)\.(.+)", name):
             step = int(match[1])
             return f"in_projs.{self.depformer.in_proj_index(step)}.{match[2]}" if step < c.dep_q else None
@@ -470,12 +466,12 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredPreTrainedModel):
             prefix, module, step, rest = match.groups()
             if int(step) >= c.dep_q:
                 return None
-            index = weight_set(int(step))
+            index = c.depformer_weight_set(int(step))
             if index is None:
                 return f"{prefix}gating.{rest}" if module == "gating" else f"{prefix}{module}.0.{rest}"
             return f"{prefix}{module}.{index}.{rest}"
         if match := re.match(r"(transformer\.layers\.\d+\.)gating\.(linear_in|linear_out)\.(.+)", name):
-            index = weight_set(0)
+            index = c.depformer_weight_set(0)
             return name if index is None else f"{match[1]}gating.{index}.{match[2]}.{match[3]}"
         return name
 

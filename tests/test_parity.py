@@ -141,8 +141,9 @@ def test_moshiko_instantiates_on_meta_with_moshi_parameter_count(moshi_lm):
     assert moshi_count > 7.6e9
     # every moshi tensor has its place, with the same shape
     expected = {key: tensor.shape for key, tensor in reference.state_dict().items()}
-    exported = {key: tensor.shape for key, tensor in model.moshi_state_dict().items()}
+    moshi_weights = model.moshi_state_dict()
+    exported = {key: tensor.shape for key, tensor in moshi_weights.items()}
     fresh = moshi_lm(device="meta", **_lm_kwargs)
-    fresh.load_state_dict(model.moshi_state_dict(), strict=True, assign=True)
+    fresh.load_state_dict(moshi_weights, strict=True, assign=True)
     assert {k: v.shape for k, v in fresh.state_dict().items()} == expected
     assert len(exported) <= len(expected)
