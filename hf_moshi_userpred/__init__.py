@@ -3,6 +3,13 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
+from .generation_moshi_userpred import (
+    MoshiGenerateOutput,
+    MoshiStreamingSession,
+    MoshiStreamStepOutput,
+    MoshiUserPredGenerationConfig,
+    SpeculationStats,
+)
 from .modeling_moshi_userpred import (
     MoshiUserPredForConditionalGeneration,
     MoshiUserPredOutput,
@@ -20,9 +27,14 @@ MoshiUserPredForConditionalGeneration.register_for_auto_class("AutoModel")
 __version__ = "0.1.0"
 
 __all__ = [
+    "MoshiGenerateOutput",
+    "MoshiStreamStepOutput",
+    "MoshiStreamingSession",
     "MoshiUserPredConfig",
+    "MoshiUserPredGenerationConfig",
     "MoshiUserPredForConditionalGeneration",
     "MoshiUserPredOutput",
     "MoshiUserPredPreTrainedModel",
+    "SpeculationStats",
     "masked_cross_entropy",
 ]

@@ -8,9 +8,12 @@ second one, of the same kind, for the user's audio.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from .modeling_moshi_cache import MoshiKVCache
 from .modeling_moshi_transformer import MoshiTransformer, create_norm
 
 ZERO_TOKEN_ID = -1  # "no input": embeds to exactly 0 and carries no loss
@@ -123,6 +126,43 @@ class MoshiDepformer(nn.Module):
         out = self.transformer(x)
         logits = [self.heads[k](self.norms[k](out[:, k])).view(B, T, -1) for k in range(self.num_steps)]
         return torch.stack(logits, dim=1)
+
+    def make_cache(self, batch_size: int) -> MoshiKVCache:
+        """A streaming cache holding one frame's codebook steps for `batch_size` rows."""
+        return self.transformer.make_cache(batch_size, self.num_steps)
+
+    def generate_frame(
+        self,
+        hidden: torch.Tensor,
+        text_tokens: torch.Tensor,
+        cache: MoshiKVCache,
+        sample: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate the codebooks of one frame, one step after the other (streaming inference).
+
+        Args:
+            hidden: main transformer output of the frame `[N, input_dim]`.
+            text_tokens: the frame's text token `[N]` (input of step 0).
+            cache: from `make_cache(N)`; emptied here.
+            sample: `sample(step, logits [N, card], sequence [N, step + 1]) -> tokens [N]`, where `sequence` is
+                the text token followed by the tokens already chosen in this frame.
+
+        Returns:
+            tokens `[N, num_steps]` and logits `[N, num_steps, card]`.
+        """
+        cache.reset(torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device))
+        sequence, all_logits = text_tokens[:, None], []
+        for step in range(self.num_steps):
+            prev = sequence[:, -1]
+            token_emb = self.text_emb(prev) if step == 0 else self.emb[step - 1](prev)
+            x = (self.in_projs[self.in_proj_index(step)](hidden) + token_emb)[:, None]
+            position = torch.full((hidden.shape[0], 1), step, device=hidden.device)
+            out = self.transformer(x, position, step_offset=step, cache=cache)
+            cache.commit(cache.take_pending(), position[:, 0])
+            logits = self.heads[step](self.norms[step](out[:, 0]))
+            sequence = torch.cat([sequence, sample(step, logits, sequence)[:, None]], dim=1)
+            all_logits.append(logits)
+        return sequence[:, 1:], torch.stack(all_logits, dim=1)
 
 
 __all__ = ["MoshiDepformer", "MoshiScaledEmbedding", "ZERO_TOKEN_ID"]

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .modeling_moshi_cache import MoshiKVCache
+
 
 class MoshiRMSNorm(nn.Module):
     """RMS norm with moshi's parameter `alpha` of shape `[1, 1, dim]`, optionally computed in float32."""
@@ -131,6 +133,7 @@ class MoshiAttention(nn.Module):
         schedule: list[int] | None = None,
     ):
         super().__init__()
+        self.layer_idx = 0  # set by MoshiTransformer: which layer of a MoshiKVCache this attention reads
         self.dim, self.num_heads, self.kv_repeat = dim, num_heads, kv_repeat
         self.head_dim = dim // num_heads
         self.num_kv_heads = num_heads // kv_repeat
@@ -141,15 +144,24 @@ class MoshiAttention(nn.Module):
         self.in_projs = nn.ModuleList([nn.Linear(dim, qkv_dim, bias=False) for _ in range(num_weight_sets)])
         self.out_projs = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(num_weight_sets)])
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, step_offset: int = 0) -> torch.Tensor:
-        """`x` `[B, T, dim]`, `positions` `[B or 1, T]` -> `[B, T, dim]`."""
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, step_offset: int = 0, cache: MoshiKVCache | None = None
+    ) -> torch.Tensor:
+        """`x` `[B, T, dim]`, `positions` `[B or 1, T]` -> `[B, T, dim]`.
+
+        With a `cache`, the T inputs are alternatives for one position per stream (`positions[:, 0]`), each
+        attending to the cached window and to itself; their keys/values are left in `cache.pending`.
+        """
         B, T, _ = x.shape
         qkv = apply_weights_per_step(self.in_projs, self.schedule, x, step_offset)
         q = qkv[..., : self.dim].view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = qkv[..., self.dim :].view(B, T, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rope is not None:
             q, k = apply_rope(q, k, positions.expand(B, T), **self.rope)
-        if self.context is not None and self.context < T:
+        if cache is not None:
+            keys, values, mask = cache.attend(self.layer_idx, k, v, positions.expand(B, T)[:, 0], self.context)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.kv_repeat > 1)
+        elif self.context is not None and self.context < T:
             delta = positions[:, :, None] - positions[:, None, :]
             mask = ((delta >= 0) & (delta < self.context))[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_repeat > 1)
@@ -223,8 +235,10 @@ class MoshiTransformerLayer(GradientCheckpointingLayer):
         self.layer_scale_1 = nn.Identity() if layer_scale is None else MoshiLayerScale(dim, layer_scale)
         self.layer_scale_2 = nn.Identity() if layer_scale is None else MoshiLayerScale(dim, layer_scale)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, step_offset: int = 0) -> torch.Tensor:
-        update = self.self_attn(self.norm1(x), positions, step_offset)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, step_offset: int = 0, cache: MoshiKVCache | None = None
+    ) -> torch.Tensor:
+        update = self.self_attn(self.norm1(x), positions, step_offset, cache)
         x = x.to(update) + self.layer_scale_1(update)
         h = self.norm2(x)
         if self.gating is None:
@@ -271,16 +285,35 @@ class MoshiTransformer(nn.Module):
                 for _ in range(num_layers)
             ]
         )
+        for index, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = index
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, step_offset: int = 0) -> torch.Tensor:
-        """`x` `[B, T, dim]`, `positions` `[B or 1, T]` (default `0..T-1`) -> `[B, T, dim]` in `x`'s dtype."""
+    def make_cache(self, batch_size: int, capacity: int) -> MoshiKVCache:
+        """An empty streaming cache of `capacity` positions per stream, on this transformer's device and dtype."""
+        attn = self.layers[0].self_attn
+        weight = attn.in_projs[0].weight
+        return MoshiKVCache(len(self.layers), batch_size, attn.num_kv_heads, attn.head_dim, capacity,
+                            weight.device, weight.dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        step_offset: int = 0,
+        cache: MoshiKVCache | None = None,
+    ) -> torch.Tensor:
+        """`x` `[B, T, dim]`, `positions` `[B or 1, T]` (default `0..T-1`) -> `[B, T, dim]` in `x`'s dtype.
+
+        With a `cache` (streaming), the T inputs are alternatives for the position `positions[:, 0]` of each
+        stream (T = 1 for a plain step); see `MoshiAttention.forward`.
+        """
         input_dtype = x.dtype
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)[None]
         if self.positional_embedding in ("sin", "sin_rope"):
             x = x + self.positional_scale * sin_embedding(positions, x.shape[-1], self.max_period, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, step_offset)
+            x = layer(x, positions, step_offset, cache)
         return x.to(input_dtype)
 
 

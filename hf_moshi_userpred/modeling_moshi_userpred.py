@@ -29,6 +29,7 @@ from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput, logging
 
 from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
+from .generation_moshi_userpred import MoshiUserPredGenerationMixin
 from .modeling_moshi_checkpoint import convert_from_moshi, convert_to_moshi
 from .modeling_moshi_depformer import ZERO_TOKEN_ID, MoshiDepformer, MoshiScaledEmbedding
 from .modeling_moshi_transformer import MoshiLayerScale, MoshiRMSNorm, MoshiTransformer, create_norm
@@ -189,7 +190,7 @@ def _build_depformer(config: MoshiUserPredConfig, user: bool) -> MoshiDepformer:
     )
 
 
-class MoshiUserPredForConditionalGeneration(MoshiUserPredPreTrainedModel):
+class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiUserPredPreTrainedModel):
     """Moshi's LM (text head + system-audio Depformer) with a Depformer predicting the user's next audio tokens.
 
     Parameter names equal moshi `LMModel`'s except inside the system Depformer, grouped as `depformer.*`

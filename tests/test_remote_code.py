@@ -27,26 +27,33 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     codes = torch.load(folder + "/codes.pt")
     with torch.no_grad():
         out = model(codes, return_loss=True)
-    torch.save({name: getattr(out, name) for name in ("text_logits", "audio_logits", "user_logits", "loss")},
-               folder + "/remote_out.pt")
-    print(type(config).__name__, type(model).__name__)
+        streamed = model.generate(codes[:, 1 + config.dep_q:], progress=False, do_sample=False,
+                                  audio_do_sample=False)
+    results = {name: getattr(out, name) for name in ("text_logits", "audio_logits", "user_logits", "loss")}
+    results.update(text_tokens=streamed.text_tokens, audio_codes=streamed.audio_codes,
+                   user_prediction=streamed.user_prediction)
+    torch.save(results, folder + "/remote_out.pt")
+    print(type(config).__name__, type(model).__name__, type(model.generation_config).__name__,
+          model.generation_config.audio_top_k)
     """
 )
 
 
-def test_trust_remote_code_reproduces_the_logits(tmp_path):
+def test_trust_remote_code_reproduces_logits_and_streaming(tmp_path):
     torch.manual_seed(0)
     config = MoshiUserPredConfig(dim=32, num_heads=2, num_layers=2, depformer_dim=16, depformer_num_heads=2,
                                  depformer_num_layers=1, depformer_dim_feedforward=32, card=20, text_card=24, n_q=6,
                                  dep_q=3, context=6, delays=[0, 0, 1, 1, 0, 1, 1], user_prediction_lookahead=2)
     model = MoshiUserPredForConditionalGeneration(config).eval()
+    model.generation_config.audio_top_k = 7  # travels in generation_config.json
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
     assert saved["auto_map"] == {"AutoConfig": "configuration_moshi_userpred.MoshiUserPredConfig",
                                  "AutoModel": "modeling_moshi_userpred.MoshiUserPredForConditionalGeneration"}
     for name in ("configuration_moshi_userpred.py", "modeling_moshi_userpred.py", "modeling_moshi_transformer.py",
-                 "modeling_moshi_depformer.py", "modeling_moshi_checkpoint.py"):
+                 "modeling_moshi_depformer.py", "modeling_moshi_checkpoint.py", "modeling_moshi_cache.py",
+                 "generation_moshi_userpred.py", "generation_config.json"):
         assert (folder / name).is_file(), name
     codes = random_codes(config, frames=10)
     torch.save(codes, folder / "codes.pt")
@@ -54,9 +61,11 @@ def test_trust_remote_code_reproduces_the_logits(tmp_path):
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(folder)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MoshiUserPredConfig MoshiUserPredForConditionalGeneration" in result.stdout
+    assert "MoshiUserPredConfig MoshiUserPredForConditionalGeneration MoshiUserPredGenerationConfig 7" in result.stdout
     remote = torch.load(folder / "remote_out.pt")
     with torch.no_grad():
         local = model(codes, return_loss=True)
+    streamed = model.generate(codes[:, 1 + config.dep_q:], progress=False, do_sample=False, audio_do_sample=False)
     for name, value in remote.items():
-        assert torch.equal(value.nan_to_num(), getattr(local, name).nan_to_num()), name
+        expected = getattr(local if hasattr(local, name) else streamed, name)
+        assert torch.equal(value.nan_to_num(), expected.nan_to_num()), name

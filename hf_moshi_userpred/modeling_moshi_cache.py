@@ -1,0 +1,114 @@
+"""Static ring-buffer key/value cache for streaming one Moshi transformer.
+
+Every tensor is allocated once per session and updated in place, so memory stays flat however long a
+session runs and the step can be captured in a CUDA graph. A step first *reads* the cache and keeps its
+new keys/values apart (`pending`); `commit` then writes one of them per stream. The split is what
+speculative streaming needs: several candidate inputs for the same position are run against the same
+prefix, and only the one that turns out right is written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MoshiKVCache:
+    """Keys and values of the last `capacity` positions of every layer, for `batch_size` independent streams.
+
+    Attributes:
+        keys, values: `[num_layers, B, num_kv_heads, capacity, head_dim]`.
+        positions: `[B, capacity]` absolute position held by each slot, -1 for an empty slot.
+        pending: per layer, the `(keys, values)` `[B, num_kv_heads, n, head_dim]` of the last step, not yet written.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.full((batch_size, capacity), -1, device=device, dtype=torch.long)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self._batch_index = torch.arange(batch_size, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[1]
+
+    def attend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, context: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and mask for `n` new entries that are *alternatives* for the same `position`.
+
+        Each new entry attends to the cached positions inside the window and to itself only (tree attention
+        with one level); with `n = 1` this is ordinary causal streaming attention.
+
+        Args:
+            layer: layer index.
+            k, v: new keys/values `[B, num_kv_heads, n, head_dim]` (kept as `pending[layer]`).
+            position: `[B]` position of the new entries.
+            context: attention window (None: unbounded, then `capacity` must cover the whole stream).
+
+        Returns:
+            keys, values `[B, num_kv_heads, capacity + n, head_dim]` and a bool mask `[B, 1, n, capacity + n]`.
+        """
+        self.pending[layer] = (k, v)
+        n = k.shape[2]
+        delta = position[:, None] - self.positions
+        cached = (self.positions >= 0) & (delta > 0)
+        if context is not None:
+            cached &= delta < context
+        own = torch.eye(n, dtype=torch.bool, device=k.device).expand(k.shape[0], n, n)
+        mask = torch.cat([cached[:, None, :].expand(-1, n, -1), own], dim=-1)[:, None]
+        keys = torch.cat([self.keys[layer], k], dim=2)
+        values = torch.cat([self.values[layer], v], dim=2)
+        return keys, values, mask
+
+    def take_pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The new keys/values of the last step (and forget them)."""
+        pending, self.pending = self.pending, [None] * len(self.pending)
+        return pending
+
+    def commit(
+        self,
+        pending: list[tuple[torch.Tensor, torch.Tensor]],
+        position: torch.Tensor,
+        choice: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Write entry `choice[b]` of `pending` at `position[b]` for every stream `b` where `mask[b]`.
+
+        Args:
+            pending: what `take_pending` returned.
+            position: `[B]` positions the entries belong to.
+            choice: `[B]` which of the `n` alternatives to keep (default 0).
+            mask: `[B]` bool, streams to write (default all).
+        """
+        b = self._batch_index
+        slot = position % self.capacity
+        choice = torch.zeros_like(position) if choice is None else choice
+        for layer, (k, v) in enumerate(pending):
+            for store, new in ((self.keys[layer], k), (self.values[layer], v)):
+                chosen = new[b, :, choice]  # [B, num_kv_heads, head_dim]
+                if mask is not None:
+                    chosen = torch.where(mask[:, None, None], chosen, store[b, :, slot])
+                store[b, :, slot] = chosen
+        new_position = position if mask is None else torch.where(mask, position, self.positions[b, slot])
+        self.positions[b, slot] = new_position
+
+    def reset(self, mask: torch.Tensor) -> None:
+        """Empty the streams where `mask` `[B]` is True."""
+        self.positions.masked_fill_(mask[:, None], -1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+
+
+__all__ = ["MoshiKVCache"]
