@@ -49,6 +49,19 @@ PARITY_CONFIGS = {
 }
 
 
+GREEDY = dict(do_sample=False, audio_do_sample=False)  # greedy text and audio for a streaming session
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Streaming tiny models is hundreds of small ops per step: intra-op threads only add synchronisation
+    (a step is >10x slower with 2 threads on a loaded 2-core machine). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def moshi_lm():
     """moshi's `LMModel` class: the oracle. Its absence fails the run (CI installs it; see scripts/setup.sh)."""

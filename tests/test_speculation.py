@@ -17,22 +17,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PARITY_CONFIGS
+from conftest import GREEDY, PARITY_CONFIGS
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
 
-GREEDY = dict(do_sample=False, audio_do_sample=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 STATUSES = ("hit", "miss", "not_tried")
 UNGENERATED = -2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    # The model is tiny, so a step is hundreds of small ops; on a busy 2-core machine intra-op threads only
-    # add synchronisation cost (a step is >10x slower with 2 threads). Restored after the module.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PARITY_CONFIGS, make_reference
+from conftest import GREEDY, PARITY_CONFIGS, make_reference
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
 from hf_moshi_userpred.generation_moshi_userpred import (
     MoshiGenerateOutput,
@@ -17,16 +17,7 @@ from hf_moshi_userpred.generation_moshi_userpred import (
     sample_from_scores,
 )
 
-GREEDY = dict(do_sample=False, audio_do_sample=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: intra-op threads only add overhead (and stall badly on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
