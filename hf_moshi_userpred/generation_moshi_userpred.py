@@ -35,6 +35,7 @@ from transformers.utils.logging import tqdm
 UNGENERATED_TOKEN_ID = -2  # moshi's marker for "no output yet" (streams warming up or paused)
 SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p")
 STREAMS = ("text", "audio", "user")
+UNBOUNDED_CONTEXT_WINDOW = 3000  # cache size for a model trained without a window (moshiko's context)
 
 
 class MoshiUserPredGenerationConfig(GenerationConfig):
@@ -247,7 +248,8 @@ class _SystemStep:
 class MoshiStreamingSession:
     """`B` independent real-time streams through the model, one Mimi frame per `step` (see `model.streaming`).
 
-    State per stream: a ring-buffer KV cache of `context` positions (flat memory), moshi's small token ring
+    State per stream: a ring-buffer KV cache of `context` positions (flat memory; a model configured without a
+    window streams with `UNBOUNDED_CONTEXT_WINDOW` positions, since moshi cannot stream one at all), moshi's small token ring
     that realises the delays, the pending user predictions, and the precomputed speculative step.
     """
 
@@ -271,7 +273,7 @@ class MoshiStreamingSession:
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.exec_mask = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.calls = 0
-        self.kv = model.transformer.make_cache(batch_size, c.context if c.context is not None else 3000)
+        self.kv = model.transformer.make_cache(batch_size, c.context or UNBOUNDED_CONTEXT_WINDOW)
         self.depformer_kv = model.depformer.make_cache(batch_size)
         self.text_history = torch.full((batch_size, generation_config.repetition_history),
                                        c.existing_text_padding_id, device=device)
@@ -292,6 +294,7 @@ class MoshiStreamingSession:
             self.user_prediction = torch.full((batch_size, uq, L), -1, dtype=torch.long, device=device)
             self.user_probs = torch.full((batch_size, uq, L), float("nan"), device=device)
             self.user_entropy = torch.full((batch_size, uq, L), float("nan"), device=device)
+            self.last_user_logits: torch.Tensor | None = None  # [B, user_dep_q, card] of the last call
         self.top_k = generation_config.speculate_top_k
         self.stats = SpeculationStats(top_k=self.top_k)
         self.speculation: _Speculation | None = None
