@@ -507,12 +507,9 @@ class MoshiStreamingSession:
         return out.masked_fill(warming[:, None, None], UNGENERATED_TOKEN_ID)
 
     def _speculation_status(self, spec, hit, run, critical: float) -> list[str]:
-        status = []
-        for b in range(self.batch_size):
-            if spec is None or not bool(spec.valid[b]) or not bool(run[b]):
-                status.append("not_tried")
-            else:
-                status.append("hit" if bool(hit[b]) else "miss")
+        tried = run & (spec.valid if spec is not None else torch.zeros_like(run))
+        codes = torch.where(tried, torch.where(hit, 0, 1), 2).tolist()  # one host sync for the whole batch
+        status = [("hit", "miss", "not_tried")[code] for code in codes]
         self.stats.hits += status.count("hit")
         self.stats.misses += status.count("miss")
         self.stats.not_tried += status.count("not_tried")
