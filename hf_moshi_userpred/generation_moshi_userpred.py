@@ -272,7 +272,6 @@ class MoshiStreamingSession:
         self.tokens = torch.full((batch_size, c.num_codebooks, self.ring), UNGENERATED_TOKEN_ID, device=device)
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.exec_mask = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.calls = 0
         self.kv = model.transformer.make_cache(batch_size, c.context or UNBOUNDED_CONTEXT_WINDOW)
         self.depformer_kv = model.depformer.make_cache(batch_size)
         self.text_history = torch.full((batch_size, generation_config.repetition_history),
@@ -357,8 +356,7 @@ class MoshiStreamingSession:
         """
         self._check_active()
         start = time.perf_counter()
-        c, B = self.model.config, self.batch_size
-        run = self.exec_mask
+        B, run = self.batch_size, self.exec_mask
         gap_filled = None
         if user_codes is None:
             user_codes, gap_filled = self._fill_gap()
@@ -405,7 +403,6 @@ class MoshiStreamingSession:
                 spec_start = time.perf_counter()
                 self.speculation = self._speculate()
                 self.stats.speculate_s += time.perf_counter() - spec_start
-        self.calls += 1
         return MoshiStreamStepOutput(
             tokens=tokens,
             user_prediction=None if self.user is None else self.user_prediction.clone(),

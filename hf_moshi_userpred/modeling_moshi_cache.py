@@ -36,6 +36,7 @@ class MoshiKVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((batch_size, capacity), -1, device=device, dtype=torch.long)
         self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self._mask: torch.Tensor | None = None  # attention mask of the current step, built at layer 0
         self._batch_index = torch.arange(batch_size, device=device)
 
     @property
@@ -60,13 +61,15 @@ class MoshiKVCache:
             keys, values `[B, num_kv_heads, capacity + n, head_dim]` and a bool mask `[B, 1, n, capacity + n]`.
         """
         self.pending[layer] = (k, v)
-        n = k.shape[2]
-        delta = position[:, None] - self.positions
-        cached = (self.positions >= 0) & (delta > 0)
-        if context is not None:
-            cached &= delta < context
-        own = torch.eye(n, dtype=torch.bool, device=k.device).expand(k.shape[0], n, n)
-        mask = torch.cat([cached[:, None, :].expand(-1, n, -1), own], dim=-1)[:, None]
+        if layer == 0:  # every layer of a step shares positions and window: build the mask once per step
+            n = k.shape[2]
+            delta = position[:, None] - self.positions
+            cached = (self.positions >= 0) & (delta > 0)
+            if context is not None:
+                cached &= delta < context
+            own = torch.eye(n, dtype=torch.bool, device=k.device).expand(k.shape[0], n, n)
+            self._mask = torch.cat([cached[:, None, :].expand(-1, n, -1), own], dim=-1)[:, None]
+        mask = self._mask
         keys = torch.cat([self.keys[layer], k], dim=2)
         values = torch.cat([self.values[layer], v], dim=2)
         return keys, values, mask
