@@ -26,7 +26,36 @@ MoshiUserPredForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __version__ = "0.1.0"
 
+# Fine-tuning, data and evaluation names, imported on first use: inference does not need the Trainer stack,
+# audio I/O or matplotlib.
+_LAZY = {
+    "DialogueSegments": "data_collator",
+    "MoshiSegmentCollator": "data_collator",
+    "EncodeSummary": "encoding",
+    "EncodedDialogues": "encoding",
+    "encode_dataset": "encoding",
+    "load_mimi": "encoding",
+    "load_stereo": "encoding",
+    "evaluate_user_prediction": "evaluation",
+    "UserPredictionReport": "evaluation",
+    "interleave_text": "text_alignment",
+    "MoshiUserPredTrainer": "trainer",
+    "MoshiUserPredTrainingArguments": "trainer",
+    "UserLossCurriculum": "trainer",
+    "prepare_model_for_training": "training_modes",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "MoshiGenerateOutput",
     "MoshiStreamStepOutput",
     "MoshiStreamingSession",

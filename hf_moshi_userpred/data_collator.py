@@ -1,0 +1,89 @@
+"""Fixed-length training segments cut from whole encoded dialogues.
+
+Dialogues are minutes long and of different lengths; a batch is `[B, 1 + n_q, segment_frames]`. Training takes one
+segment at a random offset of each dialogue per draw (moshi-finetune's sampling); evaluation covers every frame
+once with consecutive segments (`DialogueSegments`). Short dialogues and the last segment are padded with the zero
+token -1, which the model embeds as nothing and never scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from .modeling_moshi_depformer import ZERO_TOKEN_ID
+
+
+def _codes_of(item: Mapping | torch.Tensor) -> torch.Tensor:
+    codes = item["codes"] if isinstance(item, Mapping) else item
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+        shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise ValueError(f"a dialogue must be codes [1 + n_q, T] (or a dict holding them as 'codes'), got {shape}")
+    return codes
+
+
+@dataclass
+class MoshiSegmentCollator:
+    """Collate dialogues `{"codes": [1 + n_q, T]}` into `{"codes": LongTensor [B, 1 + n_q, segment_frames]}`.
+
+    Args:
+        segment_frames: frames per segment (12.5 per second).
+        random_offset: a uniformly random start in `[0, T - segment_frames]` for each dialogue (training), drawn from
+            torch's global generator so a `Trainer` checkpoint restores it; False starts at frame 0 (evaluation of
+            items that already are segments, see [`DialogueSegments`]).
+    """
+
+    segment_frames: int
+    random_offset: bool = True
+
+    def __post_init__(self) -> None:
+        if self.segment_frames < 1:
+            raise ValueError(f"segment_frames must be >= 1, got {self.segment_frames}")
+
+    def __call__(self, items: Sequence[Mapping | torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        codes = [_codes_of(item) for item in items]
+        rows = {c.shape[0] for c in codes}
+        if len(rows) != 1:
+            raise ValueError(f"dialogues in a batch have different numbers of rows: {sorted(rows)}")
+        batch = torch.full((len(codes), rows.pop(), self.segment_frames), ZERO_TOKEN_ID, dtype=torch.long)
+        for i, c in enumerate(codes):
+            spare = c.shape[1] - self.segment_frames
+            start = int(torch.randint(spare + 1, ())) if self.random_offset and spare > 0 else 0
+            segment = c[:, start : start + self.segment_frames]
+            batch[i, :, : segment.shape[1]] = segment
+        return {"codes": batch}
+
+
+class DialogueSegments(Dataset):
+    """Every dialogue of `dataset` cut into consecutive `segment_frames` segments (the last one shorter).
+
+    Deterministic and covering each frame exactly once, for evaluation. Items are `{"codes": [1 + n_q, <=S],
+    "name": "<dialogue>@<start frame>"}`.
+    """
+
+    def __init__(self, dataset: Sequence[Mapping | torch.Tensor], segment_frames: int):
+        if segment_frames < 1:
+            raise ValueError(f"segment_frames must be >= 1, got {segment_frames}")
+        self.dataset = dataset
+        self.index = []  # (dialogue, start frame)
+        for i in range(len(dataset)):
+            frames = _codes_of(dataset[i]).shape[1]
+            self.index.extend((i, start) for start in range(0, frames, segment_frames))
+        self.segment_frames = segment_frames
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
+        dialogue, start = self.index[i]
+        item = self.dataset[dialogue]
+        name = item.get("name", str(dialogue)) if isinstance(item, Mapping) else str(dialogue)
+        return {"codes": _codes_of(item)[:, start : start + self.segment_frames], "name": f"{name}@{start}"}
+
+
+__all__ = ["DialogueSegments", "MoshiSegmentCollator"]

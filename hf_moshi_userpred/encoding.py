@@ -1,0 +1,452 @@
+"""Encoding moshi-finetune dialogues into training codes, once, ahead of training.
+
+A moshi-finetune dataset is a `.jsonl` with one `{"path": "dialogue.wav", "duration": seconds}` per line; each wav
+is stereo (left channel: the system, Moshi; right channel: the user) and has its word alignments beside it in
+`dialogue.json`. [`encode_dataset`] turns every dialogue into one `codes` tensor `[1 + 2 * num_codebooks, T]` at
+Mimi's frame rate (12.5 Hz):
+
+    row 0                                         text of the system speaker (`text_alignment.interleave_text`)
+    rows 1 .. num_codebooks                       Mimi codes of the left channel (system)
+    rows num_codebooks + 1 .. 2 * num_codebooks   Mimi codes of the right channel (user)
+
+and writes it to `output_dir/codes/*.safetensors`, one shard per dialogue, with `output_dir/index.json` listing
+them. [`EncodedDialogues`] reads them back as a `torch.utils.data.Dataset`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sentencepiece
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from transformers import MimiModel
+from transformers.utils import logging
+
+from .modeling_moshi_depformer import ZERO_TOKEN_ID
+from .text_alignment import interleave_text, validate_alignments
+
+logger = logging.get_logger(__name__)
+
+SHARD_FORMAT_VERSION = "1"  # bump when the content of a shard changes for the same inputs: old shards re-encode
+
+
+def load_mimi(name_or_path: str | os.PathLike | MimiModel, device: str | torch.device = "cpu") -> MimiModel:
+    """Loads a Transformers Mimi codec (e.g. `"kyutai/mimi"` or a local folder), in eval mode on `device`.
+
+    A `MimiModel` instance is moved to `device` and put in eval mode.
+
+    Raises:
+        ValueError: if `name_or_path` cannot be loaded as a `MimiModel`.
+    """
+    if isinstance(name_or_path, MimiModel):
+        mimi = name_or_path
+    elif isinstance(name_or_path, (str, os.PathLike)):
+        try:
+            mimi = MimiModel.from_pretrained(name_or_path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"could not load a Mimi model from {str(name_or_path)!r}: {error}") from error
+    else:
+        raise ValueError(f"mimi must be a MimiModel, a local path or a Hub repo id, got {type(name_or_path).__name__}")
+    return mimi.to(device).eval()
+
+
+def load_stereo(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTensor:
+    """Reads a stereo audio file (any format and sample type soundfile reads) at `sampling_rate`.
+
+    Args:
+        path: the audio file (wav, flac, ...).
+        sampling_rate (`int`): the rate to return; the file is resampled (soxr) when it has another one.
+
+    Returns:
+        `torch.FloatTensor` of shape `[2, num_samples]`, values in [-1, 1]: row 0 the left channel (system),
+        row 1 the right channel (user).
+
+    Raises:
+        ValueError: if the file cannot be read, is not stereo, or is empty.
+    """
+    import soundfile
+    import soxr
+
+    try:
+        audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)  # [num_samples, channels]
+    except (soundfile.SoundFileError, RuntimeError) as error:
+        raise ValueError(f"cannot read audio file {path}: {error}") from error
+    if audio.shape[1] != 2:
+        raise ValueError(
+            f"{path} has {audio.shape[1]} channel(s): moshi-finetune dialogues are stereo, the system (Moshi) on the "
+            "left channel and the user on the right"
+        )
+    if audio.shape[0] == 0:
+        raise ValueError(f"{path} has no samples")
+    if file_rate != sampling_rate:
+        audio = soxr.resample(audio, file_rate, sampling_rate)
+    return torch.from_numpy(audio.T.copy())
+
+
+@dataclass
+class EncodeSummary:
+    """What [`encode_dataset`] did. Sources are the manifest's paths; bad manifest lines are `"name.jsonl:LINE"`."""
+
+    encoded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # source -> reason
+    output_dir: Path | None = None
+
+    def __str__(self) -> str:
+        line = f"encoded {len(self.encoded)}, skipped {len(self.skipped)} already encoded, failed {len(self.failed)}"
+        if self.failed:
+            shown = [f"{source} ({reason})" for source, reason in list(self.failed.items())[:10]]
+            more = f"; and {len(self.failed) - 10} more (see index.json)" if len(self.failed) > 10 else ""
+            line += ": " + "; ".join(shown) + more
+        return f"{line} -> {self.output_dir}"
+
+
+def encode_dataset(
+    manifest: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    mimi: str | os.PathLike | MimiModel,
+    tokenizer: str | os.PathLike | sentencepiece.SentencePieceProcessor,
+    num_codebooks: int,
+    main_speaker: str = "SPEAKER_MAIN",
+    text_padding_id: int = 3,
+    text_end_padding_id: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> EncodeSummary:
+    """Encodes a moshi-finetune dataset into one `codes` shard per dialogue; resumable.
+
+    Each shard `output_dir/codes/<name>.safetensors` holds `codes` (int32 `[1 + 2 * num_codebooks, T]`, the layout
+    of the module docstring) and string metadata: the source path, size and mtime of the audio and of its
+    alignment json, the duration, `num_frames`, and a fingerprint of the encoder (Mimi weights and config,
+    `num_codebooks`, tokenizer model, speaker, padding ids). A shard whose metadata matches its source and the
+    fingerprint is skipped, so an interrupted run continues where it stopped and a changed file is re-encoded.
+    Shards and `output_dir/index.json` are written atomically; the sources are only read.
+
+    A file that cannot be encoded (not stereo, empty or unreadable audio, missing or malformed alignment json, words
+    that do not fit in the audio, a missing file, a malformed manifest line) is recorded in the summary and in
+    index.json, and the other files are still encoded.
+
+    Args:
+        manifest: the `.jsonl`; relative paths in it are relative to its folder.
+        output_dir: where `codes/` and `index.json` go (created if needed).
+        mimi: a `MimiModel`, a local folder or a Hub repo id.
+        tokenizer: a `sentencepiece.SentencePieceProcessor` or the path to its `.model` (moshiko's text tokenizer).
+        num_codebooks (`int`): Mimi codebooks per channel (moshiko: 8).
+        main_speaker (`str`): speaker label of the system in the alignments.
+        text_padding_id, text_end_padding_id (`int`): the LM's text padding and end-of-padding ids (moshiko: 3, 0).
+        device: where Mimi runs.
+        progress (`bool`): show a progress bar.
+
+    Returns:
+        [`EncodeSummary`]: the sources encoded, skipped (already encoded) and failed (with the reason).
+
+    Raises:
+        ValueError: if the manifest cannot be read, or Mimi, the tokenizer or `num_codebooks` are unusable.
+    """
+    manifest = Path(manifest)
+    output_dir = Path(output_dir)
+    mimi = load_mimi(mimi, device)
+    tokenizer = _load_tokenizer(tokenizer)
+    if not 1 <= num_codebooks <= mimi.config.num_quantizers:
+        raise ValueError(
+            f"num_codebooks={num_codebooks} but this Mimi has {mimi.config.num_quantizers} codebooks (quantizers)"
+        )
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the manifest {manifest}: {error}") from error
+
+    fingerprint = _fingerprint(mimi, tokenizer, num_codebooks, main_speaker, text_padding_id, text_end_padding_id)
+    codes_dir = output_dir / "codes"
+    codes_dir.mkdir(parents=True, exist_ok=True)
+    summary = EncodeSummary(output_dir=output_dir)
+    shards = []
+    first_line = {}  # source -> manifest line, to catch duplicates
+    for number, line in enumerate(logging.tqdm(lines, desc="Encoding dialogues", unit="file", disable=not progress), 1):
+        if not line.strip():
+            continue
+        where = f"{manifest.name}:{number}"
+        try:
+            source = _manifest_source(line)
+        except ValueError as error:
+            summary.failed[where] = f"line {number} of {manifest}: {error}"
+            continue
+        if source in first_line:
+            summary.failed[where] = f"{source} is already listed on line {first_line[source]} of {manifest}"
+            continue
+        first_line[source] = number
+        try:
+            shard, num_frames, skipped = _encode_file(
+                manifest.parent / source,
+                source,
+                codes_dir,
+                mimi=mimi,
+                tokenizer=tokenizer,
+                num_codebooks=num_codebooks,
+                fingerprint=fingerprint,
+                main_speaker=main_speaker,
+                text_padding_id=text_padding_id,
+                text_end_padding_id=text_end_padding_id,
+            )
+        except ValueError as error:
+            summary.failed[source] = str(error)
+            continue
+        (summary.skipped if skipped else summary.encoded).append(source)
+        shards.append({"source": source, "file": f"codes/{shard.name}", "num_frames": num_frames})
+
+    index = {
+        "manifest": str(manifest),
+        "num_codebooks": num_codebooks,
+        "frame_rate": mimi.config.frame_rate,
+        "fingerprint": fingerprint,
+        "shards": shards,
+        "failed": summary.failed,
+    }
+    _atomic_write(output_dir / "index.json", lambda path: path.write_text(json.dumps(index, indent=2) + "\n"))
+    if summary.failed:
+        logger.warning(str(summary))
+    else:
+        logger.info(str(summary))
+    return summary
+
+
+class EncodedDialogues(torch.utils.data.Dataset):
+    """Encoded dialogues as a dataset: item i is `{"codes": LongTensor [K, T_i], "name": str}`.
+
+    `EncodedDialogues(output_dir)` reads the shards of [`encode_dataset`] (those listed in `index.json`, or every
+    `codes/*.safetensors` without one), loading each on access; `EncodedDialogues.from_codes` wraps codes already in
+    memory. `K = 1 + 2 * num_codebooks` is the same for every item.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike):
+        output_dir = Path(output_dir)
+        index = output_dir / "index.json"
+        if index.is_file():
+            files = [output_dir / shard["file"] for shard in json.loads(index.read_text())["shards"]]
+        else:
+            files = sorted((output_dir / "codes").glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no encoded dialogues in {output_dir} (run `encode_dataset` first)")
+        names, shapes = [], []
+        for file in files:
+            try:
+                with safe_open(file, "pt") as shard:
+                    names.append(shard.metadata()["source"])
+                    shapes.append(shard.get_slice("codes").get_shape())
+            except (OSError, SafetensorError, KeyError, TypeError) as error:  # TypeError: no metadata
+                raise ValueError(f"{file} is not a shard written by `encode_dataset`: {error!r}") from error
+        self._set_items(names, files, shapes)
+
+    @classmethod
+    def from_codes(cls, codes_list: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> EncodedDialogues:
+        """Wraps pre-encoded codes: a list of integer tensors `[K, T_i]` with the same `K` and `T_i > 0`.
+
+        Raises:
+            ValueError: naming the offending item (not an integer tensor, not 2-D, another K, no frames, ids < -1).
+        """
+        if names is not None and len(names) != len(codes_list):
+            raise ValueError(f"got {len(names)} names for {len(codes_list)} codes")
+        if not codes_list:
+            raise ValueError("codes_list is empty")
+        for i, codes in enumerate(codes_list):
+            if not isinstance(codes, torch.Tensor):
+                raise ValueError(f"codes_list[{i}] is a {type(codes).__name__}, expected an integer tensor [K, T]")
+            if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+                raise ValueError(f"codes_list[{i}] has dtype {codes.dtype}, expected an integer dtype")
+            if codes.ndim != 2:
+                raise ValueError(f"codes_list[{i}] has shape {tuple(codes.shape)}, expected [K, T]")
+            if codes.shape[1] == 0:
+                raise ValueError(f"codes_list[{i}] has no frames (shape {tuple(codes.shape)})")
+            if codes.min() < ZERO_TOKEN_ID:
+                raise ValueError(f"codes_list[{i}] has id {codes.min().item()}, below the zero token {ZERO_TOKEN_ID}")
+        dataset = cls.__new__(cls)
+        names = list(names) if names is not None else [f"codes_list[{i}]" for i in range(len(codes_list))]
+        dataset._set_items(names, [codes.detach().cpu() for codes in codes_list], [codes.shape for codes in codes_list])
+        return dataset
+
+    def _set_items(self, names: list[str], items: list[Path | torch.Tensor], shapes: list[Sequence[int]]):
+        for name, shape in zip(names, shapes):
+            if shape[0] != shapes[0][0]:
+                raise ValueError(f"{name} has {shape[0]} rows (K) but {names[0]} has {shapes[0][0]}")
+        self._names, self._items = names, items
+        self.num_rows = shapes[0][0]
+        self.num_frames = [shape[1] for shape in shapes]
+
+    @property
+    def total_frames(self) -> int:
+        return sum(self.num_frames)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        item = self._items[index]
+        codes = load_file(item)["codes"] if isinstance(item, Path) else item
+        return {"codes": codes.long(), "name": self._names[index]}
+
+
+def _load_tokenizer(
+    tokenizer: str | os.PathLike | sentencepiece.SentencePieceProcessor,
+) -> sentencepiece.SentencePieceProcessor:
+    if isinstance(tokenizer, sentencepiece.SentencePieceProcessor):
+        return tokenizer
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    except RuntimeError as error:  # sentencepiece's error for a missing or unparsable model
+        raise ValueError(f"could not load a sentencepiece model from {str(tokenizer)!r}: {error}") from error
+
+
+def _fingerprint(
+    mimi: MimiModel,
+    tokenizer: sentencepiece.SentencePieceProcessor,
+    num_codebooks: int,
+    main_speaker: str,
+    text_padding_id: int,
+    text_end_padding_id: int,
+) -> str:
+    """A hash of everything, besides the source files, that the codes depend on."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(mimi.state_dict().items()):
+        weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    # the config minus fields that do not change the codes and differ between an instance and its saved copy
+    # (the weights' dtype is in their hash)
+    ignored = ("_name_or_path", "transformers_version", "architectures", "dtype")
+    config = {k: v for k, v in mimi.config.to_dict().items() if k not in ignored}
+    parts = {
+        "format": SHARD_FORMAT_VERSION,
+        "mimi_weights": weights.hexdigest(),
+        "mimi_config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "num_codebooks": num_codebooks,
+        "tokenizer": hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest(),
+        "main_speaker": main_speaker,
+        "text_padding_id": text_padding_id,
+        "text_end_padding_id": text_end_padding_id,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _manifest_source(line: str) -> str:
+    """The normalised `"path"` of a manifest line."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error})") from error
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise ValueError(f'expected {{"path": "file.wav", "duration": seconds}}, got {line.strip()!r}')
+    return os.path.normpath(entry["path"])
+
+
+def _shard_name(source: str) -> str:
+    """A file name unique to `source`: readable, plus a hash so that `a/b_c.wav` and `a_b/c.wav` differ."""
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", os.path.splitext(source)[0]).strip("._")[-80:]
+    return f"{readable}-{hashlib.sha256(source.encode()).hexdigest()[:12]}.safetensors"
+
+
+def _encode_file(
+    audio_path: Path,
+    source: str,
+    codes_dir: Path,
+    *,
+    mimi: MimiModel,
+    tokenizer: sentencepiece.SentencePieceProcessor,
+    num_codebooks: int,
+    fingerprint: str,
+    main_speaker: str,
+    text_padding_id: int,
+    text_end_padding_id: int,
+) -> tuple[Path, int, bool]:
+    """Encodes one dialogue unless an up-to-date shard exists. Returns (shard, num_frames, skipped)."""
+    alignment_path = audio_path.with_suffix(".json")
+    if not audio_path.is_file():
+        raise ValueError(f"audio file {audio_path} not found")
+    if not alignment_path.is_file():
+        raise ValueError(f"alignment file {alignment_path} not found (moshi-finetune keeps it beside the audio)")
+    audio_stat, alignment_stat = audio_path.stat(), alignment_path.stat()
+    identity = {
+        "source": source,
+        "audio_size": str(audio_stat.st_size),
+        "audio_mtime_ns": str(audio_stat.st_mtime_ns),
+        "alignment_size": str(alignment_stat.st_size),
+        "alignment_mtime_ns": str(alignment_stat.st_mtime_ns),
+        "fingerprint": fingerprint,
+    }
+    shard = codes_dir / _shard_name(source)
+    existing = _read_metadata(shard)
+    if existing is not None and all(existing.get(key) == value for key, value in identity.items()):
+        return shard, int(existing["num_frames"]), True
+
+    try:
+        data = json.loads(alignment_path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read alignment file {alignment_path}: {error}") from error
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"alignment file {alignment_path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or "alignments" not in data:
+        raise ValueError(f'alignment file {alignment_path} has no "alignments" list')
+    try:
+        alignments = validate_alignments(data["alignments"])
+    except ValueError as error:
+        raise ValueError(f"alignment file {alignment_path}: {error}") from error
+
+    audio = load_stereo(audio_path, mimi.config.sampling_rate)
+    with torch.no_grad():  # the two channels as a batch of two mono signals: [2, 1, N] -> [2, num_codebooks, T]
+        audio_codes = mimi.encode(audio[:, None].to(mimi.device, mimi.dtype), num_quantizers=num_codebooks).audio_codes
+    num_frames = audio_codes.shape[-1]
+    try:
+        text = interleave_text(
+            alignments,
+            tokenizer,
+            num_frames,
+            frame_rate=mimi.config.frame_rate,
+            main_speaker=main_speaker,
+            padding_id=text_padding_id,
+            end_padding_id=text_end_padding_id,
+        )
+    except ValueError as error:
+        raise ValueError(f"alignment file {alignment_path}: {error}") from error
+    codes = torch.cat([text[None], audio_codes[0].cpu(), audio_codes[1].cpu()]).to(torch.int32)
+    metadata = {
+        **identity,
+        "duration": f"{audio.shape[-1] / mimi.config.sampling_rate:.6f}",
+        "num_frames": str(num_frames),
+        "num_codebooks": str(num_codebooks),
+        "mimi": str(mimi.name_or_path),
+        "text_padding_id": str(text_padding_id),
+        "text_end_padding_id": str(text_end_padding_id),
+    }
+    _atomic_write(shard, lambda path: save_file({"codes": codes}, path, metadata=metadata))
+    return shard, num_frames, False
+
+
+def _read_metadata(shard: Path) -> dict[str, str] | None:
+    """The metadata of an existing shard; None when there is none or it cannot be read (it is then re-encoded)."""
+    if not shard.is_file():
+        return None
+    try:
+        with safe_open(shard, "pt") as file:
+            return file.metadata()
+    except (OSError, SafetensorError):
+        return None
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]):
+    """Writes `path` through a temporary file in the same folder, so readers never see a partial file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

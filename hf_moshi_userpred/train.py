@@ -1,0 +1,123 @@
+"""Fine-tune a Moshi user-prediction model on encoded dialogues: the training entry point.
+
+    python -m hf_moshi_userpred.train --model_name_or_path MODEL --train_data ENCODED --output_dir OUT [flags]
+    python -m hf_moshi_userpred.train config.yaml            # the same fields in YAML (or JSON)
+    accelerate launch --num_processes 2 -m hf_moshi_userpred.train ...
+
+Flags are the fields of [`MoshiUserPredModelArguments`], [`MoshiUserPredDataArguments`] and
+[`MoshiUserPredTrainingArguments`] (every `transformers.TrainingArguments` field included), parsed by
+`transformers.HfArgumentParser`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .encoding import EncodedDialogues
+from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+from .training_modes import LORA_PARTS, TRAINING_MODES, prepare_model_for_training
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MoshiUserPredModelArguments:
+    """The model to fine-tune and what of it is trained."""
+
+    model_name_or_path: str = field(metadata={"help": "model directory or Hub repo id in this package's format"})
+    training_mode: str = field(default="full", metadata={"help": f"one of {TRAINING_MODES}"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (training_mode=lora)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (training_mode=lora)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (training_mode=lora)"})
+    lora_parts: str = field(
+        default="transformer", metadata={"help": f"comma-separated modules given LoRA adapters, among {LORA_PARTS}"}
+    )
+    merge_lora: bool = field(default=False, metadata={"help": "also save the merged model in OUTPUT_DIR/merged"})
+
+    def __post_init__(self):
+        if self.training_mode not in TRAINING_MODES:
+            raise ValueError(f"training_mode {self.training_mode!r} must be one of {TRAINING_MODES}")
+        if self.merge_lora and self.training_mode != "lora":
+            raise ValueError(f"merge_lora needs training_mode='lora', got {self.training_mode!r}")
+
+
+@dataclass
+class MoshiUserPredDataArguments:
+    """Where the encoded dialogues are (directories written by `encode_dataset`)."""
+
+    train_data: str = field(metadata={"help": "directory of encoded training dialogues"})
+    eval_data: str | None = field(default=None, metadata={"help": "directory of encoded evaluation dialogues"})
+
+
+def parse_arguments(
+    argv: Sequence[str] | None = None,
+) -> tuple[MoshiUserPredModelArguments, MoshiUserPredDataArguments, MoshiUserPredTrainingArguments]:
+    """Flags, or a single `.yaml`/`.yml`/`.json` file holding the same fields."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((MoshiUserPredModelArguments, MoshiUserPredDataArguments, MoshiUserPredTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        if not Path(argv[0]).is_file():
+            raise ValueError(f"training config {argv[0]!r} does not exist")
+        read = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        return read(argv[0], allow_extra_keys=False)
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def train(
+    model_args: MoshiUserPredModelArguments,
+    data_args: MoshiUserPredDataArguments,
+    training_args: MoshiUserPredTrainingArguments,
+) -> dict[str, float]:
+    """Fine-tune, save to `training_args.output_dir`, evaluate when there is eval data; returns the metrics."""
+    set_seed(training_args.seed)
+    train_dataset = EncodedDialogues(data_args.train_data)  # data first: its mistakes show before a long model load
+    eval_dataset = EncodedDialogues(data_args.eval_data) if data_args.eval_data else None
+    model = MoshiUserPredForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+    lora = {}
+    if model_args.training_mode == "lora":
+        lora = dict(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                    parts=tuple(part.strip() for part in model_args.lora_parts.split(",")))
+    model = prepare_model_for_training(model, model_args.training_mode, **lora)
+
+    trainer = MoshiUserPredTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                   eval_dataset=eval_dataset)
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise ValueError(f"resume_from_checkpoint='last': no checkpoint in {training_args.output_dir}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    metrics = dict(result.metrics)
+    trainer.save_metrics("train", metrics)
+    if eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if model_args.merge_lora and trainer.is_world_process_zero():
+        trainer.model.merge_and_unload().save_pretrained(Path(training_args.output_dir) / "merged")
+    print(f"[rank {training_args.process_index}] finished: {trainer.state.global_step} steps, "
+          f"train_loss {metrics.get('train_loss', float('nan')):.4f}", flush=True)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        train(*parse_arguments(argv))
+    except ValueError as error:  # a user mistake: one line, no traceback
+        print(f"hf_moshi_userpred.train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

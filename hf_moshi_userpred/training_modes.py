@@ -1,0 +1,99 @@
+"""What a fine-tuning run updates: everything, the user branch alone, or LoRA adapters (through PEFT).
+
+- `full`: every parameter.
+- `user_branch`: only the user Depformer; text and system-audio outputs stay bit-identical to the starting model.
+  The cheap way to add user prediction to a released Moshi.
+- `lora`: PEFT LoRA adapters on the main transformer's linear layers (and, by default, the whole user Depformer
+  trained as a PEFT `modules_to_save` copy, since a new branch has nothing to adapt from).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+TRAINING_MODES = ("full", "user_branch", "lora")
+LORA_PARTS = ("transformer", "text_linear", "depformer", "user_depformer")
+
+
+def freeze_all_but_user_branch(model: nn.Module) -> list[str]:
+    """Freeze every parameter outside `model.user_depformer`; returns the names left trainable.
+
+    Raises:
+        ValueError: the model has no user branch.
+    """
+    if getattr(model, "user_depformer", None) is None:
+        raise ValueError("training_mode='user_branch' needs a model with a user branch (predict_user_audio=True)")
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("user_depformer."))
+        if param.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def lora_target_modules(model: nn.Module, parts: Sequence[str] = ("transformer",)) -> list[str]:
+    """Full names of the `nn.Linear` layers under the top-level modules `parts` (see `LORA_PARTS`)."""
+    unknown = sorted(set(parts) - set(LORA_PARTS))
+    if unknown:
+        raise ValueError(f"LoRA parts {unknown} unknown: choose among {LORA_PARTS}")
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.split(".")[0] in parts
+    ]
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    parts: Sequence[str] = ("transformer",),
+    train_user_branch: bool = True,
+) -> nn.Module:
+    """Wrap `model` with `peft.get_peft_model`: LoRA of rank `r` on the linear layers of `parts`.
+
+    Args:
+        train_user_branch: also train the whole user Depformer (`modules_to_save`); saved with the adapter.
+
+    Returns:
+        A `peft.PeftModel`: `save_pretrained` writes the adapter, `PeftModel.from_pretrained(base, path)` reloads
+        it, `merge_and_unload()` folds it into the base weights.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if train_user_branch and "user_depformer" in parts:
+        raise ValueError("parts includes user_depformer while train_user_branch=True trains it fully: choose one")
+    targets = lora_target_modules(model, parts)
+    if not targets:
+        raise ValueError(f"no linear layer found under {list(parts)}")
+    modules_to_save = ["user_depformer"] if train_user_branch and model.user_depformer is not None else None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        modules_to_save=modules_to_save)
+    return get_peft_model(model, config)
+
+
+def prepare_model_for_training(model: nn.Module, mode: str = "full", **lora_kwargs) -> nn.Module:
+    """Set up `model` for `mode` (one of `TRAINING_MODES`); returns the model to hand to the Trainer."""
+    if mode not in TRAINING_MODES:
+        raise ValueError(f"training mode {mode!r} must be one of {TRAINING_MODES}")
+    if lora_kwargs and mode != "lora":
+        raise ValueError(f"LoRA options {sorted(lora_kwargs)} given for training mode {mode!r}")
+    if mode == "user_branch":
+        freeze_all_but_user_branch(model)
+    elif mode == "lora":
+        return apply_lora(model, **lora_kwargs)
+    else:
+        model.requires_grad_(True)
+    return model
+
+
+__all__ = [
+    "LORA_PARTS",
+    "TRAINING_MODES",
+    "apply_lora",
+    "freeze_all_but_user_branch",
+    "lora_target_modules",
+    "prepare_model_for_training",
+]

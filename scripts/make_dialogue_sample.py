@@ -1,0 +1,777 @@
+"""Build the small spoken-dialogue sample shipped in ``hf_moshi_userpred/sample/``.
+
+What it makes (all deterministic from ``--seed``):
+
+* ``dialogues/NNN.flac``: synthetic two-voice English dialogues, stereo 16 kHz 16-bit lossless FLAC (a fifth
+  of the WAV size: each channel is silent half the time, so five times more dialogue fits the budget), left channel the
+  system (Moshi) voice, right channel the user voice, with turn-taking, pauses, overlapping turn changes and
+  backchannels ("uh huh", "yeah", ...) spoken by the listener during the other speaker's turn. The text comes
+  from a small template grammar with a limited vocabulary, so phrases (and, espeak-ng being deterministic,
+  their audio) recur across dialogues: a tiny model can learn something from it in a few CPU minutes.
+* ``dialogues/NNN.json``: word alignments in kyutai's moshi-finetune format,
+  ``{"alignments": [[word, [start_s, end_s], speaker], ...]}``, speaker ``SPEAKER_MAIN`` (left) or
+  ``SPEAKER_USER`` (right). The times come from the synthesiser itself: libespeak-ng (through ``ctypes``)
+  reports where each word starts in its output; a word ends where the next one starts (or the utterance
+  ends), and both ends are trimmed to the word's first and last non-silent sample.
+* ``train.jsonl`` / ``eval.jsonl``: moshi-finetune manifests (``{"path": ..., "duration": ...}`` per line,
+  paths relative to the manifest); the last ``--num-eval`` dialogues are held out.
+* ``tokenizer.model``: a small sentencepiece model trained on the dialogues' words (unk 0, bos 1, eos 2,
+  pad 3, as Moshi's text tokenizer).
+* ``mimi/``: a small randomly initialised transformers ``MimiModel`` (24 kHz, 12.5 frames/s) whose
+  codebooks are fitted by k-means, layer by layer, on the sample's own audio (a fresh Mimi has all-zero
+  codebooks and would give code 0 everywhere).
+* ``README.md``: what is there and how it was made.
+
+It needs espeak-ng (``libespeak-ng.so.1``) and is run at development time only; rerun it with
+
+    python scripts/make_dialogue_sample.py [--seed 0] [--output hf_moshi_userpred/sample]
+
+The output folder is built beside the target and swapped in only once it is complete and within the size
+budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import soundfile as sf
+import soxr
+import torch
+from transformers import MimiConfig, MimiModel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_RATE = 16_000
+SIZE_BUDGET_BYTES = 4_800_000
+SYSTEM = "SPEAKER_MAIN"
+USER = "SPEAKER_USER"
+CHANNEL = {SYSTEM: 0, USER: 1}
+VOICES = {SYSTEM: "en-us+m3", USER: "en-gb-x-rp+f3"}
+
+# A small Mimi: the real one's sample rate and frame rate (12.5 Hz), narrow layers, few small codebooks.
+MIMI_CONFIG = dict(
+    hidden_size=64,
+    num_filters=4,
+    num_residual_layers=1,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,
+    intermediate_size=128,
+    codebook_dim=32,
+    vector_quantization_hidden_dimension=32,
+    upsample_groups=64,
+    num_quantizers=8,
+    num_semantic_quantizers=1,
+)
+
+# Turn taking, in seconds.
+LEAD_IN = (0.2, 0.5)
+TAIL = (0.3, 0.6)
+SHORT_PAUSE = (0.2, 0.8)
+LONG_PAUSE = (1.0, 1.5)
+OVERLAP = (0.1, 0.3)
+TURN_CHANGE_PROBS = {"overlap": 0.25, "short": 0.6, "long": 0.15}
+MIN_SELF_GAP = 0.15  # a speaker never overlaps their own previous utterance
+BACKCHANNEL_PROB = 0.7
+BACKCHANNEL_MIN_TURN = 1.2
+BACKCHANNEL_DELAY = (0.05, 0.2)  # after the end of the word it reacts to
+BACKCHANNEL_MARGIN = 0.35  # a backchannel ends this long before the turn does (more than any overlap)
+MIN_USER_SPEECH_SHARE = 0.3
+SENTENCE_GAP = (0.1, 0.25)  # between two sentences of one turn
+# Mimi's frame. Sentences start on its grid, so a sentence that recurs (phrases recur by design) is encoded to the
+# same codes wherever it is said: the regularity a tiny model can learn from a few minutes of audio.
+FRAME_SECONDS = 0.08
+
+# --------------------------------------------------------------------------------------------------------
+# Text: a small template grammar.
+# --------------------------------------------------------------------------------------------------------
+
+GRAMMAR: dict[str, list[str]] = {
+    "greeting": ["hello there.", "hi!", "good morning.", "hey, good to see you."],
+    "how_are_you": ["how are you?", "how are you doing today?"],
+    "fine": ["I'm fine, thanks.", "pretty good, thank you.", "not bad at all."],
+    "counter": ["and you?", "what about you?"],
+    "reaction": [
+        "oh, that sounds nice.",
+        "oh, really?",
+        "great.",
+        "me too.",
+        "good to hear.",
+        "nice, I like that.",
+        "okay, sounds good.",
+        "cool.",
+    ],
+    "hour": ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"],
+    "weather": ["sunny", "cold", "warm", "windy", "cloudy", "rainy"],
+    "when": ["today", "tonight", "tomorrow", "this weekend"],
+    "place": ["the park", "the beach", "the market", "the library", "the gym", "work"],
+    "person": ["my sister", "my brother", "a friend", "my family"],
+    "meal": ["lunch", "dinner", "breakfast"],
+    "food": ["pasta", "soup", "rice", "pizza", "salad", "bread", "fish", "noodles"],
+}
+
+BACKCHANNELS = ["uh huh", "yeah", "right", "okay", "mm hmm"]
+
+
+@dataclass(frozen=True)
+class Topic:
+    """Questions on one subject, the answers that fit them, and whether "and you?" may follow an answer."""
+
+    questions: list[str]
+    answers: list[str]
+    personal: bool
+
+
+GREETING = Topic(["{greeting} {how_are_you}"], ["{fine}"], personal=True)
+TOPICS: dict[str, Topic] = {
+    "time": Topic(
+        ["what time is it?", "do you know the time?"],
+        ["it is {hour} now.", "it is almost {hour}.", "I think it is {hour} thirty."],
+        personal=False,
+    ),
+    "weather": Topic(
+        ["how is the weather today?", "is it cold outside?", "what is the weather like?"],
+        ["it is {weather} and {weather} today.", "it is a bit {weather} outside.", "pretty {weather}, I think."],
+        personal=False,
+    ),
+    "plans": Topic(
+        ["what are you doing {when}?", "any plans for {when}?"],
+        ["I'm going to {place} with {person}.", "I want to go to {place}.", "nothing much, maybe {place}."],
+        personal=True,
+    ),
+    "food": Topic(
+        ["what do you want for {meal}?", "are you hungry?", "what should we eat for {meal}?"],
+        ["maybe some {food}.", "I would like {food}, please.", "{food} and {food} sounds good."],
+        personal=True,
+    ),
+    "day": Topic(
+        ["how was your day?", "how is work going?"],
+        ["pretty good, thank you.", "a little tired, but fine.", "busy, but it was nice."],
+        personal=True,
+    ),
+}
+GREETING_PROB = 0.5
+COUNTER_PROB = 0.35
+REACTION_PROB = 0.8
+ASK_PROB = 0.4  # after an answer or a reaction; a turn with nothing else to say always asks
+
+
+def expand(template: str, rng: random.Random) -> str:
+    """Fill every ``{slot}`` of ``template`` with a random (recursively expanded) option of ``GRAMMAR``."""
+    return re.sub(r"\{(\w+)\}", lambda m: expand(rng.choice(GRAMMAR[m.group(1)]), rng), template)
+
+
+def turn_texts(rng: random.Random) -> Iterator[str]:
+    """An endless conversation, one string per turn; consecutive turns belong to alternating speakers.
+
+    A turn answers the question the previous turn asked (and may hand it back with "and you?"), or reacts to
+    the previous answer, and may ask a new question on another topic.
+    """
+    topic: Topic | None = None
+    if rng.random() < GREETING_PROB:
+        topic = GREETING
+        yield expand(rng.choice(GREETING.questions), rng)
+    pending = topic  # the question this turn must answer
+    may_counter = True  # "and you?" is not asked back twice in a row
+    ended_with_answer = False
+    while True:
+        parts: list[str] = []
+        if pending is not None:
+            parts.append(expand(rng.choice(pending.answers), rng))
+            if pending.personal and may_counter and rng.random() < COUNTER_PROB:
+                parts.append(expand("{counter}", rng))
+                may_counter = False
+                yield " ".join(parts)
+                continue
+        elif ended_with_answer and rng.random() < REACTION_PROB:
+            parts.append(expand("{reaction}", rng))
+        may_counter = True
+        if not parts or rng.random() < ASK_PROB:
+            topic = TOPICS[rng.choice([name for name, t in TOPICS.items() if t is not topic])]
+            parts.append(expand(rng.choice(topic.questions), rng))
+            pending, ended_with_answer = topic, False
+        else:
+            ended_with_answer = pending is not None
+            pending = None
+        yield " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Speech: libespeak-ng through ctypes (speak_lib.h of espeak-ng 1.51).
+# --------------------------------------------------------------------------------------------------------
+
+AUDIO_OUTPUT_SYNCHRONOUS = 2
+POS_CHARACTER = 1
+ESPEAK_CHARS_UTF8 = 1
+EVENT_LIST_TERMINATED = 0
+EVENT_WORD = 1
+SILENCE_LEVEL = 1e-3  # espeak-ng writes exact zeros between words; this only ignores rounding dust
+WORD_PATTERN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
+
+
+class _EspeakEventId(ctypes.Union):
+    _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
+
+
+class _EspeakEvent(ctypes.Structure):
+    """``espeak_EVENT``; ``text_position`` is 1-based (characters), ``audio_position`` in ms from the start."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", _EspeakEventId),
+    ]
+
+
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_EspeakEvent)
+)
+
+
+@dataclass
+class Utterance:
+    """Synthesised speech (float32 mono at ``SAMPLE_RATE``, no leading or trailing silence) and its words.
+
+    ``words`` holds ``(word, start_s, end_s)`` relative to the start of ``audio``.
+    """
+
+    audio: np.ndarray
+    words: list[tuple[str, float, float]]
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+class Espeak:
+    """Synchronous espeak-ng synthesis that keeps the word events (where each word starts in the audio)."""
+
+    def __init__(self, library: str = "libespeak-ng.so.1") -> None:
+        self._lib = ctypes.CDLL(library)
+        self._lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self._lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
+        self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        self._lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        self._lib.espeak_Info.argtypes = [ctypes.c_void_p]
+        self._lib.espeak_Info.restype = ctypes.c_char_p
+        self.sample_rate = self._lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, None, 0)
+        if self.sample_rate <= 0:
+            raise RuntimeError("espeak_Initialize failed")
+        self.version: str = self._lib.espeak_Info(None).decode()
+        self._chunks: list[np.ndarray] = []
+        self._word_events: list[tuple[int, int]] = []
+        self._callback = _SYNTH_CALLBACK(self._on_synth)  # referenced for as long as espeak may call it
+        self._lib.espeak_SetSynthCallback(self._callback)
+
+    def _on_synth(self, wav: ctypes.Array, num_samples: int, events: ctypes.Array) -> int:
+        if num_samples > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        i = 0
+        while events[i].type != EVENT_LIST_TERMINATED:
+            if events[i].type == EVENT_WORD:
+                self._word_events.append((events[i].text_position, events[i].audio_position))
+            i += 1
+        return 0  # continue synthesis
+
+    def synthesize(self, text: str, voice: str) -> Utterance:
+        """Speak ``text`` with ``voice``; the words are the letter sequences of ``text`` (apostrophes kept).
+
+        Sentences are capitalised for espeak-ng, which only ends a sentence (pause, intonation) before a
+        capital letter; the words keep the case of ``text``.
+        """
+        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {voice!r}")
+        self._chunks, self._word_events = [], []
+        data = re.sub(r"(^|[.?!] )([a-z])", lambda m: m.group(1) + m.group(2).upper(), text).encode("ascii")
+        error = self._lib.espeak_Synth(data, len(data) + 1, 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None)
+        if error != 0:
+            raise RuntimeError(f"espeak_Synth failed ({error}) on {text!r}")
+        audio = np.concatenate(self._chunks).astype(np.float32) / 32768.0
+
+        # One word event per word. An event points at the word's first character (1-based), or just before
+        # it after a sentence end; espeak-ng also reports stray events (position 0, or one per punctuation).
+        words = {m.start() + 1: m.group() for m in WORD_PATTERN.finditer(text)}
+        starts: dict[int, int] = {}
+        for position, ms in self._word_events:
+            following = [p for p in words if p >= position]
+            if position > 0 and following and min(following) not in starts:
+                starts[min(following)] = round(ms * self.sample_rate / 1000)
+        if starts.keys() != words.keys():
+            missing = [words[p] for p in words if p not in starts]
+            raise RuntimeError(f"espeak-ng reported no start for {missing} in {text!r}")
+        bounds = [starts[p] for p in sorted(words)] + [len(audio)]
+        spans = []
+        for (position, word), begin, stop in zip(sorted(words.items()), bounds[:-1], bounds[1:]):
+            voiced = np.flatnonzero(np.abs(audio[begin:stop]) > SILENCE_LEVEL)
+            if len(voiced) == 0:
+                raise RuntimeError(f"no audio for {word!r} in {text!r}")
+            spans.append((word, begin + int(voiced[0]), begin + int(voiced[-1]) + 1))
+
+        first, last = spans[0][1], spans[-1][2]
+        audio = soxr.resample(audio[first:last], self.sample_rate, SAMPLE_RATE)
+        return Utterance(
+            audio.astype(np.float32),
+            [(w, (b - first) / self.sample_rate, (e - first) / self.sample_rate) for w, b, e in spans],
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dialogues: turns and backchannels laid out on two channels.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dialogue:
+    """Stereo float32 audio ``[samples, 2]`` at ``SAMPLE_RATE`` and moshi-finetune alignments."""
+
+    audio: np.ndarray
+    alignments: list[tuple[str, tuple[float, float], str]]
+    lines: list[str]  # the words of each utterance, for the tokenizer
+    speech_seconds: dict[str, float]  # per speaker, from the first to the last word of each utterance
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+class Timeline:
+    """Utterances placed on the two channels; refuses to overlap a speaker with themselves."""
+
+    def __init__(self) -> None:
+        self.placed: list[tuple[str, int, Utterance]] = []
+        self.free_at = {SYSTEM: 0.0, USER: 0.0}
+
+    def place(self, speaker: str, start: float, utterance: Utterance) -> float:
+        """Put ``utterance`` on ``speaker``'s channel at ``start`` (seconds, on the frame grid); returns where it
+        ends."""
+        if abs(start / FRAME_SECONDS - round(start / FRAME_SECONDS)) > 1e-6:
+            raise ValueError(f"utterance start {start} is not on the {FRAME_SECONDS} s frame grid")
+        first = round(start * SAMPLE_RATE)
+        if first / SAMPLE_RATE < self.free_at[speaker]:
+            raise ValueError(f"{speaker} would overlap their own speech at {start:.2f} s")
+        self.placed.append((speaker, first, utterance))
+        self.free_at[speaker] = (first + len(utterance.audio)) / SAMPLE_RATE
+        return self.free_at[speaker]
+
+    def speech_seconds(self, speaker: str) -> float:
+        return sum(u.duration for s, _, u in self.placed if s == speaker)
+
+    def render(self, duration: float) -> Dialogue:
+        audio = np.zeros((round(duration * SAMPLE_RATE), 2), dtype=np.float32)
+        alignments = []
+        for speaker, first, utterance in self.placed:
+            audio[first : first + len(utterance.audio), CHANNEL[speaker]] += utterance.audio
+            offset = first / SAMPLE_RATE
+            for word, begin, end in utterance.words:
+                alignments.append((word, (round(offset + begin, 3), round(offset + end, 3)), speaker))
+        alignments.sort(key=lambda a: (a[1][0], a[2]))
+        lines = [" ".join(w for w, _, _ in u.words) for _, _, u in self.placed]
+        return Dialogue(audio, alignments, lines, {s: self.speech_seconds(s) for s in CHANNEL})
+
+
+def on_grid(seconds: float) -> float:
+    """The first frame boundary at or after ``seconds``."""
+    return math.ceil(seconds / FRAME_SECONDS - 1e-6) * FRAME_SECONDS
+
+
+def turn_gap(rng: random.Random) -> float:
+    """Seconds from the end of a turn to the start of the next one (negative: overlap)."""
+    kind = rng.choices(list(TURN_CHANGE_PROBS), weights=list(TURN_CHANGE_PROBS.values()))[0]
+    if kind == "overlap":
+        return -rng.uniform(*OVERLAP)
+    return rng.uniform(*(SHORT_PAUSE if kind == "short" else LONG_PAUSE))
+
+
+def add_backchannel(
+    rng: random.Random, espeak: Espeak, timeline: Timeline, listener: str, turn_start: float, turn: Utterance
+) -> None:
+    """Maybe let ``listener`` say "uh huh" (or similar) during ``turn``, after one of its words."""
+    if turn.duration < BACKCHANNEL_MIN_TURN or rng.random() >= BACKCHANNEL_PROB:
+        return
+    backchannel = espeak.synthesize(rng.choice(BACKCHANNELS), VOICES[listener])
+    delay = rng.uniform(*BACKCHANNEL_DELAY)
+    latest = turn.duration - BACKCHANNEL_MARGIN - backchannel.duration - delay
+    earliest = max(0.3, timeline.free_at[listener] + MIN_SELF_GAP - turn_start - delay)
+    word_ends = [end for _, _, end in turn.words[:-1] if earliest <= end <= latest]
+    if word_ends:
+        start = on_grid(turn_start + rng.choice(word_ends) + delay)
+        if start + backchannel.duration <= turn_start + turn.duration - BACKCHANNEL_MARGIN + FRAME_SECONDS:
+            timeline.place(listener, start, backchannel)
+
+
+def make_dialogue(rng: random.Random, espeak: Espeak, min_seconds: float, max_seconds: float) -> Dialogue:
+    """A dialogue of ``min_seconds`` to ``max_seconds`` in which both speakers talk (the user substantially)."""
+    while True:
+        speakers = [SYSTEM, USER] if rng.random() < 0.5 else [USER, SYSTEM]
+        timeline = Timeline()
+        tail = rng.uniform(*TAIL)
+        end = 0.0
+        turns = {SYSTEM: 0, USER: 0}
+        for index, text in enumerate(turn_texts(rng)):
+            speaker, listener = speakers[index % 2], speakers[1 - index % 2]
+            sentences = [espeak.synthesize(t, VOICES[speaker]) for t in re.split(r"(?<=[.?!])\s+", text)]
+            gaps = [rng.uniform(*SENTENCE_GAP) for _ in sentences[1:]] + [0.0]
+            start = rng.uniform(*LEAD_IN) if index == 0 else end + turn_gap(rng)
+            start = on_grid(max(start, timeline.free_at[speaker] + (MIN_SELF_GAP if index else 0.0)))
+            # Upper bound of the turn's length: each later sentence may wait up to a frame for the grid.
+            length = sum(u.duration for u in sentences) + sum(gaps) + FRAME_SECONDS * (len(sentences) - 1)
+            if start + length + tail > max_seconds:
+                break
+            for utterance, gap in zip(sentences, gaps):
+                end = timeline.place(speaker, start, utterance)
+                add_backchannel(rng, espeak, timeline, listener, start, utterance)
+                start = on_grid(end + gap)
+            turns[speaker] += 1
+        duration = end + tail
+        speech = timeline.speech_seconds(SYSTEM) + timeline.speech_seconds(USER)
+        if (
+            duration >= min_seconds
+            and min(turns.values()) >= 1
+            and timeline.speech_seconds(USER) >= MIN_USER_SPEECH_SHARE * speech
+        ):
+            return timeline.render(duration)
+
+
+def check_alignments(dialogue: Dialogue) -> None:
+    """Every word's span holds speech on its channel; the channel is silent between words apart by >= 0.1 s."""
+    margin = round(0.02 * SAMPLE_RATE)
+    for speaker, channel in CHANNEL.items():
+        signal = dialogue.audio[:, channel]
+        times = [span for _, span, s in dialogue.alignments if s == speaker]
+        spans = [(round(b * SAMPLE_RATE), round(e * SAMPLE_RATE)) for b, e in times]
+        for b, e in spans:
+            if np.sqrt(np.mean(signal[b:e] ** 2)) < 0.01:
+                raise AssertionError(f"{speaker}: no speech in the word at {b / SAMPLE_RATE:.3f} s")
+        gaps = zip([0] + [e for _, e in spans], [b for b, _ in spans] + [len(signal)])
+        for b, e in gaps:
+            if e - b >= 0.1 * SAMPLE_RATE and np.abs(signal[b + margin : e - margin]).max() > SILENCE_LEVEL:
+                raise AssertionError(f"{speaker}: sound between words, at {b / SAMPLE_RATE:.3f} s")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenizer and Mimi.
+# --------------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, seed: int) -> bytes:
+    """A BPE sentencepiece model with Moshi's special ids (unk 0, bos 1, eos 2, pad 3), serialized."""
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` centroids of ``points`` ``[N, D]``: k-means++ seeding from the data, then Lloyd iterations."""
+    centroids = points[torch.randint(len(points), (1,), generator=generator)]
+    nearest = torch.cdist(points, centroids)[:, 0] ** 2
+    for _ in range(1, k):
+        if nearest.sum() > 0:
+            index = torch.multinomial(nearest / nearest.sum(), 1, generator=generator)
+        else:  # fewer distinct points than centroids
+            index = torch.randint(len(points), (1,), generator=generator)
+        centroids = torch.cat([centroids, points[index]])
+        nearest = torch.minimum(nearest, torch.cdist(points, points[index])[:, 0] ** 2)
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centroids).argmin(dim=1)
+        counts = torch.bincount(assignment, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
+        empty = (counts == 0).nonzero()[:, 0]
+        if len(empty):  # re-seed empty clusters on the worst-represented points
+            error = (points - centroids[assignment]).norm(dim=1)
+            centroids[empty] = points[error.topk(len(empty)).indices]
+    return centroids
+
+
+@torch.no_grad()
+def calibrate_codebooks(model: MimiModel, signals: list[torch.Tensor], iterations: int, seed: int) -> None:
+    """Fit every codebook of ``model`` by k-means on the latents of ``signals`` (mono, 24 kHz).
+
+    The semantic and the acoustic residual quantizers both quantize the encoder latents, each in its own
+    projected space; within one, layer ``i`` is fitted on what layers ``< i`` leave unexplained.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.cat([model.encoder(signal[None, None]).latents for signal in signals], dim=-1)
+    quantizer = model.quantizer
+    for rvq in (quantizer.semantic_residual_vector_quantizer, quantizer.acoustic_residual_vector_quantizer):
+        projected = latents if rvq.input_proj is None else rvq.input_proj(latents)
+        residual = projected[0].T
+        for layer in rvq.layers:
+            codebook = layer.codebook
+            centroids = kmeans(residual, codebook.codebook_size, iterations, generator)
+            codebook.cluster_usage.fill_(1.0)
+            codebook.embed_sum.copy_(centroids)  # embed = embed_sum / cluster_usage
+            codebook.initialized.fill_(1.0)
+            codebook._embed = None  # drop the cached codebook (transformers computes it lazily)
+            residual = residual - centroids[torch.cdist(residual, centroids).argmin(dim=1)]
+
+
+@torch.no_grad()
+def encode(model: MimiModel, signals: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Codes ``[num_quantizers, frames]`` of each mono 24 kHz signal."""
+    n_q = model.config.num_quantizers
+    return [model.encode(s[None, None], num_quantizers=n_q).audio_codes[0] for s in signals]
+
+
+def entropy(codes: torch.Tensor, codebook_size: int) -> float:
+    """Entropy in bits of the empirical distribution of ``codes``."""
+    probs = torch.bincount(codes, minlength=codebook_size).double() / len(codes)
+    probs = probs[probs > 0]
+    return round(-(probs * probs.log2()).sum().item(), 2)
+
+
+def code_report(
+    codes: list[torch.Tensor], signals: list[torch.Tensor], frame_size: int, codebook_size: int
+) -> list[dict]:
+    """Per codebook: entries used, entropy (bits) over all frames and over speech, silence stability.
+
+    A frame is silent when it and the three frames before it (more than the encoder's receptive field) hold
+    only zeros (the first three frames of a signal, which also see the encoder's start-up padding, are never
+    silent), and speech when its RMS exceeds 0.01. Stability is the share of silent frames carrying the most
+    common silent code.
+    """
+    silent, speech = [], []
+    for code, signal in zip(codes, signals):
+        padding = code.shape[-1] * frame_size - len(signal)
+        frames = torch.nn.functional.pad(signal, (0, padding)).view(-1, frame_size)
+        quiet = frames.abs().amax(dim=1) < SILENCE_LEVEL
+        silent.append(torch.cat([torch.zeros(3, dtype=torch.bool), quiet]).unfold(0, 4, 1).all(dim=1))
+        speech.append(frames.pow(2).mean(dim=1).sqrt() > 0.01)
+    all_codes = torch.cat(codes, dim=-1)
+    silent_mask, speech_mask = torch.cat(silent), torch.cat(speech)
+    report = []
+    for k, row in enumerate(all_codes):
+        silent_codes = row[silent_mask]
+        report.append(
+            dict(
+                codebook=k,
+                used=int(row.unique().numel()),
+                entropy_bits=entropy(row, codebook_size),
+                speech_entropy_bits=entropy(row[speech_mask], codebook_size),
+                silence_stability=round((silent_codes == silent_codes.mode().values).double().mean().item(), 3),
+            )
+        )
+    return report
+
+
+def build_mimi(signals: list[torch.Tensor], codebook_size: int, iterations: int, seed: int) -> MimiModel:
+    """A small random Mimi whose codebooks are calibrated on ``signals``."""
+    torch.manual_seed(seed)
+    model = MimiModel(MimiConfig(**MIMI_CONFIG, codebook_size=codebook_size)).eval()
+    calibrate_codebooks(model, signals, iterations, seed)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output.
+# --------------------------------------------------------------------------------------------------------
+
+
+def folder_size(path: Path) -> int:
+    """Apparent size of ``path`` and everything under it, as ``du -sb`` counts it."""
+    return path.stat().st_size + sum(p.stat().st_size for p in path.rglob("*"))
+
+
+def write_readme(
+    path: Path,
+    args: argparse.Namespace,
+    dialogues: list[Dialogue],
+    vocabulary: set[str],
+    mimi: MimiModel,
+    report: list[dict],
+    espeak_version: str,
+) -> None:
+    """Describe the sample: contents, figures, how it was made, licence."""
+    n_train = len(dialogues) - args.num_eval
+    seconds = [d.duration for d in dialogues]
+    speech = {s: sum(d.speech_seconds[s] for d in dialogues) for s in CHANNEL}
+    config = mimi.config
+    rows = "\n".join(
+        f"| {r['codebook']} | {r['used']}/{config.codebook_size} | {r['entropy_bits']} "
+        f"| {r['speech_entropy_bits']} | {r['silence_stability']} |"
+        for r in report
+    )
+    backchannels = ", ".join(f'"{b}"' for b in BACKCHANNELS)
+    text = f"""# Sample spoken dialogues
+
+A tiny synthetic dataset in kyutai's moshi-finetune format, with a matching small text tokenizer and a
+small Mimi codec, for tests, the demo and quick experiments. It is far too small and too artificial to
+train a useful model: it is there so that everything runs end to end in minutes on a CPU.
+
+## Contents
+
+- `dialogues/NNN.flac`: {len(dialogues)} two-voice English dialogues, {sum(seconds):.1f} s in all
+  ({min(seconds):.1f} to {max(seconds):.1f} s each), stereo 16 kHz 16-bit lossless FLAC (moshi-finetune and
+  this package read it like WAV).
+  - Left channel: the system (Moshi) voice, espeak-ng `{VOICES[SYSTEM]}` (male, American English),
+    {speech[SYSTEM]:.1f} s of speech.
+  - Right channel: the user voice, espeak-ng `{VOICES[USER]}` (female, British English),
+    {speech[USER]:.1f} s of speech.
+  - Turns alternate after short pauses ({SHORT_PAUSE[0]} to {SHORT_PAUSE[1]} s), longer ones
+    ({LONG_PAUSE[0]} to {LONG_PAUSE[1]} s) or overlapping ({OVERLAP[0]} to {OVERLAP[1]} s); the listener
+    sometimes says {backchannels} during the other's turn.
+  - Every sentence is synthesised on its own and starts on Mimi's {FRAME_SECONDS} s frame grid, so a sentence
+    that recurs is encoded to mostly the same codes: real speech has no such alignment, but it gives a tiny
+    model something learnable from three minutes of audio.
+- `dialogues/NNN.json`: `{{"alignments": [[word, [start_s, end_s], speaker], ...]}}`, speaker
+  `{SYSTEM}` (left channel) or `{USER}` (right channel). The word times are exact: they come from the
+  synthesiser's word events, trimmed to the first and last non-silent sample of each word.
+- `train.jsonl` ({n_train} dialogues, {sum(seconds[:n_train]):.1f} s) and `eval.jsonl`
+  ({args.num_eval} dialogues, {sum(seconds[n_train:]):.1f} s), no dialogue in both:
+  `{{"path": "dialogues/NNN.flac", "duration": seconds}}` per line.
+- `tokenizer.model`: sentencepiece BPE model of {args.vocab_size} pieces trained on the dialogues' text
+  ({len(vocabulary)} distinct words, from a small template grammar); ids unk 0, bos 1, eos 2, pad 3
+  (Moshi uses 3 as the text padding id and 0 as the end of padding).
+- `mimi/`: a small randomly initialised transformers `MimiModel`, loaded by `MimiModel.from_pretrained`:
+  {config.sampling_rate} Hz, {config.frame_rate} frames/s, hidden size {config.hidden_size},
+  {config.num_filters} filters, {config.num_hidden_layers} transformer layer, {config.num_quantizers}
+  codebooks ({config.num_semantic_quantizers} semantic) of {config.codebook_size} entries,
+  {sum(p.numel() for p in mimi.parameters())} parameters in float32. Its codebooks were fitted by k-means
+  on this sample's audio (each channel of every dialogue), so its codes follow the speech; its decoder is
+  untrained and does not produce speech.
+
+The Mimi codes of the sample (silence stability: the share of the frames that end at least 0.32 s of
+silence which carry the most common code of such frames):
+
+| codebook | entries used | entropy (bits) | entropy on speech (bits) | silence stability |
+|---|---|---|---|---|
+{rows}
+
+## How it was made
+
+    python scripts/make_dialogue_sample.py --seed {args.seed} --num-dialogues {args.num_dialogues} \\
+        --num-eval {args.num_eval} --min-seconds {args.min_seconds} --max-seconds {args.max_seconds}
+
+The script needs espeak-ng (libespeak-ng) and is deterministic for a given seed and espeak-ng version
+(these files: espeak-ng {espeak_version}).
+
+## Licence
+
+The speech is synthetic, produced by the espeak-ng synthesiser from text written by the script; it contains
+no recorded voice and no third-party text. Distributed with the package under its Apache-2.0 licence.
+"""
+    path.write_text(text)
+
+
+def write_sample(args: argparse.Namespace, folder: Path) -> int:
+    """Write the whole sample into ``folder``; returns its size in bytes."""
+    rng = random.Random(args.seed)
+    espeak = Espeak()
+    dialogues = [make_dialogue(rng, espeak, args.min_seconds, args.max_seconds) for _ in range(args.num_dialogues)]
+
+    (folder / "dialogues").mkdir(parents=True)
+    manifests: dict[str, list[str]] = {"train": [], "eval": []}
+    for index, dialogue in enumerate(dialogues):
+        check_alignments(dialogue)
+        name = f"dialogues/{index:03d}"
+        pcm = np.round(np.clip(dialogue.audio, -1.0, 1.0) * 32767).astype(np.int16)
+        sf.write(folder / f"{name}.flac", pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        alignments = [[w, list(span), s] for w, span, s in dialogue.alignments]
+        (folder / f"{name}.json").write_text(json.dumps({"alignments": alignments}) + "\n")
+        split = "eval" if index >= len(dialogues) - args.num_eval else "train"
+        manifests[split].append(json.dumps({"path": f"{name}.flac", "duration": len(pcm) / SAMPLE_RATE}))
+    for split, lines in manifests.items():
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+    lines = [line for d in dialogues for line in d.lines]
+    (folder / "tokenizer.model").write_bytes(train_tokenizer(lines, args.vocab_size, args.seed))
+    vocabulary = {word for line in lines for word in line.split()}
+
+    # Mimi sees what the package will feed it: the written int16 audio, per channel, at 24 kHz
+    signals = []
+    for index in range(len(dialogues)):
+        pcm, rate = sf.read(folder / f"dialogues/{index:03d}.flac", dtype="float32")
+        resampled = soxr.resample(pcm, rate, 24_000)
+        signals += [torch.from_numpy(np.ascontiguousarray(resampled[:, c])) for c in range(2)]
+    mimi = build_mimi(signals, args.codebook_size, args.kmeans_iterations, args.seed)
+    mimi.save_pretrained(folder / "mimi")
+    codes = encode(mimi, signals)
+    reloaded = encode(MimiModel.from_pretrained(folder / "mimi").eval(), signals)
+    if not all(torch.equal(a, b) for a, b in zip(codes, reloaded)):
+        raise AssertionError("the saved Mimi does not encode like the calibrated one")
+    report = code_report(codes, signals, mimi.config.frame_size, args.codebook_size)
+
+    write_readme(folder / "README.md", args, dialogues, vocabulary, mimi, report, espeak.version)
+    for r in report:
+        print(json.dumps(r))
+    print(
+        f"{len(dialogues)} dialogues, {sum(d.duration for d in dialogues):.2f} s, "
+        f"{len(vocabulary)} distinct words, train {len(manifests['train'])}, eval {len(manifests['eval'])}"
+    )
+    return folder_size(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "hf_moshi_userpred" / "sample")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-dialogues", type=int, default=28)
+    parser.add_argument("--num-eval", type=int, default=5, help="held-out dialogues (the last ones)")
+    parser.add_argument("--min-seconds", type=float, default=7.0)
+    parser.add_argument("--max-seconds", type=float, default=8.0)
+    parser.add_argument("--vocab-size", type=int, default=200, help="sentencepiece vocabulary size")
+    parser.add_argument("--codebook-size", type=int, default=64, help="entries per Mimi codebook")
+    parser.add_argument("--kmeans-iterations", type=int, default=30)
+    args = parser.parse_args()
+    if not 0 < args.num_eval < args.num_dialogues:
+        parser.error("--num-eval must leave at least one training dialogue")
+
+    torch.set_num_threads(1)  # same float reductions, hence same k-means, on every run
+    output = args.output.resolve()
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        size = write_sample(args, staging)
+        if size > SIZE_BUDGET_BYTES:
+            raise SystemExit(f"the sample takes {size} bytes, over {SIZE_BUDGET_BYTES}; {output} left as it was")
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    print(f"wrote {output}: {size} bytes ({math.ceil(size / 1024)} KiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""End to end on the shipped dialogue sample: encode, learn (the learning bar), the entry point, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
+from hf_moshi_userpred.encoding import EncodedDialogues, encode_dataset
+from hf_moshi_userpred.evaluation import evaluate_user_prediction
+from hf_moshi_userpred.train import main as train_main
+from hf_moshi_userpred.trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+
+SAMPLE = Path(__file__).resolve().parent.parent / "hf_moshi_userpred" / "sample"
+REPO = SAMPLE.parent.parent
+NUM_CODEBOOKS = 4  # per speaker: n_q = 8, dep_q = 4
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> dict[str, Path]:
+    """The shipped sample encoded with its small Mimi and tokenizer, train and eval split."""
+    root = tmp_path_factory.mktemp("encoded")
+    for split in ("train", "eval"):
+        summary = encode_dataset(SAMPLE / f"{split}.jsonl", root / split, mimi=SAMPLE / "mimi",
+                                 tokenizer=SAMPLE / "tokenizer.model", num_codebooks=NUM_CODEBOOKS, progress=False)
+        assert not summary.failed and summary.encoded
+    return {"train": root / "train", "eval": root / "eval"}
+
+
+def sample_config(dim: int = 96, num_layers: int = 4) -> MoshiUserPredConfig:
+    return MoshiUserPredConfig(
+        dim=dim, text_card=200, card=64, n_q=2 * NUM_CODEBOOKS, dep_q=NUM_CODEBOOKS, num_heads=4,
+        num_layers=num_layers, hidden_scale=2, context=100, delays=[0, 0, 1, 1, 1, 0, 1, 1, 1],
+        depformer_dim=dim // 2, depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=dim,
+        user_depformer_dim=dim // 2, user_depformer_num_heads=2, user_depformer_num_layers=1,
+        user_depformer_dim_feedforward=dim, user_init="random",
+    )
+
+
+def test_the_shipped_sample_encodes_completely(encoded):
+    train, held_out = EncodedDialogues(encoded["train"]), EncodedDialogues(encoded["eval"])
+    assert (len(train), len(held_out)) == (23, 5)
+    assert not set(train._names) & set(held_out._names)
+    for dataset in (train, held_out):
+        for i in range(len(dataset)):
+            codes = dataset[i]["codes"]
+            assert codes.shape[0] == 1 + 2 * NUM_CODEBOOKS
+            words = (codes[0] != 3) & (codes[0] != 0)  # neither padding nor end of padding
+            assert words.sum() > 5  # the system's words are on the text row
+            assert codes[1:].min() >= 0 and codes[1:].max() < 64
+
+
+def test_learning_bar_beats_both_baselines_on_held_out_delay0(encoded):
+    """A tiny model trained for about a minute on 2 CPU threads forecasts the held-out user's next semantic token
+    better than repeating the last frame and better than the most frequent token (counted on the training set)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = MoshiUserPredForConditionalGeneration(sample_config())
+        train = EncodedDialogues(encoded["train"])
+        args = MoshiUserPredTrainingArguments(
+            output_dir="unused", max_steps=900, per_device_train_batch_size=6, segment_frames=64,
+            learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="constant_with_warmup", weight_decay=0.1,
+            user_loss_stages="0:0.0,50:0.5,100:1.0", user_loss_stage_unit="step", logging_steps=100,
+            report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+        )
+        MoshiUserPredTrainer(model=model, args=args, train_dataset=train).train()
+        report = evaluate_user_prediction(model, EncodedDialogues(encoded["eval"]), reference=train)
+    finally:
+        torch.set_num_threads(threads)
+    print("\n" + report.to_markdown())
+    accuracy = report.model.delay0_accuracy
+    assert accuracy > report.repeat_last.delay0_accuracy + 0.02, report.to_markdown()
+    assert accuracy > report.unigram.delay0_accuracy + 0.02, report.to_markdown()
+
+
+def _save_tiny_model(path: Path) -> None:
+    torch.manual_seed(0)
+    MoshiUserPredForConditionalGeneration(sample_config(dim=32, num_layers=1)).save_pretrained(path)
+
+
+def test_entry_point_from_a_yaml_config(encoded, tmp_path, capsys):
+    _save_tiny_model(tmp_path / "model")
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"model_name_or_path: {tmp_path / 'model'}\ntrain_data: {encoded['train']}\neval_data: {encoded['eval']}\n"
+        f"output_dir: {tmp_path / 'out'}\nmax_steps: 2\nsegment_frames: 32\nper_device_train_batch_size: 2\n"
+        "use_cpu: true\nreport_to: none\nuser_loss_stages: '0:0.1'\ndisable_tqdm: true\n"
+    )
+    assert train_main([str(config)]) == 0
+    assert "[rank 0] finished: 2 steps" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert 0 <= metrics["eval_user_delay0_accuracy"] <= 1 and metrics["eval_loss"] > 0
+    reloaded = MoshiUserPredForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert reloaded.config.num_codebooks == 1 + 2 * NUM_CODEBOOKS
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train_data", "nowhere"], "no encoded dialogues in nowhere"),
+        (["--training_mode", "half"], "training_mode 'half' must be one of"),
+        (["--user_loss_stages", "1:0.1"], "the first stage must start at 0"),
+    ],
+)
+def test_entry_point_errors_are_one_line_with_exit_code_2(encoded, tmp_path, capsys, flags, message):
+    _save_tiny_model(tmp_path / "model")
+    base = {"--model_name_or_path": str(tmp_path / "model"), "--train_data": str(encoded["train"]),
+            "--output_dir": str(tmp_path / "out"), "--use_cpu": "true"}
+    base.update(dict(zip(flags[::2], flags[1::2])))
+    capsys.readouterr()
+    assert train_main([x for pair in base.items() for x in pair]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("hf_moshi_userpred.train: error:")
+
+
+def test_accelerate_launch_two_processes(encoded, tmp_path):
+    """`accelerate launch` with 2 processes on CPU (gloo): both ranks train, the saved model loads."""
+    _save_tiny_model(tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "hf_moshi_userpred.train", "--model_name_or_path", str(tmp_path / "model"),
+        "--train_data", str(encoded["train"]), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+        "--segment_frames", "32", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--report_to", "none",
+        "--disable_tqdm", "true", "--save_strategy", "no",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] finished: 3 steps" in result.stdout, result.stdout[-3000:]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    model = MoshiUserPredForConditionalGeneration.from_pretrained(tmp_path / "out")
+    codes = EncodedDialogues(encoded["eval"])[0]["codes"][None, :, :32]
+    with torch.no_grad():
+        assert torch.isfinite(model(codes, return_loss=True).loss)
