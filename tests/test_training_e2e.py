@@ -56,7 +56,7 @@ def test_the_shipped_sample_encodes_completely(encoded):
             assert codes[1:].min() >= 0 and codes[1:].max() < 64
 
 
-def test_learning_bar_beats_both_baselines_on_held_out_delay0(encoded):
+def test_learning_bar_beats_both_baselines_on_held_out_delay0(encoded, tmp_path):
     """A tiny model trained for about a minute on 2 CPU threads forecasts the held-out user's next semantic token
     better than repeating the last frame and better than the most frequent token (counted on the training set)."""
     threads = torch.get_num_threads()
@@ -66,7 +66,7 @@ def test_learning_bar_beats_both_baselines_on_held_out_delay0(encoded):
         model = MoshiUserPredForConditionalGeneration(sample_config())
         train = EncodedDialogues(encoded["train"])
         args = MoshiUserPredTrainingArguments(
-            output_dir="unused", max_steps=900, per_device_train_batch_size=6, segment_frames=64,
+            output_dir=str(tmp_path / "out"), max_steps=900, per_device_train_batch_size=6, segment_frames=64,
             learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="constant_with_warmup", weight_decay=0.1,
             user_loss_stages="0:0.0,50:0.5,100:1.0", user_loss_stage_unit="step", logging_steps=100,
             report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
