@@ -96,19 +96,21 @@ class MoshiKVCache:
         """
         b = self._batch_index
         slot = position % self.capacity
-        choice = torch.zeros_like(position) if choice is None else choice
         for layer, (k, v) in enumerate(pending):
             for store, new in ((self.keys[layer], k), (self.values[layer], v)):
-                chosen = new[b, :, choice]  # [B, num_kv_heads, head_dim]
+                chosen = new[:, :, 0] if choice is None else new[b, :, choice]  # [B, num_kv_heads, head_dim]
                 if mask is not None:
                     chosen = torch.where(mask[:, None, None], chosen, store[b, :, slot])
                 store[b, :, slot] = chosen
         new_position = position if mask is None else torch.where(mask, position, self.positions[b, slot])
         self.positions[b, slot] = new_position
 
-    def reset(self, mask: torch.Tensor) -> None:
-        """Empty the streams where `mask` `[B]` is True."""
-        self.positions.masked_fill_(mask[:, None], -1)
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        """Empty the streams where `mask` `[B]` is True (all of them for None)."""
+        if mask is None:
+            self.positions.fill_(-1)
+        else:
+            self.positions.masked_fill_(mask[:, None], -1)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))

@@ -150,13 +150,14 @@ class MoshiDepformer(nn.Module):
         Returns:
             tokens `[N, num_steps]` and logits `[N, num_steps, card]`.
         """
-        cache.reset(torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device))
+        cache.reset()
+        positions = torch.arange(self.num_steps, device=hidden.device).expand(hidden.shape[0], -1)
         sequence, all_logits = text_tokens[:, None], []
         for step in range(self.num_steps):
             prev = sequence[:, -1]
             token_emb = self.text_emb(prev) if step == 0 else self.emb[step - 1](prev)
             x = (self.in_projs[self.in_proj_index(step)](hidden) + token_emb)[:, None]
-            position = torch.full((hidden.shape[0], 1), step, device=hidden.device)
+            position = positions[:, step : step + 1]
             out = self.transformer(x, position, step_offset=step, cache=cache)
             cache.commit(cache.take_pending(), position[:, 0])
             logits = self.heads[step](self.norms[step](out[:, 0]))

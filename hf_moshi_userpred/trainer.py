@@ -165,10 +165,8 @@ class MoshiUserPredTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
         self.loss_is_scaled_for_ga = False  # compute_loss returns per-micro-batch means
-        config = self.model.config
-        first_user_row = 1 + config.dep_q
-        self._user_rows = slice(first_user_row, first_user_row + config.user_dep_q)
-        self._delay0 = torch.tensor([config.delays[first_user_row + k] == 0 for k in range(config.user_dep_q)])
+        self._user_rows = self.model.user_rows  # a PEFT wrapper forwards attributes to the model
+        self._delay0 = torch.tensor(self.model.config.delays[self._user_rows]) == 0
         self._stats: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
 
     @property
