@@ -1,4 +1,4 @@
-"""Quickstart (the README's main job until the demo lands): a small moshi-shaped model, end to end, offline.
+"""Quickstart: the Python API on a small moshi-shaped model, end to end, offline, in about a minute.
 
 Builds a Moshi with the user-prediction branch from a moshi-style kwargs dict, runs the training forward
 with the combined loss, fits one synthetic batch (a check that the combined loss trains the text, system

@@ -26,8 +26,8 @@ MoshiUserPredForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __version__ = "0.1.0"
 
-# Fine-tuning, data and evaluation names, imported on first use: inference does not need the Trainer stack,
-# audio I/O or matplotlib.
+# Fine-tuning, data, evaluation, Hub and audio-streaming names, imported on first use: inference does not need the
+# Trainer stack, audio I/O, jinja or matplotlib.
 _LAZY = {
     "DialogueSegments": "data_collator",
     "MoshiSegmentCollator": "data_collator",
@@ -35,9 +35,16 @@ _LAZY = {
     "EncodedDialogues": "encoding",
     "encode_dataset": "encoding",
     "load_mimi": "encoding",
+    "load_mono": "encoding",
     "load_stereo": "encoding",
     "evaluate_user_prediction": "evaluation",
     "UserPredictionReport": "evaluation",
+    "PushResult": "hub",
+    "build_model_card": "hub",
+    "push_to_hub": "hub",
+    "StreamResult": "streaming_audio",
+    "stream_user_audio": "streaming_audio",
+    "run_demo": "demo",
     "interleave_text": "text_alignment",
     "MoshiUserPredTrainer": "trainer",
     "MoshiUserPredTrainingArguments": "trainer",

@@ -73,18 +73,59 @@ def load_stereo(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTenso
     Raises:
         ValueError: if the file cannot be read, is not stereo, or is empty.
     """
+    audio = _read_audio(path, sampling_rate)
+    if audio.shape[0] != 2:
+        raise ValueError(
+            f"{path} has {audio.shape[0]} channel(s): moshi-finetune dialogues are stereo, the system (Moshi) on the "
+            "left channel and the user on the right"
+        )
+    return audio
+
+
+def load_mono(path: str | os.PathLike, sampling_rate: int, channel: int | None = None) -> torch.FloatTensor:
+    """Reads a mono audio file, or one channel of a multi-channel file, at `sampling_rate`.
+
+    Args:
+        path: the audio file (wav, flac, ...; any format and sample type soundfile reads).
+        sampling_rate (`int`): the rate to return; the file is resampled (soxr) when it has another one.
+        channel (`int`, *optional*): the channel to take (0 is the left one); needed when the file has several.
+
+    Returns:
+        `torch.FloatTensor` of shape `[num_samples]`, values in [-1, 1].
+
+    Raises:
+        ValueError: if the file cannot be read or is empty, if it has several channels and `channel` is None, or if
+            `channel` is not one of its channels.
+    """
+    audio = _read_audio(path, sampling_rate)
+    num_channels = audio.shape[0]
+    if channel is None:
+        if num_channels != 1:
+            raise ValueError(
+                f"{path} has {num_channels} channels: pick one with channel=0..{num_channels - 1} (in a "
+                "moshi-finetune dialogue the user is channel 1, the right one)"
+            )
+        channel = 0
+    if not isinstance(channel, int) or not 0 <= channel < num_channels:
+        raise ValueError(f"channel={channel!r} but {path} has {num_channels} channel(s) (0..{num_channels - 1})")
+    return audio[channel].clone()  # a view would keep the other channels in memory
+
+
+def _read_audio(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTensor:
+    """Every channel of an audio file at `sampling_rate`: `[num_channels, num_samples]`, with num_samples > 0.
+
+    Raises:
+        ValueError: if the file is missing, cannot be read or has no samples.
+    """
     import soundfile
     import soxr
 
+    if not Path(path).is_file():
+        raise ValueError(f"cannot read audio file {path}: no such file")
     try:
         audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)  # [num_samples, channels]
     except (soundfile.SoundFileError, RuntimeError) as error:
         raise ValueError(f"cannot read audio file {path}: {error}") from error
-    if audio.shape[1] != 2:
-        raise ValueError(
-            f"{path} has {audio.shape[1]} channel(s): moshi-finetune dialogues are stereo, the system (Moshi) on the "
-            "left channel and the user on the right"
-        )
     if audio.shape[0] == 0:
         raise ValueError(f"{path} has no samples")
     if file_rate != sampling_rate:
@@ -155,16 +196,16 @@ def encode_dataset(
     """
     manifest = Path(manifest)
     output_dir = Path(output_dir)
+    try:  # before loading Mimi: a wrong path fails at once
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the manifest {manifest}: {error}") from error
     mimi = load_mimi(mimi, device)
     tokenizer = _load_tokenizer(tokenizer)
     if not 1 <= num_codebooks <= mimi.config.num_quantizers:
         raise ValueError(
             f"num_codebooks={num_codebooks} but this Mimi has {mimi.config.num_quantizers} codebooks (quantizers)"
         )
-    try:
-        lines = manifest.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read the manifest {manifest}: {error}") from error
 
     fingerprint = _fingerprint(mimi, tokenizer, num_codebooks, main_speaker, text_padding_id, text_end_padding_id)
     codes_dir = output_dir / "codes"

@@ -11,21 +11,30 @@ Flags are the fields of [`MoshiUserPredModelArguments`], [`MoshiUserPredDataArgu
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .encoding import EncodedDialogues
+from .encoding import EncodedDialogues, _atomic_write
+from .hub import TRAINING_CONFIG_NAME
 from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
 from .training_modes import LORA_PARTS, TRAINING_MODES, prepare_model_for_training
 
 logger = logging.get_logger(__name__)
+
+# What the model card reports of a run (the full set stays in the Trainer's training_args.bin).
+CARD_HYPERPARAMETERS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "max_grad_norm",
+    "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size",
+    "segment_frames", "user_loss_stages", "user_loss_stage_unit", "bf16", "fp16", "gradient_checkpointing", "seed",
+)
 
 
 @dataclass
@@ -57,12 +66,23 @@ class MoshiUserPredDataArguments:
     eval_data: str | None = field(default=None, metadata={"help": "directory of encoded evaluation dialogues"})
 
 
+class _OneLineErrorParser(HfArgumentParser):
+    """argparse's own mistakes (unknown flag, bad value) as one stderr line and exit code 2, like ours."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_arguments(
-    argv: Sequence[str] | None = None,
+    argv: Sequence[str] | None = None, prog: str | None = None
 ) -> tuple[MoshiUserPredModelArguments, MoshiUserPredDataArguments, MoshiUserPredTrainingArguments]:
     """Flags, or a single `.yaml`/`.yml`/`.json` file holding the same fields."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((MoshiUserPredModelArguments, MoshiUserPredDataArguments, MoshiUserPredTrainingArguments))
+    parser = _OneLineErrorParser(
+        (MoshiUserPredModelArguments, MoshiUserPredDataArguments, MoshiUserPredTrainingArguments), prog=prog,
+        description="Fine-tune a Moshi user-prediction model on encoded dialogues. Give the flags below, or one "
+                    "YAML/JSON file holding the same fields (e.g. `train config.yaml`).",
+    )
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         if not Path(argv[0]).is_file():
             raise ValueError(f"training config {argv[0]!r} does not exist")
@@ -103,18 +123,43 @@ def train(
         eval_metrics = trainer.evaluate()
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    if model_args.merge_lora and trainer.is_world_process_zero():
-        trainer.model.merge_and_unload().save_pretrained(Path(training_args.output_dir) / "merged")
+    if trainer.is_world_process_zero():
+        record = (training_args, metrics, asdict(model_args), asdict(data_args))
+        write_training_config(training_args.output_dir, *record)
+        if model_args.merge_lora:
+            merged = Path(training_args.output_dir) / "merged"
+            trainer.model.merge_and_unload().save_pretrained(merged)
+            write_training_config(merged, *record)
     print(f"[rank {training_args.process_index}] finished: {trainer.state.global_step} steps, "
           f"train_loss {metrics.get('train_loss', float('nan')):.4f}", flush=True)
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def write_training_config(
+    output_dir: str | Path,
+    training_args: MoshiUserPredTrainingArguments,
+    results: dict[str, float],
+    model: dict,
+    data: dict,
+) -> Path:
+    """Writes `output_dir/training_config.json`: the run's model and data arguments, the hyper-parameters the model
+    card shows and the results, which `push` renders into the card."""
+    record = {
+        "model": model,
+        "data": data,
+        "training": {name: getattr(training_args, name) for name in CARD_HYPERPARAMETERS},
+        "results": results,
+    }
+    path = Path(output_dir) / TRAINING_CONFIG_NAME
+    _atomic_write(path, lambda temporary: temporary.write_text(json.dumps(record, indent=2, default=str)))
+    return path
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "hf_moshi_userpred.train") -> int:
     try:
-        train(*parse_arguments(argv))
+        train(*parse_arguments(argv, prog=prog))
     except ValueError as error:  # a user mistake: one line, no traceback
-        print(f"hf_moshi_userpred.train: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv on a fresh machine: torch first (pinned, so pip does not pull a multi-GB CUDA build),
-# then this package. `setup.sh test` adds the test extras and the moshi oracle (installed --no-deps:
-# its own pins conflict with transformers 5, see DESIGN.md section 3).
+# then this package with matplotlib for the demo's plots. `setup.sh test` adds the test extras and the
+# moshi oracle (installed --no-deps: its own pins conflict with transformers 5, see DESIGN.md section 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,5 +13,5 @@ if [ "${1:-}" = "test" ]; then
   "${pip[@]}" -e ".[test]"
   "${pip[@]}" --no-deps "moshi==0.2.13" einops
 else
-  "${pip[@]}" -e .
+  "${pip[@]}" -e ".[plots]"
 fi

@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
+from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
+from hf_moshi_userpred.demo import SAMPLE_DIR as SAMPLE
+from hf_moshi_userpred.demo import SAMPLE_NUM_CODEBOOKS as NUM_CODEBOOKS
+from hf_moshi_userpred.demo import sample_model_config as sample_config
+from hf_moshi_userpred.demo import sample_training_arguments
 from hf_moshi_userpred.encoding import EncodedDialogues, encode_dataset
 from hf_moshi_userpred.evaluation import evaluate_user_prediction
 from hf_moshi_userpred.train import main as train_main
-from hf_moshi_userpred.trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+from hf_moshi_userpred.trainer import MoshiUserPredTrainer
 
-SAMPLE = Path(__file__).resolve().parent.parent / "hf_moshi_userpred" / "sample"
 REPO = SAMPLE.parent.parent
-NUM_CODEBOOKS = 4  # per speaker: n_q = 8, dep_q = 4
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +33,6 @@ def encoded(tmp_path_factory) -> dict[str, Path]:
                                  tokenizer=SAMPLE / "tokenizer.model", num_codebooks=NUM_CODEBOOKS, progress=False)
         assert not summary.failed and summary.encoded
     return {"train": root / "train", "eval": root / "eval"}
-
-
-def sample_config(dim: int = 96, num_layers: int = 4) -> MoshiUserPredConfig:
-    return MoshiUserPredConfig(
-        dim=dim, text_card=200, card=64, n_q=2 * NUM_CODEBOOKS, dep_q=NUM_CODEBOOKS, num_heads=4,
-        num_layers=num_layers, hidden_scale=2, context=100, delays=[0, 0, 1, 1, 1, 0, 1, 1, 1],
-        depformer_dim=dim // 2, depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=dim,
-        user_depformer_dim=dim // 2, user_depformer_num_heads=2, user_depformer_num_layers=1,
-        user_depformer_dim_feedforward=dim, user_init="random",
-    )
 
 
 def test_the_shipped_sample_encodes_completely(encoded):
@@ -64,15 +56,10 @@ def test_learning_bar_beats_both_baselines_on_held_out_delay0(encoded, tmp_path)
     try:
         torch.manual_seed(0)
         model = MoshiUserPredForConditionalGeneration(sample_config())
-        train = EncodedDialogues(encoded["train"])
-        args = MoshiUserPredTrainingArguments(
-            output_dir=str(tmp_path / "out"), max_steps=900, per_device_train_batch_size=6, segment_frames=64,
-            learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="constant_with_warmup", weight_decay=0.1,
-            user_loss_stages="0:0.0,50:0.5,100:1.0", user_loss_stage_unit="step", logging_steps=100,
-            report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-        )
-        MoshiUserPredTrainer(model=model, args=args, train_dataset=train).train()
-        report = evaluate_user_prediction(model, EncodedDialogues(encoded["eval"]), reference=train)
+        train, held_out = EncodedDialogues(encoded["train"]), EncodedDialogues(encoded["eval"])
+        args = sample_training_arguments(tmp_path / "out", steps=900, seed=0, progress=False)  # the demo's recipe
+        MoshiUserPredTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out).train()
+        report = evaluate_user_prediction(model, held_out, reference=train)
     finally:
         torch.set_num_threads(threads)
     print("\n" + report.to_markdown())

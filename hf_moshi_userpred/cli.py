@@ -1,0 +1,285 @@
+"""`hf-moshi-userpred`: the command line (convert, encode, train, evaluate, stream, demo, push).
+
+Every command parses its arguments here and calls the package's function for it; a user mistake (bad path, bad
+value, incompatible files) is one line on stderr and exit code 2, never a traceback.
+
+    hf-moshi-userpred demo                                   # the whole pipeline on the shipped sample, offline
+    hf-moshi-userpred convert KYUTAI_DIR OUT [--user-init copy_system|random] [--to-moshi]
+    hf-moshi-userpred encode MANIFEST.jsonl OUT --mimi MIMI --tokenizer TOKENIZER --num-codebooks N
+    hf-moshi-userpred train CONFIG.yaml | --flag value ...   (also under `accelerate launch -m hf_moshi_userpred`)
+    hf-moshi-userpred evaluate MODEL ENCODED [--reference ENCODED_TRAIN] [--out DIR]
+    hf-moshi-userpred stream MODEL USER.wav [--out DIR] [--speculate-top-k 4] [--realtime]
+    hf-moshi-userpred push MODEL REPO_ID [--private] [--dataset NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+PROG = "hf-moshi-userpred"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes (unknown flag, missing argument) on one stderr line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _existing_path(value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise ValueError(f"{value!r} does not exist")
+    return path
+
+
+def _load_model(path: str, dtype: str | None = None, device: str = "cpu"):
+    from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+    folder = _existing_path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{path!r} is not a model directory (no config.json); convert or train one first")
+    model = MoshiUserPredForConditionalGeneration.from_pretrained(folder, dtype=_dtype(dtype))
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def _convert(args: argparse.Namespace) -> None:
+    from .conversion import convert_kyutai_checkpoint, export_to_moshi
+
+    if args.to_moshi:
+        result = export_to_moshi(args.source, args.output, dtype=_dtype(args.dtype), overwrite=args.overwrite,
+                                 progress=not args.quiet)
+    else:
+        overrides = {} if args.user_dep_q is None else {"user_dep_q": args.user_dep_q}
+        result = convert_kyutai_checkpoint(args.source, args.output, user_init=args.user_init, config_path=args.config,
+                                           dtype=_dtype(args.dtype), overwrite=args.overwrite,
+                                           progress=not args.quiet, **overrides)
+    for note in result.notes:
+        print(note)
+    print(f"wrote {result.output_dir}: {result.num_tensors} tensors, {result.num_parameters / 1e6:.1f} M parameters "
+          f"({', '.join(result.files)})")
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from .encoding import encode_dataset
+
+    summary = encode_dataset(args.manifest, args.output, mimi=args.mimi, tokenizer=args.tokenizer,
+                             num_codebooks=args.num_codebooks, main_speaker=args.main_speaker, device=args.device,
+                             progress=not args.quiet)
+    print(summary)
+    if not summary.encoded and not summary.skipped:
+        raise ValueError(f"no dialogue of {args.manifest} could be encoded (reasons in {summary.output_dir}/index.json)")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .encoding import EncodedDialogues, _atomic_write
+    from .evaluation import evaluate_user_prediction
+    from .hub import METRICS_NAME
+
+    dataset = EncodedDialogues(args.data)
+    reference = EncodedDialogues(args.reference) if args.reference else None
+    model = _load_model(args.model, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = evaluate_user_prediction(model, dataset, batch_size=args.batch_size, window=args.window,
+                                      top_k=args.top_k, reference=reference,
+                                      plot_dir=None if args.no_plots else out / "plots")
+    record = {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": str(args.data)}
+    _atomic_write(out / METRICS_NAME, lambda path: path.write_text(json.dumps(record, indent=2)))
+    print(report.to_markdown())
+    print(f"\nwrote {out / METRICS_NAME}" + "".join(f", {path}" for path in report.plots.values()))
+
+
+def _stream(args: argparse.Namespace) -> None:
+    from .encoding import load_mimi
+    from .streaming_audio import stream_user_audio
+
+    _existing_path(args.model)
+    user_audio = _existing_path(args.user_audio)  # before the model load: a typo fails at once
+    model = _load_model(args.model, dtype=args.dtype, device=args.device)
+    mimi_path = args.mimi or Path(args.model) / "mimi"
+    if args.mimi is None and not Path(mimi_path).is_dir():
+        raise ValueError(f"{args.model} has no mimi/ folder: pass --mimi (a transformers Mimi folder or kyutai/mimi)")
+    tokenizer = args.tokenizer
+    if tokenizer is None and (Path(args.model) / "tokenizer.model").is_file():
+        tokenizer = Path(args.model) / "tokenizer.model"
+    sampling = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
+    result = stream_user_audio(model, user_audio, args.out, mimi=load_mimi(mimi_path, args.device),
+                               tokenizer=tokenizer, speculate_top_k=args.speculate_top_k, realtime=args.realtime,
+                               seed=args.seed, max_frames=args.max_frames, channel=args.channel,
+                               progress=not args.quiet, **sampling)
+    print(result.describe())
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps, speculate_top_k=args.speculate_top_k, progress=not args.quiet)
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .hub import push_to_hub
+
+    training = json.loads(_existing_path(args.training).read_text()) if args.training else None
+    metrics = json.loads(_existing_path(args.metrics).read_text()) if args.metrics else None
+    result = push_to_hub(args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                         commit_message=args.commit_message, base_model=args.base_model or None,
+                         datasets=args.dataset, license=args.license, tags=args.tag, training=training,
+                         metrics=metrics)
+    print(f"pushed {len(result.files)} files to {result.repo_id}: {', '.join(result.files)}")
+    if result.commit_url:
+        print(result.commit_url)
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=_Formatter,
+                     epilog="Run `hf-moshi-userpred COMMAND --help` for a command's options.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    def command(name: str, run: Callable, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("demo", _demo, "the whole pipeline on the shipped dialogue sample, offline (the README's run command)",
+                  "Encode the shipped dialogue sample with its small Mimi, train a tiny model with the user-loss "
+                  "curriculum, evaluate user prediction against the baselines, stream a held-out dialogue with "
+                  "speculation, save and reload through trust_remote_code, and write a report with plots.")
+    sub.add_argument("--out", default="outputs/demo", help="output directory (encoded data, model, report)")
+    sub.add_argument("--steps", type=int, default=900, help="training steps")
+    sub.add_argument("--speculate-top-k", type=int, default=4, help="speculation candidates per frame")
+    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub = command("convert", _convert, "a kyutai Moshi checkpoint directory -> a model directory of this package",
+                  "Convert a kyutai Moshi checkpoint (a local directory with moshi's model.safetensors, an optional "
+                  "config.json, the tokenizer and Mimi files) into a Hugging Face model directory with the user "
+                  "branch initialised; with --to-moshi, export a model directory back to kyutai's layout.")
+    sub.add_argument("source", help="kyutai checkpoint directory (or, with --to-moshi, a model directory)")
+    sub.add_argument("output", help="directory to write (must not exist or be empty, unless --overwrite)")
+    sub.add_argument("--user-init", choices=("copy_system", "random"), default="copy_system",
+                     help="initialise the user Depformer from the system one, or randomly")
+    sub.add_argument("--user-dep-q", type=int, default=None, help="user codebooks to predict (default: all)")
+    sub.add_argument("--config", default=None, help="kyutai config json (default: SOURCE/config.json, else moshiko)")
+    sub.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the checkpoint's)")
+    sub.add_argument("--to-moshi", action="store_true", help="export SOURCE (a model directory) to kyutai's layout")
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub = command("encode", _encode, "a moshi-finetune dataset (stereo audio + alignments) -> encoded codes",
+                  "Encode a moshi-finetune .jsonl manifest (stereo audio, system left, user right, with word "
+                  "alignments) into Mimi codes and interleaved text, one shard per dialogue; resumable.")
+    sub.add_argument("manifest", help="the .jsonl manifest ({'path': ..., 'duration': ...} per line)")
+    sub.add_argument("output", help="directory for codes/*.safetensors and index.json")
+    sub.add_argument("--mimi", required=True, help="transformers Mimi folder or Hub id (e.g. kyutai/mimi)")
+    sub.add_argument("--tokenizer", required=True, help="sentencepiece .model of the text stream")
+    sub.add_argument("--num-codebooks", type=int, required=True, help="Mimi codebooks per speaker (moshiko: 8)")
+    sub.add_argument("--main-speaker", default="SPEAKER_MAIN", help="alignment speaker label of the system")
+    sub.add_argument("--device", default="cpu", help="device for Mimi")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    # `train` hands its arguments to the Trainer entry point, whose parser owns --help.
+    sub = commands.add_parser("train", help="fine-tune with the Trainer from a YAML file or flags (`train --help`)",
+                              add_help=False, prefix_chars="\0")
+    sub.add_argument("train_args", nargs=argparse.REMAINDER)
+    sub.set_defaults(run=None)
+
+    sub = command("evaluate", _evaluate, "user-prediction metrics and plots for a model on encoded dialogues",
+                  "Accuracy (delay-0 forecast and delayed codebooks), top-k, per codebook, calibration, against "
+                  "repeat-last-frame and unigram baselines; writes user_prediction_metrics.json and plots.")
+    sub.add_argument("model", help="model directory")
+    sub.add_argument("data", help="encoded dialogues (an `encode` output directory)")
+    sub.add_argument("--reference", default=None, help="encoded training dialogues for the unigram baseline")
+    sub.add_argument("--out", default="outputs/evaluate", help="where the metrics and plots go")
+    sub.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    sub.add_argument("--window", type=int, default=None, help="frames per window (default: the model's context)")
+    sub.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracies")
+    sub.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sub.add_argument("--device", default="cpu", help="device for the model")
+
+    sub = command("stream", _stream, "stream a user recording through the model frame by frame, with speculation",
+                  "Encode a user recording (mono, any sample rate) with Mimi and run the real-time streaming step "
+                  "frame by frame: writes the system's audio (system.wav, and dialogue.wav with both speakers), "
+                  "its text, and a per-frame log of the user prediction, its confidence and speculation hits.")
+    sub.add_argument("model", help="model directory")
+    sub.add_argument("user_audio", help="the user's audio file (mono; any rate, resampled to Mimi's)")
+    sub.add_argument("--out", default="outputs/stream", help="output directory")
+    sub.add_argument("--mimi", default=None, help="transformers Mimi folder or Hub id (default: MODEL/mimi)")
+    sub.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: MODEL/tokenizer.model)")
+    sub.add_argument("--channel", type=int, default=None, help="channel to take from a multi-channel file")
+    sub.add_argument("--speculate-top-k", type=int, default=4, help="candidates precomputed per frame (0: off)")
+    sub.add_argument("--realtime", action="store_true", help="deliver frames at 12.5 Hz, like a live microphone")
+    sub.add_argument("--greedy", action="store_true", help="greedy text and audio instead of the generation config")
+    sub.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sub.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    sub.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as saved)")
+    sub.add_argument("--device", default="cpu", help="device for the model and Mimi")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub = command("push", _push, "upload a model directory to the Hugging Face Hub with a model card",
+                  "Upload the weights (safetensors only), config, generation config, remote code, tokenizer and "
+                  "Mimi of a model directory, with a README.md model card rendered from the package's template "
+                  "(training hyper-parameters from training_config.json and metrics from "
+                  "user_prediction_metrics.json when present). Needs network and a token (HF_TOKEN or --token).")
+    sub.add_argument("model", help="model directory")
+    sub.add_argument("repo_id", help="Hub repository, e.g. you/moshiko-userpred")
+    sub.add_argument("--private", action="store_true", help="create the repository private")
+    sub.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    sub.add_argument("--revision", default=None, help="branch to commit to")
+    sub.add_argument("--commit-message", default="Upload Moshi user-prediction model", help="commit message")
+    sub.add_argument("--base-model", default="kyutai/moshiko-pytorch-bf16", help="card's base_model ('' for none)")
+    sub.add_argument("--dataset", action="append", default=[], help="card's datasets (repeatable)")
+    sub.add_argument("--license", default="cc-by-4.0", help="card's license")
+    sub.add_argument("--tag", action="append", default=[], help="extra card tags (repeatable)")
+    sub.add_argument("--training", default=None, help="training record json (default: MODEL/training_config.json)")
+    sub.add_argument("--metrics", default=None,
+                     help="metrics json from `evaluate` (default: MODEL/user_prediction_metrics.json)")
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    """A multi-line message (e.g. every mismatched checkpoint key) as its first two lines and a count."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return " ".join(lines[:2]) + more
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from .train import main as train_main
+
+        return train_main(args.train_args, prog=f"{PROG} train")
+    from .conversion import progress_bars
+
+    try:
+        with progress_bars(not getattr(args, "quiet", False)):  # Transformers' loading and saving bars too
+            args.run(args)
+    except (ValueError, ImportError, OSError) as error:  # user mistakes, missing files and extras
+        print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

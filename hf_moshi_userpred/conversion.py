@@ -1,0 +1,421 @@
+"""Kyutai Moshi checkpoint directories -> model directories of this package, and back.
+
+A kyutai checkpoint directory (the files of a repo such as `kyutai/moshiko-pytorch-bf16`, read by moshi's
+`CheckpointInfo.from_hf_repo`) holds:
+
+    model.safetensors          LM weights in moshi's key layout (config.json's `moshi_name`; also `.sft`, `.sfts`)
+    config.json (optional)     moshi `LMModel` kwargs + metadata (`moshi_name`, `mimi_name`, `tokenizer_name`, ...);
+                               without it moshi assumes moshiko
+    tokenizer_spm_32k_3.model  sentencepiece text tokenizer (`tokenizer_name`)
+    tokenizer-e351c8d8-checkpoint125.safetensors
+                               Mimi in moshi's own format (`mimi_name`)
+
+[`convert_kyutai_checkpoint`] turns it into a directory that `from_pretrained` loads (weights, config, remote code,
+`tokenizer.model`, and `mimi/` when the source holds a transformers Mimi folder). Transformers ships no converter for
+Mimi's moshi format, so that file is left where it is (streaming then takes a transformers Mimi, e.g. `kyutai/mimi`).
+[`export_to_moshi`] writes a model directory back as `model.safetensors` + `config.json` in kyutai's released layout,
+without the user branch, which moshi's loaders read.
+
+Both write through [`atomic_directory`]: a staging directory next to the output, renamed into place once complete, so
+a failure leaves no partial output and an existing output is replaced only by a complete new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers.utils import logging
+
+from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
+from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+# moshi's defaults for a checkpoint directory (moshi.models.loaders: MOSHI_NAME, MIMI_NAME, TEXT_TOKENIZER_NAME).
+KYUTAI_WEIGHTS_NAME = "model.safetensors"
+KYUTAI_WEIGHTS_NAMES = (KYUTAI_WEIGHTS_NAME, "model.sft")  # looked for, in order, when the config names none
+KYUTAI_MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+KYUTAI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+WEIGHTS_SUFFIXES = (".safetensors", ".sft", ".sfts")  # what moshi reads as safetensors
+TOKENIZER_NAME = "tokenizer.model"  # name of the sentencepiece model inside a model directory of this package
+MIMI_FOLDER = "mimi"  # transformers `MimiModel` folder inside a source or model directory
+
+
+@dataclass
+class ConversionResult:
+    """What [`convert_kyutai_checkpoint`] or [`export_to_moshi`] wrote.
+
+    Args:
+        output_dir (`Path`): the directory written.
+        num_tensors (`int`): tensors in the written weights.
+        num_parameters (`int`): their total number of elements.
+        files (`list[str]`): every file written, relative to `output_dir`, sorted (`/`-separated).
+        notes (`list[str]`): lines for the user: how the user branch was initialised, what happened to Mimi and the
+            tokenizer.
+    """
+
+    output_dir: Path
+    num_tensors: int
+    num_parameters: int
+    files: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KyutaiCheckpoint:
+    """The files of a kyutai checkpoint directory, as moshi's `CheckpointInfo` resolves them.
+
+    Args:
+        weights (`Path`): the LM weights (`.safetensors`, `.sft` or `.sfts`).
+        lm_kwargs (`dict`, *optional*): the config json (LM kwargs and metadata); None: moshiko's.
+        tokenizer (`Path`, *optional*): the sentencepiece model, when present.
+        mimi (`Path`, *optional*): Mimi in moshi's format, when present.
+        mimi_folder (`Path`, *optional*): a transformers Mimi folder (`mimi/`), when present.
+    """
+
+    weights: Path
+    lm_kwargs: dict[str, Any] | None
+    tokenizer: Path | None = None
+    mimi: Path | None = None
+    mimi_folder: Path | None = None
+
+    def config(self, **overrides: Any) -> MoshiUserPredConfig:
+        """The config `from_moshi` builds for these LM kwargs and `overrides` (moshiko's without a config json).
+
+        Raises:
+            ValueError: an unsupported or unknown moshi option, or an invalid override.
+        """
+        if self.lm_kwargs is None:
+            return MoshiUserPredConfig(**overrides)
+        return MoshiUserPredConfig.from_moshi_lm_kwargs(self.lm_kwargs, **overrides)
+
+
+def find_kyutai_checkpoint(
+    source_dir: str | os.PathLike, config_path: str | os.PathLike | None = None
+) -> KyutaiCheckpoint:
+    """Resolves the files of a kyutai checkpoint directory from its `config.json` (or `config_path`) metadata.
+
+    Args:
+        source_dir: the checkpoint directory.
+        config_path: a kyutai config json to use instead of `source_dir/config.json`.
+
+    Returns:
+        [`KyutaiCheckpoint`]; `lm_kwargs` is None when there is no config json (moshi then assumes moshiko).
+
+    Raises:
+        ValueError: `source_dir` is not a directory, the config json is missing, unreadable, not a JSON object or a
+            config of this package, or there is no weights file (the message lists the files found).
+    """
+    source = Path(source_dir)
+    if not source.is_dir():
+        raise ValueError(f"kyutai checkpoint directory {str(source_dir)!r} does not exist or is not a directory")
+    if config_path is None and (source / "config.json").is_file():
+        config_path = source / "config.json"
+    lm_kwargs = None if config_path is None else _read_kyutai_config(Path(config_path))
+    metadata = lm_kwargs or {}
+    found = sorted(path.name for path in source.iterdir())
+
+    if "moshi_name" in metadata:
+        weights = source / metadata["moshi_name"]
+        if not weights.is_file():
+            raise ValueError(f"the config names moshi_name={metadata['moshi_name']!r}, which is not in {source} "
+                             f"(found: {found})")
+    else:
+        weights = next((source / name for name in KYUTAI_WEIGHTS_NAMES if (source / name).is_file()), None)
+        if weights is None:
+            raise ValueError(f"no moshi weights file in {source}: expected one of {list(KYUTAI_WEIGHTS_NAMES)} or "
+                             f"config.json's moshi_name (found: {found})")
+    if weights.suffix not in WEIGHTS_SUFFIXES:
+        raise ValueError(f"moshi weights {weights.name!r}: only safetensors files ({', '.join(WEIGHTS_SUFFIXES)}) "
+                         f"are read")
+    tokenizer = source / metadata.get("tokenizer_name", KYUTAI_TOKENIZER_NAME)
+    mimi = source / metadata.get("mimi_name", KYUTAI_MIMI_NAME)
+    mimi_folder = source / MIMI_FOLDER
+    return KyutaiCheckpoint(
+        weights=weights,
+        lm_kwargs=lm_kwargs,
+        tokenizer=tokenizer if tokenizer.is_file() else None,
+        mimi=mimi if mimi.is_file() else None,
+        mimi_folder=mimi_folder if (mimi_folder / "config.json").is_file() else None,
+    )
+
+
+def convert_kyutai_checkpoint(
+    source_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    user_init: str = "copy_system",
+    config_path: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **config_overrides: Any,
+) -> ConversionResult:
+    """Converts a kyutai Moshi checkpoint directory into a model directory of this package.
+
+    The weights are read tensor by tensor (cast to `dtype` on the way), assigned to a model built on the meta device
+    ([`MoshiUserPredForConditionalGeneration.from_moshi`]), and the user Depformer is initialised by `user_init`.
+    The output holds what `save_pretrained` writes, `tokenizer.model` when the source has the text tokenizer, and
+    `mimi/` when the source has a transformers Mimi folder.
+
+    Args:
+        source_dir: the kyutai checkpoint directory (see the module docstring).
+        output_dir: the directory to write; it must not exist or be empty unless `overwrite`.
+        user_init (`str`): `"copy_system"` (the user Depformer starts as the system one where shapes match) or
+            `"random"`.
+        config_path: a kyutai config json to use instead of `source_dir/config.json`.
+        dtype (`torch.dtype`, *optional*): parameter dtype (default: the checkpoint's).
+        overwrite (`bool`): replace a non-empty `output_dir`.
+        progress (`bool`): show progress bars.
+        **config_overrides: fields of [`MoshiUserPredConfig`] (e.g. `user_dep_q=1`).
+
+    Returns:
+        [`ConversionResult`].
+
+    Raises:
+        ValueError: bad `user_init`, a missing source or weights file, a config json that is not JSON or sets an
+            unsupported option, weights that do not match the config (every bad key is listed), or an output that
+            exists and is not empty without `overwrite`.
+    """
+    if user_init not in USER_INITS:
+        raise ValueError(f"user_init={user_init!r}: must be one of {USER_INITS}")
+    checkpoint = find_kyutai_checkpoint(source_dir, config_path)
+    output = _check_output(output_dir, overwrite, source=Path(source_dir))
+    # Fail on a bad config before reading gigabytes of weights (from_moshi then builds the same config).
+    checkpoint.config(user_init=user_init, **config_overrides)
+
+    with progress_bars(progress):
+        state_dict = _read_weights(checkpoint.weights, dtype, progress)
+        model = MoshiUserPredForConditionalGeneration.from_moshi(
+            state_dict, checkpoint.lm_kwargs, user_init, dtype=dtype, **config_overrides)
+        del state_dict  # the model holds the tensors now
+        notes = _user_branch_notes(model, user_init)
+
+        with atomic_directory(output, overwrite=overwrite) as staging:
+            model.save_pretrained(staging)
+            if checkpoint.tokenizer is not None:
+                shutil.copyfile(checkpoint.tokenizer, staging / TOKENIZER_NAME)
+            if checkpoint.mimi_folder is not None:
+                shutil.copytree(checkpoint.mimi_folder, staging / MIMI_FOLDER)
+
+    if checkpoint.tokenizer is None:
+        notes.append(f"no text tokenizer in {checkpoint.weights.parent} (expected the config's tokenizer_name or "
+                     f"{KYUTAI_TOKENIZER_NAME}): pass --tokenizer when encoding data")
+    if checkpoint.mimi_folder is not None:
+        notes.append(f"copied the transformers Mimi folder {checkpoint.mimi_folder} to {output / MIMI_FOLDER}")
+    elif checkpoint.mimi is not None:
+        notes.append(f"Mimi left in moshi format ({checkpoint.mimi}): transformers ships no converter for it; "
+                     f"pass --mimi kyutai/mimi to stream")
+    else:
+        notes.append("no Mimi in the source: pass --mimi kyutai/mimi (or a transformers Mimi folder) to stream")
+    state = model.state_dict()
+    return ConversionResult(output, len(state), sum(t.numel() for t in state.values()), _files(output), notes)
+
+
+def export_to_moshi(
+    model_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionResult:
+    """Exports a model directory of this package to kyutai's checkpoint layout (without the user branch).
+
+    Writes `model.safetensors` (the released fused layout of [`MoshiUserPredForConditionalGeneration.moshi_state_dict`])
+    and `config.json` (moshi `LMModel` kwargs with `moshi_name`, and `tokenizer_name` when the model directory has a
+    `tokenizer.model`, which is copied). moshi's `CheckpointInfo` reads the result; Mimi is not part of it.
+
+    Args:
+        model_dir: a directory written by `save_pretrained` (or [`convert_kyutai_checkpoint`]).
+        output_dir: the directory to write; it must not exist or be empty unless `overwrite`.
+        dtype (`torch.dtype`, *optional*): dtype of the exported weights (default: the saved model's).
+        overwrite (`bool`): replace a non-empty `output_dir`.
+        progress (`bool`): show progress bars.
+
+    Returns:
+        [`ConversionResult`].
+
+    Raises:
+        ValueError: `model_dir` is not a model directory of this package, or the output exists and is not empty
+            without `overwrite`.
+    """
+    source = Path(model_dir)
+    config_file = source / "config.json"
+    try:
+        saved_config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{str(model_dir)!r} is not a model directory of hf_moshi_userpred "
+                         f"(cannot read {config_file}: {error})") from error
+    model_type = saved_config.get("model_type") if isinstance(saved_config, dict) else None
+    if model_type != MoshiUserPredConfig.model_type:
+        raise ValueError(f"{str(model_dir)!r} is not a model directory of hf_moshi_userpred: its config.json has "
+                         f"model_type={model_type!r}, expected {MoshiUserPredConfig.model_type!r}")
+    output = _check_output(output_dir, overwrite, source=source)
+
+    with progress_bars(progress):
+        try:
+            model = MoshiUserPredForConditionalGeneration.from_pretrained(
+                source, **({} if dtype is None else {"dtype": dtype}))
+        except OSError as error:  # e.g. no weights file beside the config
+            raise ValueError(f"cannot load the model in {str(model_dir)!r}: {error}") from error
+        state_dict = {name: tensor.contiguous() for name, tensor in model.moshi_state_dict().items()}
+        config = {**model.config.to_moshi_lm_kwargs(), "moshi_name": KYUTAI_WEIGHTS_NAME}
+        del model  # only the exported tensors are needed from here
+        tokenizer = source / TOKENIZER_NAME if (source / TOKENIZER_NAME).is_file() else None
+        if tokenizer is not None:
+            config["tokenizer_name"] = TOKENIZER_NAME
+
+        with atomic_directory(output, overwrite=overwrite) as staging:
+            save_file(state_dict, staging / KYUTAI_WEIGHTS_NAME, metadata={"format": "pt"})
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, staging / TOKENIZER_NAME)
+
+    notes = [] if tokenizer is not None else [f"no {TOKENIZER_NAME} in {source}: config.json names no tokenizer, so "
+                                              f"moshi looks for {KYUTAI_TOKENIZER_NAME} beside the weights"]
+    notes.append(f"the user branch is not part of moshi's layout and was left out; Mimi is not exported (moshi reads "
+                 f"it in its own format: put kyutai's {KYUTAI_MIMI_NAME} beside the weights)")
+    num_parameters = sum(t.numel() for t in state_dict.values())
+    return ConversionResult(output, len(state_dict), num_parameters, _files(output), notes)
+
+
+@contextmanager
+def atomic_directory(output_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Writes a directory all at once: yields an empty staging directory next to `output_dir`, renamed to `output_dir`
+    when the block exits cleanly (an existing `output_dir` is replaced only then). If the block raises, the staging
+    directory is removed and `output_dir` is left as it was.
+
+        with atomic_directory("outputs/model", overwrite=True) as staging:
+            model.save_pretrained(staging)
+
+    Args:
+        output_dir: the directory to write (its parents are created).
+        overwrite (`bool`): replace an existing non-empty `output_dir`.
+
+    Yields:
+        `Path`: the staging directory to write into.
+
+    Raises:
+        ValueError: `output_dir` is a file, or a non-empty directory without `overwrite`.
+    """
+    output = _check_output(output_dir, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not mkdtemp, whose 0700 mode the output would keep) with a name no other writer uses.
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.tmp"
+    staging.mkdir()
+    try:
+        yield staging
+        if not output.exists():
+            os.replace(staging, output)
+            return
+        # A directory can only be renamed onto an empty one: move the old output aside first.
+        previous = staging.with_suffix(".old")
+        os.replace(output, previous)
+        try:
+            os.replace(staging, output)
+        except BaseException:
+            os.replace(previous, output)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(previous)
+
+
+def _read_kyutai_config(path: Path) -> dict[str, Any]:
+    """A kyutai config json as a dict, refusing configs of this package (those are model directories already)."""
+    try:
+        config = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read the kyutai config {str(path)!r}: {error}") from error
+    except ValueError as error:
+        raise ValueError(f"the kyutai config {str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"the kyutai config {str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    if config.get("model_type") == MoshiUserPredConfig.model_type:
+        raise ValueError(f"{str(path)!r} is the config of a hf_moshi_userpred model directory, not a kyutai "
+                         "checkpoint: load it with from_pretrained, or export it with export_to_moshi")
+    return config
+
+
+def _read_weights(path: Path, dtype: torch.dtype | None, progress: bool) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file tensor by tensor, casting floating tensors to `dtype` as they come (one copy at most
+    of a tensor in flight, never of the whole checkpoint)."""
+    state_dict = {}
+    try:
+        with safe_open(path, "pt") as weights:
+            for key in logging.tqdm(list(weights.keys()), desc="Reading moshi weights", unit="tensor",
+                                    disable=not progress):
+                tensor = weights.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state_dict[key] = tensor
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"cannot read moshi weights {str(path)!r} as safetensors: {error}") from error
+    return state_dict
+
+
+def _user_branch_notes(model: MoshiUserPredForConditionalGeneration, user_init: str) -> list[str]:
+    """Describes the user Depformer's initialisation. `from_moshi` does not return `init_user_branch`'s list of
+    tensors left random, so the (cheap) initialisation is run once more for it."""
+    if model.user_depformer is None:
+        return ["no user branch (predict_user_audio=False)"]
+    total = sum(1 for _ in model.user_depformer.parameters())
+    random_init = model.init_user_branch(user_init)
+    if user_init == "random":
+        return [f"user Depformer: randomly initialised ({total} tensors)"]
+    if not random_init:
+        return [f"user Depformer: all {total} tensors copied from the system Depformer"]
+    return [f"user Depformer: {total - len(random_init)} of {total} tensors copied from the system Depformer; "
+            f"{len(random_init)} kept their random init (no system counterpart of the same shape): "
+            + ", ".join(random_init)]
+
+
+def _check_output(output_dir: str | os.PathLike, overwrite: bool, source: Path | None = None) -> Path:
+    """`output_dir` as an absolute path, refused when it is a file, a non-empty directory (without `overwrite`), or
+    would replace, contain or sit inside `source` (sources are never modified)."""
+    output = Path(output_dir).absolute()
+    if source is not None:
+        resolved, source_resolved = output.resolve(), source.resolve()
+        if source_resolved in (resolved, *resolved.parents) or resolved in source_resolved.parents:
+            raise ValueError(f"output directory {str(output_dir)!r} overlaps the source {str(source)!r}; sources are "
+                             "never modified")
+    if output.exists():
+        if not output.is_dir():
+            raise ValueError(f"output {str(output_dir)!r} exists and is not a directory")
+        if any(output.iterdir()) and not overwrite:
+            raise ValueError(f"output directory {str(output_dir)!r} exists and is not empty (pass overwrite=True, "
+                             "or --overwrite, to replace it)")
+    return output
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under `folder`, relative to it, `/`-separated, sorted."""
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Turns Transformers' own progress bars (loading, writing shards) off while `enabled` is False."""
+    was_enabled = logging.is_progress_bar_enabled()
+    if not enabled:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+__all__ = ["ConversionResult", "KyutaiCheckpoint", "atomic_directory", "convert_kyutai_checkpoint", "export_to_moshi",
+           "find_kyutai_checkpoint"]

@@ -1,0 +1,407 @@
+"""The main job on the embedded default (`hf-moshi-userpred demo`): the whole pipeline on the shipped sample, offline.
+
+1. encode the shipped dialogue sample (28 espeak-ng dialogues) with its small Mimi and tokenizer;
+2. train a tiny model from scratch with the user-loss curriculum (no Moshi weights: nothing is downloaded);
+3. evaluate user prediction on the 5 held-out dialogues against repeating the last frame and the unigram;
+4. stream a held-out dialogue's user channel with speculation (hit rate, critical path saved) and check the tokens
+   equal plain streaming;
+5. save with `save_pretrained` (with the tokenizer, the Mimi and a model card) and reload through
+   `trust_remote_code`;
+6. write `report.md` with PNG plots and print a summary table.
+
+About 2 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback
+
+from .configuration_moshi_userpred import MoshiUserPredConfig
+from .conversion import atomic_directory, progress_bars
+from .encoding import EncodedDialogues, _atomic_write, encode_dataset, load_mimi, load_stereo
+from .evaluation import UserPredictionReport, evaluate_user_prediction, plot_user_prediction
+from .hub import METRICS_NAME, build_model_card
+from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+from .streaming_audio import StreamResult, stream_user_audio
+from .train import write_training_config
+from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+SAMPLE_NUM_CODEBOOKS = 4  # per speaker, of the sample Mimi's 8
+
+
+def sample_model_config(dim: int = 96, num_layers: int = 4) -> MoshiUserPredConfig:
+    """A tiny moshi-shaped model for the shipped sample: its 200-piece text vocabulary, 4 of its Mimi's codebooks
+    per speaker (64 entries each), moshi's delays (semantic codebook 0, acoustic ones 1), an 8 s context."""
+    return MoshiUserPredConfig(
+        dim=dim, text_card=200, card=64, n_q=2 * SAMPLE_NUM_CODEBOOKS, dep_q=SAMPLE_NUM_CODEBOOKS, num_heads=4,
+        num_layers=num_layers, hidden_scale=2, context=100, delays=[0, 0, 1, 1, 1, 0, 1, 1, 1],
+        depformer_dim=dim // 2, depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=dim,
+        user_depformer_dim=dim // 2, user_depformer_num_heads=2, user_depformer_num_layers=1,
+        user_depformer_dim_feedforward=dim, user_init="random",
+    )
+
+
+@dataclass
+class DemoResult:
+    """What [`run_demo`] measured and wrote.
+
+    Args:
+        output_dir: where everything is (`encoded/`, `model/`, `stream/`, `plots/`, `report.md`).
+        report: the held-out user-prediction report.
+        stream: the speculative streaming run over the held-out dialogue.
+        lossless: the speculative run's tokens equal plain streaming's.
+        reload_identical: the `trust_remote_code` reload gives identical logits.
+        summary: the printed table's rows (name -> value) as numbers, also in `summary.json`.
+        plots: name -> PNG path.
+    """
+
+    output_dir: Path
+    report: UserPredictionReport
+    stream: StreamResult
+    lossless: bool
+    reload_identical: bool
+    summary: dict[str, float | int | bool | str] = field(default_factory=dict)
+    plots: dict[str, str] = field(default_factory=dict)
+
+
+def run_demo(
+    output_dir: str | os.PathLike = "outputs/demo",
+    *,
+    steps: int = 900,
+    speculate_top_k: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> DemoResult:
+    """Runs the demo (see the module docstring) and prints its summary table.
+
+    Args:
+        output_dir: created if needed; a previous run's encoded data is reused (the encode is resumable), the rest is
+            replaced.
+        steps: training steps (900 reach the learning bar of the tests: held-out delay-0 accuracy above both
+            baselines).
+        speculate_top_k: candidate next user tokens precomputed per frame.
+        seed: seeds the initialisation, the segment sampling and the streaming sampler.
+        progress: progress bars.
+
+    Raises:
+        ValueError: `steps` or `speculate_top_k` out of range.
+        ImportError: matplotlib is missing (`pip install 'hf_moshi_userpred[plots]'`).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not 1 <= speculate_top_k <= 64:
+        raise ValueError(f"speculate_top_k must be within 1..64 (the sample's audio vocabulary), got {speculate_top_k}")
+    with progress_bars(progress):  # Transformers' own bars (loading, saving) follow `progress` too
+        return _run_demo(Path(output_dir), steps, speculate_top_k, seed, progress)
+
+
+def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: bool) -> DemoResult:
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    mimi = load_mimi(SAMPLE_DIR / "mimi")
+
+    _say("1/6 encoding the shipped dialogue sample")
+    splits = {}
+    for split in ("train", "eval"):
+        summary = encode_dataset(SAMPLE_DIR / f"{split}.jsonl", out / "encoded" / split, mimi=mimi,
+                                 tokenizer=SAMPLE_DIR / "tokenizer.model", num_codebooks=SAMPLE_NUM_CODEBOOKS,
+                                 progress=progress)
+        if summary.failed:
+            raise ValueError(f"the shipped sample failed to encode: {summary}")
+        splits[split] = EncodedDialogues(out / "encoded" / split)
+    train, held_out = splits["train"], splits["eval"]
+
+    _say(f"2/6 training a tiny model for {steps} steps with the user-loss curriculum")
+    torch.manual_seed(seed)
+    model = MoshiUserPredForConditionalGeneration(sample_model_config())
+    args = sample_training_arguments(out / "training", steps, seed, progress)
+    trainer = MoshiUserPredTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict when the progress bar is off
+    train_start = time.perf_counter()
+    train_metrics = trainer.train().metrics
+    train_s = time.perf_counter() - train_start
+    model.eval()
+
+    _say("3/6 evaluating user prediction on the held-out dialogues")
+    report = evaluate_user_prediction(model, held_out, reference=train, plot_dir=out / "plots")
+
+    _say(f"4/6 streaming held-out dialogue {held_out._names[0]} with speculation (k={speculate_top_k})")
+    dialogue = _manifest_paths(SAMPLE_DIR / "eval.jsonl")[0]
+    user_audio = load_stereo(dialogue, mimi.config.sampling_rate)[1]  # the right channel is the user
+    stream = stream_user_audio(model, user_audio, out / "stream", mimi=mimi, tokenizer=SAMPLE_DIR / "tokenizer.model",
+                               speculate_top_k=speculate_top_k, seed=seed, progress=progress)
+    plain = model.generate(stream.user_codes[None], seed=seed, progress=False)  # the same frames, no speculation
+    plain_ms = 1e3 * plain.speculation.critical_normal_s / max(plain.speculation.normal_steps, 1)
+    lossless = torch.equal(plain.text_tokens[0], stream.text_tokens) and torch.equal(plain.audio_codes[0],
+                                                                                    stream.audio_codes)
+
+    _say("5/6 saving with save_pretrained and reloading through trust_remote_code")
+    model_dir = out / "model"
+    with atomic_directory(model_dir, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        shutil.copy(SAMPLE_DIR / "tokenizer.model", staging / "tokenizer.model")
+        shutil.copytree(SAMPLE_DIR / "mimi", staging / "mimi")
+        write_training_config(staging, args, train_metrics,
+                              model={"init": "random (hf_moshi_userpred.demo.sample_model_config)",
+                                     "training_mode": "full"},
+                              data={"train_data": "hf_moshi_userpred/sample/train.jsonl (23 dialogues)",
+                                    "eval_data": "hf_moshi_userpred/sample/eval.jsonl (5 dialogues)"})
+        record = {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": "shipped sample, held out"}
+        (staging / METRICS_NAME).write_text(json.dumps(record, indent=2))
+        build_model_card(staging, "your-name/moshi-userpred-demo", base_model=None).save(staging / "README.md")
+    window = held_out[0]["codes"][None, :, : model.config.context]
+    with torch.no_grad():
+        ours = model(window)
+    theirs = logits_through_remote_code(model_dir, window)
+    reload_identical = all(torch.equal(getattr(ours, name).nan_to_num(), theirs[name].nan_to_num()) for name in theirs)
+
+    _say("6/6 writing the report")
+    plots = dict(report.plots)
+    plots.update(plot_demo(trainer.state.log_history, stream, out / "plots"))
+    summary = _summary(report, stream, plain_ms, speculate_top_k, lossless, reload_identical, train_s,
+                       time.perf_counter() - start, steps, model)
+    result = DemoResult(out, report, stream, lossless, reload_identical, summary, plots)
+    _atomic_write(out / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
+    _atomic_write(out / "report.md", lambda path: path.write_text(_report_markdown(result)))
+    print("\n" + _summary_table(summary) + f"\n\nreport: {out / 'report.md'}  model: {model_dir}", flush=True)
+    return result
+
+
+_REMOTE_CODE_LOGITS = """
+import sys
+sys.modules["hf_moshi_userpred"] = None  # the reload must not fall back on the installed package
+import torch
+from transformers import AutoModel
+
+model_dir, codes_path, out_path = sys.argv[1:]
+model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+with torch.no_grad():
+    out = model(torch.load(codes_path))
+torch.save({name: getattr(out, name) for name in ("text_logits", "audio_logits", "user_logits")}, out_path)
+"""
+
+
+def logits_through_remote_code(model_dir: str | os.PathLike, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loads `model_dir` with `AutoModel.from_pretrained(..., trust_remote_code=True)` in a fresh Python process in
+    which `hf_moshi_userpred` cannot be imported (as on a machine without the package; offline), and returns its
+    `text_logits`, `audio_logits` and `user_logits` for `codes` `[B, 1 + n_q, T]`.
+
+    Raises:
+        RuntimeError: the reload failed (its stderr's last lines are in the message).
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        codes_path, out_path = os.path.join(scratch, "codes.pt"), os.path.join(scratch, "out.pt")
+        torch.save(codes, codes_path)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+        result = subprocess.run([sys.executable, "-c", _REMOTE_CODE_LOGITS, os.fspath(model_dir), codes_path,
+                                 out_path], cwd=scratch, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"loading {model_dir} through trust_remote_code failed:\n{result.stderr[-2000:]}")
+        return torch.load(out_path)
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def _manifest_paths(manifest: Path) -> list[Path]:
+    lines = [line for line in manifest.read_text().splitlines() if line.strip()]
+    return [manifest.parent / json.loads(line)["path"] for line in lines]
+
+
+def sample_training_arguments(
+    output_dir: str | os.PathLike, steps: int = 900, seed: int = 0, progress: bool = True
+) -> MoshiUserPredTrainingArguments:
+    """The demo's recipe for [`sample_model_config`] (the tests' learning bar trains with it): text and system
+    audio alone for the first 6% of the steps, then the user loss at half weight, then at full weight (it is the
+    task the demo is about); held-out losses six times during training."""
+    first, second = max(steps * 6 // 100, 1), max(steps * 12 // 100, 2)
+    return MoshiUserPredTrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=6, segment_frames=64,
+        learning_rate=3e-3, warmup_steps=min(20, steps // 10), lr_scheduler_type="constant_with_warmup",
+        weight_decay=0.1, user_loss_stages=f"0:0.0,{first}:0.5,{second}:1.0", user_loss_stage_unit="step",
+        logging_steps=max(steps // 45, 1), eval_strategy="steps", eval_steps=max(steps // 6, 1),
+        per_device_eval_batch_size=8, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=not progress,
+        seed=seed, data_seed=seed,
+    )
+
+
+def _summary(report: UserPredictionReport, stream: StreamResult, plain_ms: float, k: int, lossless: bool,
+             reload_identical: bool, train_s: float, total_s: float, steps: int,
+             model: MoshiUserPredForConditionalGeneration) -> dict:
+    m, last, uni = report.model, report.repeat_last, report.unigram
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training_steps": steps,
+        "training_s": round(train_s, 1),
+        "held_out_delay0_accuracy": m.delay0_accuracy,
+        "repeat_last_delay0_accuracy": last.delay0_accuracy,
+        "unigram_delay0_accuracy": uni.delay0_accuracy,
+        "held_out_accuracy": m.accuracy,
+        f"held_out_delay0_top{report.top_k}_accuracy": m.delay0_top_k_accuracy,
+        "delay0_ece": report.delay0_ece,
+        "stream_frames": len(stream.statuses),
+        "speculate_top_k": k,
+        "speculation_hit_rate": stream.hit_rate,
+        "critical_ms_hit_mean": stream.critical_ms_hit_mean,
+        "critical_ms_normal_mean": stream.critical_ms_normal_mean,
+        "critical_ms_mean": stream.critical_ms_mean,
+        "critical_ms_mean_without_speculation": plain_ms,
+        "critical_path_saved_fraction": 1 - stream.critical_ms_mean / plain_ms,
+        "tokens_identical_to_plain_streaming": lossless,
+        "trust_remote_code_reload_identical": reload_identical,
+        "total_s": round(total_s, 1),
+    }
+
+
+def _summary_table(s: dict) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    k = s["speculate_top_k"]
+    rows = [
+        ("model", f"{s['parameters'] / 1e6:.2f} M parameters, {s['training_steps']} steps in {s['training_s']:.0f} s"),
+        ("held-out next user token (delay-0)", f"{pct(s['held_out_delay0_accuracy'])} (repeat-last "
+         f"{pct(s['repeat_last_delay0_accuracy'])}, unigram {pct(s['unigram_delay0_accuracy'])})"),
+        (f"speculation hit rate (k={k}, {s['stream_frames']} frames)", pct(s["speculation_hit_rate"])),
+        ("critical path per frame", f"{s['critical_ms_mean']:.1f} ms with speculation vs "
+         f"{s['critical_ms_mean_without_speculation']:.1f} ms without "
+         f"({pct(s['critical_path_saved_fraction'])} saved; hits {s['critical_ms_hit_mean']:.1f} ms)"),
+        ("speculative tokens identical to plain streaming", "yes" if s["tokens_identical_to_plain_streaming"] else "NO"),
+        ("trust_remote_code reload: identical logits", "yes" if s["trust_remote_code_reload_identical"] else "NO"),
+        ("total time", f"{s['total_s']:.0f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _report_markdown(result: DemoResult) -> str:
+    s, plots = result.summary, result.plots
+    table = "\n".join(f"| {line[:line.index('  ')].strip()} | {line[line.index('  '):].strip()} |"
+                      for line in _summary_table(s).splitlines())
+
+    def image(name: str, caption: str) -> str:
+        return f"![{caption}](plots/{Path(plots[name]).name})" if name in plots else ""
+
+    return f"""# hf_moshi_userpred demo report
+
+A tiny Moshi with the user-prediction Depformer, trained from scratch on the shipped espeak-ng dialogue sample
+(23 dialogues; 5 held out), then streamed over a held-out dialogue with speculative streaming.
+
+| | |
+|---|---|
+{table}
+
+## Training
+
+{image("loss_curves", "loss curves")}
+
+## User prediction on the held-out dialogues
+
+{result.report.to_markdown()}
+
+{image("per_codebook_accuracy", "per-codebook accuracy")}
+{image("reliability", "reliability")}
+
+## Speculative streaming
+
+At each frame the user Depformer proposes its {s['speculate_top_k']} most likely next user tokens and the next step is
+precomputed for each while waiting for the frame; when the real frame matches one (a hit), only a commit is left on
+the critical path. Tokens are identical to plain streaming: {"yes" if result.lossless else "NO"}.
+
+{image("speculation", "speculation over time")}
+
+Files: `model/` (loads with `AutoModel.from_pretrained(..., trust_remote_code=True)`; `model/README.md` is its model
+card), `stream/` (system.wav, dialogue.wav, text.txt, frames.jsonl), `encoded/`, `summary.json`.
+"""
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+def plot_demo(log_history: list[dict], stream: StreamResult, plot_dir: str | os.PathLike) -> dict[str, str]:
+    """Writes `loss_curves.png` (training loss parts and the held-out losses over steps, the user weight) and
+    `speculation.png` (hits and misses per frame with the rolling hit rate, and the critical path per frame).
+
+    Returns:
+        `{"loss_curves": path, "speculation": path}`.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("the demo's plots need matplotlib: pip install 'hf_moshi_userpred[plots]'") from error
+    os.makedirs(plot_dir, exist_ok=True)
+    figures = {"loss_curves": _plot_losses(log_history, Figure(figsize=(9, 4.5))),
+               "speculation": _plot_speculation(stream, Figure(figsize=(9, 5)))}
+    paths = {}
+    for name, figure in figures.items():
+        paths[name] = os.path.join(os.fspath(plot_dir), f"{name}.png")
+        FigureCanvasAgg(figure).print_png(paths[name])
+    return paths
+
+
+def _plot_losses(log_history: list[dict], figure):
+    axes = figure.subplots()
+    for part, label, color in (("text", "text", "tab:blue"), ("audio", "system audio", "tab:orange"),
+                               ("user", "user audio", "tab:green")):
+        for key, suffix, style in ((f"loss/{part}", "", "-"), (f"eval_loss/{part}", " (held out)", "--")):
+            points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+            if points:
+                axes.plot(*zip(*points), style, color=color, label=label + suffix,
+                          marker="o" if suffix else None, markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats)")
+    weights = [(entry["step"], entry["user_weight"]) for entry in log_history if "user_weight" in entry]
+    if weights:
+        twin = axes.twinx()
+        twin.step(*zip(*weights), where="post", color="grey", alpha=0.5, label="user loss weight")
+        twin.set_ylabel("user loss weight (curriculum)")
+        twin.set_ylim(0, 1.1 * max(1e-6, max(w for _, w in weights)))
+        twin.legend(loc="upper center", fontsize=8)
+    axes.legend(fontsize=8, ncols=2)
+    axes.set_title("training and held-out losses")
+    return figure
+
+
+def _plot_speculation(stream: StreamResult, figure):
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(1, 1.4))
+    times = [i / stream.frame_rate for i in range(len(stream.statuses))]
+    hits = [1.0 if status == "hit" else 0.0 for status in stream.statuses]
+    tried = [status != "not_tried" for status in stream.statuses]
+    colors = {"hit": "tab:green", "miss": "tab:red", "not_tried": "lightgrey"}
+    top.vlines(times, 0, 1, colors=[colors[status] for status in stream.statuses], linewidth=1.5)
+    window = 12  # about one second of frames
+    rolling = []
+    for i in range(len(hits)):
+        lo = max(0, i - window + 1)
+        n = sum(tried[lo : i + 1])
+        rolling.append(sum(hits[lo : i + 1]) / n if n else float("nan"))
+    top.plot(times, rolling, color="black", label="hit rate (1 s window)")
+    top.set_ylim(0, 1.05)
+    top.set_ylabel("hit (green) / miss (red)")
+    top.legend(loc="lower right", fontsize=8)
+    top.set_title(f"speculation over a held-out dialogue: {100 * stream.hit_rate:.0f}% hits")
+    for status in ("hit", "miss", "not_tried"):
+        points = [(t, ms) for t, ms, s in zip(times, stream.critical_ms, stream.statuses) if s == status]
+        if points:
+            bottom.scatter(*zip(*points), s=8, color=colors[status], label=status.replace("_", " "))
+    bottom.set_ylabel("critical path (ms)")
+    bottom.set_xlabel("time (s)")
+    bottom.legend(fontsize=8)
+    return figure
+
+
+__all__ = ["DemoResult", "logits_through_remote_code", "plot_demo", "run_demo", "sample_model_config", "sample_training_arguments"]
