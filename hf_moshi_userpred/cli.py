@@ -107,18 +107,19 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _stream(args: argparse.Namespace) -> None:
+    from .conversion import MIMI_FOLDER, TOKENIZER_NAME
     from .encoding import load_mimi
     from .streaming_audio import stream_user_audio
 
     _existing_path(args.model)
     user_audio = _existing_path(args.user_audio)  # before the model load: a typo fails at once
     model = _load_model(args.model, dtype=args.dtype, device=args.device)
-    mimi_path = args.mimi or Path(args.model) / "mimi"
+    mimi_path = args.mimi or Path(args.model) / MIMI_FOLDER
     if args.mimi is None and not Path(mimi_path).is_dir():
         raise ValueError(f"{args.model} has no mimi/ folder: pass --mimi (a transformers Mimi folder or kyutai/mimi)")
     tokenizer = args.tokenizer
-    if tokenizer is None and (Path(args.model) / "tokenizer.model").is_file():
-        tokenizer = Path(args.model) / "tokenizer.model"
+    if tokenizer is None and (Path(args.model) / TOKENIZER_NAME).is_file():
+        tokenizer = Path(args.model) / TOKENIZER_NAME
     sampling = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
     result = stream_user_audio(model, user_audio, args.out, mimi=load_mimi(mimi_path, args.device),
                                tokenizer=tokenizer, speculate_top_k=args.speculate_top_k, realtime=args.realtime,

@@ -28,9 +28,9 @@ import torch
 from transformers import PrinterCallback
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
-from .conversion import atomic_directory, progress_bars
+from .conversion import MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, progress_bars
 from .encoding import EncodedDialogues, _atomic_write, encode_dataset, load_mimi, load_stereo
-from .evaluation import UserPredictionReport, evaluate_user_prediction, plot_user_prediction
+from .evaluation import UserPredictionReport, evaluate_user_prediction, save_figures
 from .hub import METRICS_NAME, build_model_card
 from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 from .streaming_audio import StreamResult, stream_user_audio
@@ -152,8 +152,8 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     model_dir = out / "model"
     with atomic_directory(model_dir, overwrite=True) as staging:
         model.save_pretrained(staging)
-        shutil.copy(SAMPLE_DIR / "tokenizer.model", staging / "tokenizer.model")
-        shutil.copytree(SAMPLE_DIR / "mimi", staging / "mimi")
+        shutil.copy(SAMPLE_DIR / "tokenizer.model", staging / TOKENIZER_NAME)  # what `stream` reads by default
+        shutil.copytree(SAMPLE_DIR / "mimi", staging / MIMI_FOLDER)
         write_training_config(staging, args, train_metrics,
                               model={"init": "random (hf_moshi_userpred.demo.sample_model_config)",
                                      "training_mode": "full"},
@@ -207,7 +207,7 @@ def logits_through_remote_code(model_dir: str | os.PathLike, codes: torch.Tensor
         codes_path, out_path = os.path.join(scratch, "codes.pt"), os.path.join(scratch, "out.pt")
         torch.save(codes, codes_path)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-        result = subprocess.run([sys.executable, "-c", _REMOTE_CODE_LOGITS, os.fspath(model_dir), codes_path,
+        result = subprocess.run([sys.executable, "-c", _REMOTE_CODE_LOGITS, os.path.abspath(model_dir), codes_path,
                                  out_path], cwd=scratch, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"loading {model_dir} through trust_remote_code failed:\n{result.stderr[-2000:]}")
@@ -337,20 +337,12 @@ def plot_demo(log_history: list[dict], stream: StreamResult, plot_dir: str | os.
 
     Returns:
         `{"loss_curves": path, "speculation": path}`.
+
+    Raises:
+        ImportError: matplotlib is missing (`pip install 'hf_moshi_userpred[plots]'`).
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("the demo's plots need matplotlib: pip install 'hf_moshi_userpred[plots]'") from error
-    os.makedirs(plot_dir, exist_ok=True)
-    figures = {"loss_curves": _plot_losses(log_history, Figure(figsize=(9, 4.5))),
-               "speculation": _plot_speculation(stream, Figure(figsize=(9, 5)))}
-    paths = {}
-    for name, figure in figures.items():
-        paths[name] = os.path.join(os.fspath(plot_dir), f"{name}.png")
-        FigureCanvasAgg(figure).print_png(paths[name])
-    return paths
+    return save_figures(plot_dir, {"loss_curves": (lambda figure: _plot_losses(log_history, figure), (9, 4.5)),
+                                   "speculation": (lambda figure: _plot_speculation(stream, figure), (9, 5))})
 
 
 def _plot_losses(log_history: list[dict], figure):

@@ -13,7 +13,7 @@ of their frame is already in hand (DESIGN.md section 2), so the report gives the
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -349,16 +349,32 @@ def plot_user_prediction(report: UserPredictionReport, plot_dir: str | os.PathLi
     Raises:
         ImportError: matplotlib is missing (`pip install hf_moshi_userpred[plots]`).
     """
+    return save_figures(plot_dir, {"per_codebook_accuracy": (lambda figure: _plot_per_codebook(report, figure), (8, 4)),
+                                   "reliability": (lambda figure: _plot_reliability(report, figure), (5, 5))})
+
+
+def save_figures(
+    plot_dir: str | os.PathLike, drawings: dict[str, tuple[Callable[[Figure], object], tuple[float, float]]]
+) -> dict[str, str]:
+    """Draws each `name: (draw, (width, height))` on its own matplotlib `Figure` (the object API: no pyplot global
+    state) and writes it to `plot_dir/name.png` (the folder is created if needed).
+
+    Returns:
+        name -> path of the PNG.
+
+    Raises:
+        ImportError: matplotlib is missing (`pip install hf_moshi_userpred[plots]`).
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("plotting needs matplotlib: pip install 'hf_moshi_userpred[plots]'") from error
     os.makedirs(plot_dir, exist_ok=True)
-    figures = {"per_codebook_accuracy": _plot_per_codebook(report, Figure(figsize=(8, 4))),
-               "reliability": _plot_reliability(report, Figure(figsize=(5, 5)))}
     paths = {}
-    for name, figure in figures.items():
+    for name, (draw, size) in drawings.items():
+        figure = Figure(figsize=size)
+        draw(figure)
         paths[name] = os.path.join(os.fspath(plot_dir), f"{name}.png")
         FigureCanvasAgg(figure).print_png(paths[name])
     return paths

@@ -28,6 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_imports
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
+from .conversion import MIMI_FOLDER, TOKENIZER_NAME
 
 TRAINING_CONFIG_NAME = "training_config.json"
 METRICS_NAME = "user_prediction_metrics.json"
@@ -36,8 +37,7 @@ MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 DEFAULT_TAGS = ("moshi", "speech", "full-duplex", "user-prediction", "hf_moshi_userpred", "custom_code")
 TRAINING_SECTIONS = ("model", "data", "training", "results")  # the keys of training_config.json
 # Optional files the streaming command reads from the model folder, uploaded when present.
-TOKENIZER_FILE = "tokenizer.model"
-MIMI_FILES = ("mimi/config.json", "mimi/model.safetensors")
+MIMI_FILES = (f"{MIMI_FOLDER}/config.json", f"{MIMI_FOLDER}/model.safetensors")
 # Weights in formats this package does not publish: their presence without safetensors gets a specific error.
 NON_SAFETENSORS_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 # Eval results put in the card's model-index: the delay-0 (forecast) accuracy of the model and of its baselines.
@@ -150,7 +150,7 @@ def build_model_card(
         text_card=config.text_card,
         card=config.card,
         has_mimi=all((model_dir / name).is_file() for name in MIMI_FILES),
-        has_tokenizer=(model_dir / TOKENIZER_FILE).is_file(),
+        has_tokenizer=(model_dir / TOKENIZER_NAME).is_file(),
         hyperparameters=hyperparameters,
         training_results=training_results,
         metrics_markdown=metrics_markdown,
@@ -223,8 +223,8 @@ def _files_to_upload(model_dir: Path) -> dict[str, Path]:
     names = ["config.json", *_weight_files(model_dir), *_remote_code_files(model_dir, config)]
     if (model_dir / "generation_config.json").is_file():
         names.append("generation_config.json")
-    if (model_dir / TOKENIZER_FILE).is_file():
-        names.append(TOKENIZER_FILE)
+    if (model_dir / TOKENIZER_NAME).is_file():
+        names.append(TOKENIZER_NAME)
     mimi = [name for name in MIMI_FILES if (model_dir / name).is_file()]
     if mimi and len(mimi) < len(MIMI_FILES):  # half a codec would only fail later, at streaming time
         raise ValueError(f"{model_dir / 'mimi'} is incomplete: it needs {' and '.join(MIMI_FILES)}, has {mimi}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,11 +24,17 @@ DEMO_STEPS = 30
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """`hf-moshi-userpred demo` with a short training run (the default is 900 steps)."""
-    out = tmp_path_factory.mktemp("demo")
+    """`hf-moshi-userpred demo` with a short training run (the default is 900 steps), given a relative `--out` like
+    the default's."""
+    root = tmp_path_factory.mktemp("run")
     torch.set_num_threads(2)
-    assert main(["demo", "--out", str(out), "--steps", str(DEMO_STEPS), "--quiet"]) == 0
-    return out
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["demo", "--out", "demo", "--steps", str(DEMO_STEPS), "--quiet"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "demo"
 
 
 def _one_error_line(capsys, command: str) -> str:

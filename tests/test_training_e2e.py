@@ -109,13 +109,14 @@ def test_entry_point_errors_are_one_line_with_exit_code_2(encoded, tmp_path, cap
 
 
 def test_accelerate_launch_two_processes(encoded, tmp_path):
-    """`accelerate launch` with 2 processes on CPU (gloo): both ranks train, the saved model loads."""
+    """`accelerate launch -m hf_moshi_userpred train` with 2 processes on CPU (gloo): both ranks train, the saved
+    model loads."""
     _save_tiny_model(tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "hf_moshi_userpred.train", "--model_name_or_path", str(tmp_path / "model"),
+        "-m", "hf_moshi_userpred", "train", "--model_name_or_path", str(tmp_path / "model"),
         "--train_data", str(encoded["train"]), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
         "--segment_frames", "32", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--report_to", "none",
         "--disable_tqdm", "true", "--save_strategy", "no",
