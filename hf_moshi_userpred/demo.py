@@ -138,8 +138,8 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     _say("3/6 evaluating user prediction on the held-out dialogues")
     report = evaluate_user_prediction(model, held_out, reference=train, plot_dir=out / "plots")
 
-    _say(f"4/6 streaming held-out dialogue {held_out._names[0]} with speculation (k={speculate_top_k})")
     dialogue = _manifest_paths(SAMPLE_DIR / "eval.jsonl")[0]
+    _say(f"4/6 streaming held-out dialogue {dialogue.name} with speculation (k={speculate_top_k})")
     user_audio = load_stereo(dialogue, mimi.config.sampling_rate)[1]  # the right channel is the user
     stream = stream_user_audio(model, user_audio, out / "stream", mimi=mimi, tokenizer=SAMPLE_DIR / "tokenizer.model",
                                speculate_top_k=speculate_top_k, seed=seed, progress=progress)
