@@ -298,6 +298,7 @@ class MoshiStreamingSession:
         self.stats = SpeculationStats(top_k=self.top_k)
         self.speculation: _Speculation | None = None
         if self.top_k:
+            self.kv.reserve(self.top_k)  # room for the k alternatives of a speculative step, allocated once
             self.spec_depformer_kv = model.depformer.make_cache(batch_size * self.top_k)
         self.missing = torch.zeros(batch_size, dtype=torch.bool, device=device)  # frame `o` was gap-filled
 

@@ -4,7 +4,9 @@ Every tensor is allocated once per session and updated in place, so memory stays
 session runs and the step can be captured in a CUDA graph. A step first *reads* the cache and keeps its
 new keys/values apart (`pending`); `commit` then writes one of them per stream. The split is what
 speculative streaming needs: several candidate inputs for the same position are run against the same
-prefix, and only the one that turns out right is written.
+prefix, and only the one that turns out right is written. A step's new entries are copied into scratch
+slots stored right after the ring, so attention reads one buffer: concatenating the whole cache with the
+new entries in every layer would copy the cache on every step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ class MoshiKVCache:
     """Keys and values of the last `capacity` positions of every layer, for `batch_size` independent streams.
 
     Attributes:
-        keys, values: `[num_layers, B, num_kv_heads, capacity, head_dim]`.
+        keys, values: `[num_layers, B, num_kv_heads, capacity, head_dim]`, the ring part of buffers that hold
+            `alternatives` scratch slots after it (the new entries of the current step, not yet committed).
         positions: `[B, capacity]` absolute position held by each slot, -1 for an empty slot.
         pending: per layer, the `(keys, values)` `[B, num_kv_heads, n, head_dim]` of the last step, not yet written.
     """
@@ -31,9 +34,10 @@ class MoshiKVCache:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (num_layers, batch_size, num_kv_heads, capacity + 1, head_dim)  # one scratch slot: a plain step
+        self._key_buffer = torch.zeros(shape, device=device, dtype=dtype)
+        self._value_buffer = torch.zeros(shape, device=device, dtype=dtype)
+        self._set_views(capacity)
         self.positions = torch.full((batch_size, capacity), -1, device=device, dtype=torch.long)
         self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self._mask: torch.Tensor | None = None  # attention mask of the current step, built at layer 0
@@ -42,6 +46,26 @@ class MoshiKVCache:
     @property
     def capacity(self) -> int:
         return self.positions.shape[1]
+
+    @property
+    def alternatives(self) -> int:
+        """How many new entries per stream a step can hold (the scratch slots)."""
+        return self._key_buffer.shape[3] - self.capacity
+
+    def reserve(self, alternatives: int) -> None:
+        """Make room for steps of up to `alternatives` new entries (speculation). Call it before streaming, so
+        the buffers are allocated once (and stay put for CUDA graphs); `attend` grows them otherwise."""
+        if alternatives <= self.alternatives:
+            return
+        capacity = self.capacity
+        shape = (*self.keys.shape[:3], capacity + alternatives, self.keys.shape[4])
+        self._key_buffer = torch.cat([self.keys, self.keys.new_zeros(shape)[:, :, :, capacity:]], dim=3)
+        self._value_buffer = torch.cat([self.values, self.values.new_zeros(shape)[:, :, :, capacity:]], dim=3)
+        self._set_views(capacity)
+
+    def _set_views(self, capacity: int) -> None:
+        self.keys = self._key_buffer[:, :, :, :capacity]
+        self.values = self._value_buffer[:, :, :, :capacity]
 
     def attend(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, context: int | None
@@ -61,8 +85,9 @@ class MoshiKVCache:
             keys, values `[B, num_kv_heads, capacity + n, head_dim]` and a bool mask `[B, 1, n, capacity + n]`.
         """
         self.pending[layer] = (k, v)
+        n, end = k.shape[2], self.capacity + k.shape[2]
+        self.reserve(n)
         if layer == 0:  # every layer of a step shares positions and window: build the mask once per step
-            n = k.shape[2]
             delta = position[:, None] - self.positions
             cached = (self.positions >= 0) & (delta > 0)
             if context is not None:
@@ -70,8 +95,9 @@ class MoshiKVCache:
             own = torch.eye(n, dtype=torch.bool, device=k.device).expand(k.shape[0], n, n)
             self._mask = torch.cat([cached[:, None, :].expand(-1, n, -1), own], dim=-1)[:, None]
         mask = self._mask
-        keys = torch.cat([self.keys[layer], k], dim=2)
-        values = torch.cat([self.values[layer], v], dim=2)
+        keys, values = self._key_buffer[layer, :, :, :end], self._value_buffer[layer, :, :, :end]
+        keys[:, :, self.capacity :] = k
+        values[:, :, self.capacity :] = v
         return keys, values, mask
 
     def take_pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -113,7 +139,7 @@ class MoshiKVCache:
             self.positions.masked_fill_(mask[:, None], -1)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+        return sum(t.numel() * t.element_size() for t in (self._key_buffer, self._value_buffer, self.positions))
 
 
 __all__ = ["MoshiKVCache"]

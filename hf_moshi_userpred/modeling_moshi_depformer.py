@@ -123,8 +123,8 @@ class MoshiDepformer(nn.Module):
             inputs.append(projected[self.in_proj_index(step)] + token_emb)
         # The Depformer runs over the codebook axis: a batch of B*T sequences of num_steps positions.
         x = torch.stack(inputs, dim=2).view(B * T, self.num_steps, -1)
-        out = self.transformer(x)
-        logits = [self.heads[k](self.norms[k](out[:, k])).view(B, T, -1) for k in range(self.num_steps)]
+        out = self.transformer(x).unbind(1)  # not out[:, k]: its backward zero-fills a full-size gradient per step
+        logits = [self.heads[k](self.norms[k](out[k])).view(B, T, -1) for k in range(self.num_steps)]
         return torch.stack(logits, dim=1)
 
     def make_cache(self, batch_size: int) -> MoshiKVCache:

@@ -109,9 +109,9 @@ def apply_weights_per_step(
     if len(modules) == 1:
         return modules[0](x)
     outputs = []
-    for t in range(x.shape[1]):
-        index = step_offset + t
-        outputs.append(modules[schedule[index] if schedule is not None else index](x[:, t : t + 1]))
+    # `split` rather than per-step slices: its backward is one concatenation, not a zero-filled full grad per step.
+    for index, step in enumerate(x.split(1, dim=1), start=step_offset):
+        outputs.append(modules[schedule[index] if schedule is not None else index](step))
     return torch.cat(outputs, dim=1)
 
 
@@ -154,8 +154,10 @@ class MoshiAttention(nn.Module):
         """
         B, T, _ = x.shape
         qkv = apply_weights_per_step(self.in_projs, self.schedule, x, step_offset)
-        q = qkv[..., : self.dim].view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = qkv[..., self.dim :].view(B, T, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # One split (its backward is one concatenation) rather than two slices (two zero-filled full-size grads).
+        q, kv = qkv.split([self.dim, qkv.shape[-1] - self.dim], dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = kv.view(B, T, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rope is not None:
             q, k = apply_rope(q, k, positions.expand(B, T), **self.rope)
         if cache is not None:

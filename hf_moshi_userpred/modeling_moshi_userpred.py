@@ -83,16 +83,18 @@ def shift_time(
     Returns:
         `out` `[B, K, length, ...]` and `valid` `[K, length]` (False where `fill` was used).
     """
+    # Out of place (one gather, one select): in-place row writes would make autograd clone the whole tensor per
+    # write in backward, which for the logits costs more than the Depformer heads.
     B, K, T = x.shape[:3]
     fills = fill if isinstance(fill, list) else [fill] * K
-    out = x.new_empty((B, K, length, *x.shape[3:]))
-    valid = torch.zeros(K, length, dtype=torch.bool, device=x.device)
-    for k, shift in enumerate(shifts):
-        lo, hi = max(0, -shift), min(length, T - shift)
-        out[:, k].fill_(fills[k])
-        if hi > lo:
-            out[:, k, lo:hi] = x[:, k, lo + shift : hi + shift]
-            valid[k, lo:hi] = True
+    source = torch.arange(length, device=x.device) + torch.tensor(shifts, device=x.device)[:, None]  # [K, length]
+    valid = (source >= 0) & (source < T)
+    trailing = (1,) * (x.dim() - 3)
+    fill_values = torch.tensor(fills, dtype=x.dtype, device=x.device).view(1, K, 1, *trailing)
+    if T == 0:
+        return fill_values.expand(B, K, length, *x.shape[3:]).clone(), valid
+    rows = torch.arange(K, device=x.device)[:, None]
+    out = torch.where(valid.view(1, K, length, *trailing), x[:, rows, source.clamp(0, T - 1)], fill_values)
     return out, valid
 
 

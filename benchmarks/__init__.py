@@ -1,0 +1,1 @@
+"""Benchmarks against kyutai's moshi (see README.md there)."""
