@@ -17,8 +17,8 @@ FLOPs per step (forward + backward, `torch.utils.flop_counter.FlopCounterMode`, 
 by B) give the branch's share of the work. The first loss of moshi and of ours (branch off) must agree (same work).
 
 Memory: parameter count of each candidate, and peak RSS of a training run (two steps: AdamW state included) of
-each candidate in its own process, started before the parent builds anything (a child's ru_maxrss starts from its
-parent's at fork); every such process imports both moshi and this package, so the baselines match.
+each candidate in its own process (its `VmHWM`); every such process imports both moshi and this package, so the
+baselines match.
 
 Targets:
 - `ours_branch_off` tokens/s >= 1.0x moshi's.
