@@ -337,11 +337,16 @@ class MoshiStreamingSession:
                                "`with model.streaming(batch_size=B) as stream:`")
 
     def nbytes(self) -> int:
-        """Bytes of all per-session state tensors (constant over a session)."""
+        """Bytes of the state allocated for the session (caches, token ring, prediction buffers): constant over a
+        session. The transient tensors of a speculative step (its k alternatives) are not counted."""
         tensors = [self.tokens, self.offsets, self.text_history]
+        caches = [self.kv, self.depformer_kv]
         if self.user is not None:
             tensors += [self.user_prediction, self.user_probs, self.user_entropy]
-        return self.kv.nbytes() + self.depformer_kv.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
+            caches.append(self.user_kv)
+        if self.top_k:
+            caches.append(self.spec_depformer_kv)
+        return sum(cache.nbytes() for cache in caches) + sum(t.numel() * t.element_size() for t in tensors)
 
     # --------------------------------------------------------------------------------------------- step
     @torch.no_grad()
