@@ -84,7 +84,8 @@ def _encode(args: argparse.Namespace) -> None:
                              progress=not args.quiet)
     print(summary)
     if not summary.encoded and not summary.skipped:
-        raise ValueError(f"no dialogue of {args.manifest} could be encoded (reasons in {summary.output_dir}/index.json)")
+        raise ValueError(f"no dialogue of {args.manifest} could be encoded "
+                         f"(reasons in {summary.output_dir}/index.json)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -135,10 +136,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
+    from .conversion import read_json_object
     from .hub import push_to_hub
 
-    training = json.loads(_existing_path(args.training).read_text()) if args.training else None
-    metrics = json.loads(_existing_path(args.metrics).read_text()) if args.metrics else None
+    training = read_json_object(args.training, "training record") if args.training else None
+    metrics = read_json_object(args.metrics, "metrics file") if args.metrics else None
     result = push_to_hub(args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                          commit_message=args.commit_message, base_model=args.base_model or None,
                          datasets=args.dataset, license=args.license, tags=args.tag, training=training,
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    sub = command("demo", _demo, "the whole pipeline on the shipped dialogue sample, offline (the README's run command)",
+    sub = command("demo", _demo,
+                  "the whole pipeline on the shipped dialogue sample, offline (the README's run command)",
                   "Encode the shipped dialogue sample with its small Mimi, train a tiny model with the user-loss "
                   "curriculum, evaluate user prediction against the baselines, stream a held-out dialogue with "
                   "speculation, save and reload through trust_remote_code, and write a report with plots.")

@@ -332,16 +332,26 @@ def atomic_directory(output_dir: str | os.PathLike, *, overwrite: bool = False) 
     shutil.rmtree(previous)
 
 
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """The JSON object in `path`.
+
+    Raises:
+        ValueError: the file cannot be read, is not JSON, or holds something else than an object (`what` names it).
+    """
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the {what} {str(path)!r}: {error}") from error
+    except ValueError as error:
+        raise ValueError(f"the {what} {str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"the {what} {str(path)!r} must hold a JSON object, got {type(content).__name__}")
+    return content
+
+
 def _read_kyutai_config(path: Path) -> dict[str, Any]:
     """A kyutai config json as a dict, refusing configs of this package (those are model directories already)."""
-    try:
-        config = json.loads(path.read_text())
-    except OSError as error:
-        raise ValueError(f"cannot read the kyutai config {str(path)!r}: {error}") from error
-    except ValueError as error:
-        raise ValueError(f"the kyutai config {str(path)!r} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"the kyutai config {str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    config = read_json_object(path, "kyutai config")
     if config.get("model_type") == MoshiUserPredConfig.model_type:
         raise ValueError(f"{str(path)!r} is the config of a hf_moshi_userpred model directory, not a kyutai "
                          "checkpoint: load it with from_pretrained, or export it with export_to_moshi")

@@ -281,7 +281,8 @@ def _summary_table(s: dict) -> str:
         ("critical path per frame", f"{s['critical_ms_mean']:.1f} ms with speculation vs "
          f"{s['critical_ms_mean_without_speculation']:.1f} ms without "
          f"({pct(s['critical_path_saved_fraction'])} saved; hits {s['critical_ms_hit_mean']:.1f} ms)"),
-        ("speculative tokens identical to plain streaming", "yes" if s["tokens_identical_to_plain_streaming"] else "NO"),
+        ("speculative tokens identical to plain streaming",
+         "yes" if s["tokens_identical_to_plain_streaming"] else "NO"),
         ("trust_remote_code reload: identical logits", "yes" if s["trust_remote_code_reload_identical"] else "NO"),
         ("total time", f"{s['total_s']:.0f} s"),
     ]
@@ -396,4 +397,5 @@ def _plot_speculation(stream: StreamResult, figure):
     return figure
 
 
-__all__ = ["DemoResult", "logits_through_remote_code", "plot_demo", "run_demo", "sample_model_config", "sample_training_arguments"]
+__all__ = ["DemoResult", "logits_through_remote_code", "plot_demo", "run_demo", "sample_model_config",
+           "sample_training_arguments"]

@@ -28,7 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_imports
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
-from .conversion import MIMI_FOLDER, TOKENIZER_NAME
+from .conversion import MIMI_FOLDER, TOKENIZER_NAME, read_json_object
 
 TRAINING_CONFIG_NAME = "training_config.json"
 METRICS_NAME = "user_prediction_metrics.json"
@@ -102,9 +102,11 @@ def build_model_card(
     model_dir = Path(model_dir)
     config = MoshiUserPredConfig.from_dict(_read_config(model_dir))
     if training is None:
-        training = _read_json(model_dir / TRAINING_CONFIG_NAME) if (model_dir / TRAINING_CONFIG_NAME).is_file() else {}
+        training_file = model_dir / TRAINING_CONFIG_NAME
+        training = read_json_object(training_file, "training record") if training_file.is_file() else {}
     if metrics is None:
-        metrics = _read_json(model_dir / METRICS_NAME) if (model_dir / METRICS_NAME).is_file() else {}
+        metrics_file = model_dir / METRICS_NAME
+        metrics = read_json_object(metrics_file, "metrics file") if metrics_file.is_file() else {}
     hyperparameters, training_results = _training_rows(training)
     report, metrics_markdown, metrics_dataset = _metrics_parts(metrics)
 
@@ -235,7 +237,7 @@ def _weight_files(model_dir: Path) -> list[str]:
     """The safetensors files `from_pretrained` reads: the single file, or the index and the shards it lists."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index, "weight index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
         shards = sorted(set(weight_map.values()))
@@ -287,21 +289,11 @@ def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ValueError(f"{str(model_dir)!r} has no config.json: is it a folder written by save_pretrained?")
-    config = _read_json(path)
+    config = read_json_object(path, "model config")
     if config.get("model_type") != MoshiUserPredConfig.model_type:
         raise ValueError(f"{path} has model_type {config.get('model_type')!r}, not "
                          f"{MoshiUserPredConfig.model_type!r}: not a Moshi user-prediction model")
     return config
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} holds a JSON {type(content).__name__}, expected an object")
-    return content
 
 
 def _training_rows(training: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
