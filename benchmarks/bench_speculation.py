@@ -1,4 +1,4 @@
-"""Lossless speculative streaming on the shipped sample's held-out dialogues (issue 6, item 3).
+"""Lossless speculative streaming on the shipped sample's held-out dialogues.
 
 The model is the one `hf-moshi-userpred demo` trains (900 steps on the 23 training dialogues of the shipped sample;
 `--model DIR` reuses a demo's `model/` folder and its `../encoded/eval`, otherwise one is trained once into
@@ -90,10 +90,9 @@ def stream(model: MoshiUserPredForConditionalGeneration, user: torch.Tensor, k: 
     with model.streaming(1, speculate_top_k=k, seed=seed, **settings) as session:
         stats = session.stats
         for t in range(user.shape[-1]):
-            before = (stats.critical_hit_s + stats.critical_normal_s, stats.speculate_s)
             out = session.step(user[None, :, t: t + 1])
-            critical.append(stats.critical_hit_s + stats.critical_normal_s - before[0])
-            speculate.append(stats.speculate_s - before[1])
+            critical.append(out.critical_s)
+            speculate.append(out.speculate_s)
             if out.tokens is not None:
                 tokens.append(out.tokens[0, :, 0])
         nbytes = session.nbytes()

@@ -1,6 +1,6 @@
 """Training step throughput and memory: kyutai's moshi `LMModel` vs ours, with the user branch off and on.
 
-Measured (issue 6, items 1 and 4), on the moshiko-shaped small config (`MOSHIKO_TINY` with `--quick`), all
+Measured on the moshiko-shaped small config (`MOSHIKO_TINY` with `--quick`), all
 candidates from the same weights, on the same batch, in one process, timed interleaved (medians after warm-up):
 
 - `moshi`: moshi's `LMModel.forward(codes)` with moshi-finetune's loss (`compute_loss_with_mask`, written out
@@ -35,8 +35,18 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
-    MOSHIKO_SMALL, MOSHIKO_TINY, base_parser, interleaved, moshi_and_ours, moshi_lm_class, parameter_count,
-    peak_rss_mb, random_codes, run_isolated, setup, write_results,
+    MOSHIKO_SMALL,
+    MOSHIKO_TINY,
+    base_parser,
+    interleaved,
+    moshi_and_ours,
+    moshi_lm_class,
+    parameter_count,
+    peak_rss_mb,
+    random_codes,
+    run_isolated,
+    setup,
+    write_results,
 )
 
 NAME = "training"

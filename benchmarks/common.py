@@ -15,7 +15,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,26 +22,20 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads the flag once
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi would otherwise compile kernels lazily (minutes on CPU)
 
-MOSHIKO_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+from hf_moshi_userpred.files import write_json  # noqa: E402
+from hf_moshi_userpred.sample import moshiko_shaped_lm_kwargs  # noqa: E402
 
-# The issue's moshiko-shaped small model, as moshi LMModel kwargs (moshiko's layout and delays, shrunk).
-MOSHIKO_SMALL = dict(
-    dim=512, text_card=8000, existing_text_padding_id=3, n_q=16, dep_q=8, card=2048, num_heads=8, num_layers=8,
-    hidden_scale=4.125, causal=True, layer_scale=None, context=750, max_period=10000, gating="silu",
-    norm="rms_norm_f32", positional_embedding="rope", depformer_dim=256, depformer_dim_feedforward=int(4.125 * 256),
-    depformer_num_heads=8, depformer_num_layers=2, depformer_layer_scale=None, depformer_multi_linear=True,
-    depformer_context=8, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
-    depformer_weights_per_step=True, delays=MOSHIKO_DELAYS,
-)
-# A quick variant for `--quick` (smoke runs, CI): same layout, smaller everywhere.
-MOSHIKO_TINY = {**MOSHIKO_SMALL, "dim": 128, "num_heads": 4, "num_layers": 2, "text_card": 500, "card": 256,
-                "context": 50, "depformer_dim": 64, "depformer_dim_feedforward": int(4.125 * 64),
-                "depformer_num_heads": 4}
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+# moshiko's layout at benchmark size (dim 512, 8 layers, a 60 s window), and a quick variant for `--quick` (CI).
+MOSHIKO_SMALL = moshiko_shaped_lm_kwargs(dim=512, num_layers=8, num_heads=8, card=2048, text_card=8000, context=750,
+                                         depformer_dim=256, depformer_num_heads=8)
+MOSHIKO_TINY = moshiko_shaped_lm_kwargs(dim=128, num_layers=2, num_heads=4, card=256, text_card=500, context=50,
+                                        depformer_dim=64, depformer_num_heads=4)
 
 
 def moshi_lm_class():
@@ -197,9 +190,5 @@ def write_results(name: str, results: dict, out: Path | None) -> Path:
     """Writes `{"benchmark", "machine", "results"}` to `out` (default `benchmarks/results/<name>.json`) atomically."""
     path = out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, "machine": machine(), "results": results}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(record, file, indent=2)
-    os.replace(temporary, path)
+    write_json(path, {"benchmark": name, "machine": machine(), "results": results})
     return path

@@ -20,15 +20,11 @@ import torch
 from transformers import AutoModel
 
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
+from hf_moshi_userpred.sample import moshiko_shaped_lm_kwargs
 
 # moshiko's layout (17 rows, its delays, rope, RMS norm, gated FFN, per-step Depformer), shrunk.
-SMALL_MOSHIKO = dict(
-    dim=128, text_card=64, existing_text_padding_id=3, n_q=16, dep_q=8, card=64, num_heads=4, num_layers=2,
-    hidden_scale=4.125, causal=True, context=64, gating="silu", norm="rms_norm_f32", positional_embedding="rope",
-    depformer_dim=64, depformer_dim_feedforward=int(4.125 * 64), depformer_num_heads=4, depformer_num_layers=2,
-    depformer_multi_linear=True, depformer_gating="silu", depformer_pos_emb="none", depformer_weights_per_step=True,
-    delays=[0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
-)
+SMALL_MOSHIKO = moshiko_shaped_lm_kwargs(dim=128, num_layers=2, num_heads=4, card=64, text_card=64, context=64,
+                                         depformer_dim=64, depformer_num_heads=4)
 
 
 def synthetic_conversation(config: MoshiUserPredConfig, batch: int, frames: int, seed: int) -> torch.Tensor:

@@ -3,13 +3,9 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
-from .generation_moshi_userpred import (
-    MoshiGenerateOutput,
-    MoshiStreamingSession,
-    MoshiStreamStepOutput,
-    MoshiUserPredGenerationConfig,
-    SpeculationStats,
-)
+from .generation_moshi_config import MoshiUserPredGenerationConfig
+from .generation_moshi_streaming import MoshiStreamingSession, MoshiStreamStepOutput, SpeculationStats
+from .generation_moshi_userpred import MoshiGenerateOutput
 from .modeling_moshi_userpred import (
     MoshiUserPredForConditionalGeneration,
     MoshiUserPredOutput,
@@ -34,9 +30,10 @@ _LAZY = {
     "EncodeSummary": "encoding",
     "EncodedDialogues": "encoding",
     "encode_dataset": "encoding",
-    "load_mimi": "encoding",
-    "load_mono": "encoding",
-    "load_stereo": "encoding",
+    "load_mimi": "audio",
+    "load_mono": "audio",
+    "load_stereo": "audio",
+    "load_tokenizer": "audio",
     "evaluate_user_prediction": "evaluation",
     "UserPredictionReport": "evaluation",
     "PushResult": "hub",

@@ -15,7 +15,7 @@ value, incompatible files) is one line on stderr and exit code 2, never a traceb
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -89,9 +89,9 @@ def _encode(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .encoding import EncodedDialogues, _atomic_write
+    from .encoding import EncodedDialogues
     from .evaluation import evaluate_user_prediction
-    from .hub import METRICS_NAME
+    from .files import METRICS_NAME, write_json
 
     dataset = EncodedDialogues(args.data)
     reference = EncodedDialogues(args.reference) if args.reference else None
@@ -102,14 +102,14 @@ def _evaluate(args: argparse.Namespace) -> None:
                                       top_k=args.top_k, reference=reference,
                                       plot_dir=None if args.no_plots else out / "plots")
     record = {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": str(args.data)}
-    _atomic_write(out / METRICS_NAME, lambda path: path.write_text(json.dumps(record, indent=2)))
+    write_json(out / METRICS_NAME, record)
     print(report.to_markdown())
     print(f"\nwrote {out / METRICS_NAME}" + "".join(f", {path}" for path in report.plots.values()))
 
 
 def _stream(args: argparse.Namespace) -> None:
-    from .conversion import MIMI_FOLDER, TOKENIZER_NAME
-    from .encoding import load_mimi
+    from .audio import load_mimi
+    from .files import MIMI_FOLDER, TOKENIZER_NAME
     from .streaming_audio import stream_user_audio
 
     _existing_path(args.model)
@@ -132,11 +132,12 @@ def _stream(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, speculate_top_k=args.speculate_top_k, progress=not args.quiet)
+    result = run_demo(args.out, steps=args.steps, speculate_top_k=args.speculate_top_k, progress=not args.quiet)
+    print("\n" + result.describe())
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .conversion import read_json_object
+    from .files import read_json_object
     from .hub import push_to_hub
 
     training = read_json_object(args.training, "training record") if args.training else None
@@ -264,9 +265,34 @@ def _one_line(error: BaseException) -> str:
     return " ".join(lines[:2]) + more
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the message (tests and callers swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_progress_messages(quiet: bool) -> None:
+    """The package's progress messages (`[demo] 2/6 training ...`, encoding summaries) on stderr, unless `quiet`;
+    results go to stdout."""
+    package_logger = logging.getLogger("hf_moshi_userpred")
+    if not any(isinstance(handler, _StderrHandler) for handler in package_logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[%(module)s] %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.propagate = False
+    package_logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    _show_progress_messages(getattr(args, "quiet", False))
     if args.command == "train":
         from .train import main as train_main
 
@@ -283,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+__all__ = ["build_parser", "main"]
 
 
 if __name__ == "__main__":

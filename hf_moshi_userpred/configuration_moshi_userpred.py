@@ -16,6 +16,9 @@ NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
 POSITIONAL_EMBEDDINGS = ("sin", "rope", "sin_rope", "rope_concat", "none")
 GATINGS = ("none", "silu", "gelu", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "mish", "softsign", "identity")
 USER_INITS = ("random", "copy_system")
+# Frames a streaming KV cache holds for a model without an attention window (moshiko's context): a session must
+# bound its memory, and the teacher-forced evaluation cuts dialogues into windows of the same length.
+UNBOUNDED_CONTEXT_FRAMES = 3000
 
 # Metadata kyutai stores next to the LM kwargs in a checkpoint's config.json (see moshi's CheckpointInfo).
 _MOSHI_METADATA_KEYS = (
@@ -64,7 +67,8 @@ class MoshiUserPredConfig(PreTrainedConfig):
         max_period (`float`), positional_scale (`float`): positional embedding period and scale of `sin`.
         gating (`str`): `none` (GELU MLP) or the activation of a gated feed-forward (`silu`, `gelu`, ...).
         layer_scale (`float`, *optional*): initial value of LayerScale, None disables it.
-        context (`int`, *optional*): attention window in frames (None: unbounded).
+        context (`int`, *optional*): attention window in frames (None: unbounded; streaming and evaluation then
+            use `streaming_window`).
         kv_repeat (`int`): query heads per key/value head (grouped-query attention).
         existing_text_padding_id, existing_text_end_padding_id (`int`): text padding and end-of-padding ids.
         extra_heads_num_heads, extra_heads_dim (`int`): moshi's auxiliary linear heads (kept for checkpoint parity).
@@ -83,10 +87,12 @@ class MoshiUserPredConfig(PreTrainedConfig):
         _pos_emb, _norm: as the system Depformer's (None: the system Depformer's value).
         user_depformer_low_rank_embeddings: as `depformer_low_rank_embeddings` (None: the system's value).
         user_prediction_lookahead (`int`): L >= 1; the branch at step s predicts the delayed user tokens of step s + L.
-        user_init (`str`): `random` or `copy_system` (start from the system Depformer's weights where shapes match).
+        user_init (`str`): how the constructor initialises the user branch: `random` (moshi's scheme) or
+            `copy_system` (the system Depformer's weights where shapes match). `from_moshi` records what it used.
 
     Loss defaults (moshi-finetune's knobs):
-        user_loss_weight (`float`): weight of the user loss in `loss`.
+        user_loss_weight (`float`): weight of the user loss in `loss` when `forward` is given none; the Trainer's
+            default curriculum ramps the weight up to this value (an explicit `user_loss_stages` replaces it).
         first_codebook_weight_multiplier (`float`): weight of audio codebook 0 (system and user) in their losses.
         text_padding_weight (`float`): weight of padding / end-of-padding targets in the text loss.
     """
@@ -146,7 +152,7 @@ class MoshiUserPredConfig(PreTrainedConfig):
     user_depformer_norm: str | None = None
     user_depformer_low_rank_embeddings: int | None = None
     user_prediction_lookahead: int = 1
-    user_init: str = "copy_system"
+    user_init: str = "random"
 
     user_loss_weight: float = 0.1
     first_codebook_weight_multiplier: float = 1.0
@@ -274,6 +280,12 @@ class MoshiUserPredConfig(PreTrainedConfig):
                 fail("user_prediction_lookahead", "must be >= 1 frame")
         if self.user_loss_weight < 0:
             fail("user_loss_weight", "must be >= 0")
+
+    @property
+    def streaming_window(self) -> int:
+        """Positions a streaming KV cache holds (and frames per evaluation window): `context`, or
+        `UNBOUNDED_CONTEXT_FRAMES` for a model without an attention window."""
+        return self.context if self.context is not None else UNBOUNDED_CONTEXT_FRAMES
 
     @property
     def num_codebooks(self) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from safetensors.torch import save_file
 from transformers.utils import logging
 
 from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
+from .files import MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, check_output_dir, read_json_object
 from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
 # moshi's defaults for a checkpoint directory (moshi.models.loaders: MOSHI_NAME, MIMI_NAME, TEXT_TOKENIZER_NAME).
@@ -46,8 +46,6 @@ KYUTAI_WEIGHTS_NAMES = (KYUTAI_WEIGHTS_NAME, "model.sft")  # looked for, in orde
 KYUTAI_MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 KYUTAI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 WEIGHTS_SUFFIXES = (".safetensors", ".sft", ".sfts")  # what moshi reads as safetensors
-TOKENIZER_NAME = "tokenizer.model"  # name of the sentencepiece model inside a model directory of this package
-MIMI_FOLDER = "mimi"  # transformers `MimiModel` folder inside a source or model directory
 
 
 @dataclass
@@ -189,7 +187,7 @@ def convert_kyutai_checkpoint(
     if user_init not in USER_INITS:
         raise ValueError(f"user_init={user_init!r}: must be one of {USER_INITS}")
     checkpoint = find_kyutai_checkpoint(source_dir, config_path)
-    output = _check_output(output_dir, overwrite, source=Path(source_dir))
+    output = check_output_dir(output_dir, overwrite, source=Path(source_dir))
     # Fail on a bad config before reading gigabytes of weights (from_moshi then builds the same config).
     checkpoint.config(user_init=user_init, **config_overrides)
 
@@ -260,7 +258,7 @@ def export_to_moshi(
     if model_type != MoshiUserPredConfig.model_type:
         raise ValueError(f"{str(model_dir)!r} is not a model directory of hf_moshi_userpred: its config.json has "
                          f"model_type={model_type!r}, expected {MoshiUserPredConfig.model_type!r}")
-    output = _check_output(output_dir, overwrite, source=source)
+    output = check_output_dir(output_dir, overwrite, source=source)
 
     with progress_bars(progress):
         try:
@@ -287,66 +285,6 @@ def export_to_moshi(
                  f"it in its own format: put kyutai's {KYUTAI_MIMI_NAME} beside the weights)")
     num_parameters = sum(t.numel() for t in state_dict.values())
     return ConversionResult(output, len(state_dict), num_parameters, _files(output), notes)
-
-
-@contextmanager
-def atomic_directory(output_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Writes a directory all at once: yields an empty staging directory next to `output_dir`, renamed to `output_dir`
-    when the block exits cleanly (an existing `output_dir` is replaced only then). If the block raises, the staging
-    directory is removed and `output_dir` is left as it was.
-
-        with atomic_directory("outputs/model", overwrite=True) as staging:
-            model.save_pretrained(staging)
-
-    Args:
-        output_dir: the directory to write (its parents are created).
-        overwrite (`bool`): replace an existing non-empty `output_dir`.
-
-    Yields:
-        `Path`: the staging directory to write into.
-
-    Raises:
-        ValueError: `output_dir` is a file, or a non-empty directory without `overwrite`.
-    """
-    output = _check_output(output_dir, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, whose 0700 mode the output would keep) with a name no other writer uses.
-    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.tmp"
-    staging.mkdir()
-    try:
-        yield staging
-        if not output.exists():
-            os.replace(staging, output)
-            return
-        # A directory can only be renamed onto an empty one: move the old output aside first.
-        previous = staging.with_suffix(".old")
-        os.replace(output, previous)
-        try:
-            os.replace(staging, output)
-        except BaseException:
-            os.replace(previous, output)
-            raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(previous)
-
-
-def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
-    """The JSON object in `path`.
-
-    Raises:
-        ValueError: the file cannot be read, is not JSON, or holds something else than an object (`what` names it).
-    """
-    try:
-        content = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read the {what} {str(path)!r}: {error}") from error
-    except ValueError as error:
-        raise ValueError(f"the {what} {str(path)!r} is not valid JSON: {error}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"the {what} {str(path)!r} must hold a JSON object, got {type(content).__name__}")
-    return content
 
 
 def _read_kyutai_config(path: Path) -> dict[str, Any]:
@@ -391,24 +329,6 @@ def _user_branch_notes(model: MoshiUserPredForConditionalGeneration, user_init: 
             + ", ".join(random_init)]
 
 
-def _check_output(output_dir: str | os.PathLike, overwrite: bool, source: Path | None = None) -> Path:
-    """`output_dir` as an absolute path, refused when it is a file, a non-empty directory (without `overwrite`), or
-    would replace, contain or sit inside `source` (sources are never modified)."""
-    output = Path(output_dir).absolute()
-    if source is not None:
-        resolved, source_resolved = output.resolve(), source.resolve()
-        if source_resolved in (resolved, *resolved.parents) or resolved in source_resolved.parents:
-            raise ValueError(f"output directory {str(output_dir)!r} overlaps the source {str(source)!r}; sources are "
-                             "never modified")
-    if output.exists():
-        if not output.is_dir():
-            raise ValueError(f"output {str(output_dir)!r} exists and is not a directory")
-        if any(output.iterdir()) and not overwrite:
-            raise ValueError(f"output directory {str(output_dir)!r} exists and is not empty (pass overwrite=True, "
-                             "or --overwrite, to replace it)")
-    return output
-
-
 def _files(folder: Path) -> list[str]:
     """Every file under `folder`, relative to it, `/`-separated, sorted."""
     return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
@@ -427,5 +347,5 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-__all__ = ["ConversionResult", "KyutaiCheckpoint", "atomic_directory", "convert_kyutai_checkpoint", "export_to_moshi",
-           "find_kyutai_checkpoint"]
+__all__ = ["ConversionResult", "KyutaiCheckpoint", "convert_kyutai_checkpoint", "export_to_moshi",
+           "find_kyutai_checkpoint", "progress_bars"]

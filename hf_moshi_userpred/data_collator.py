@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from .modeling_moshi_depformer import ZERO_TOKEN_ID
+from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 
 
 def _codes_of(item: Mapping | torch.Tensor) -> torch.Tensor:
@@ -34,10 +35,13 @@ class MoshiSegmentCollator:
         random_offset: a uniformly random start in `[0, T - segment_frames]` for each dialogue (training), drawn from
             torch's global generator so a `Trainer` checkpoint restores it; False starts at frame 0 (evaluation of
             items that already are segments, see [`DialogueSegments`]).
+        config: the model's config: every batch's values are checked against its vocabularies here, on the CPU, so
+            the training forward does not have to (the check would cost a host sync per step on a GPU).
     """
 
     segment_frames: int
     random_offset: bool = True
+    config: Any = None
 
     def __post_init__(self) -> None:
         if self.segment_frames < 1:
@@ -56,7 +60,7 @@ class MoshiSegmentCollator:
             start = int(torch.randint(spare + 1, ())) if self.random_offset and spare > 0 else 0
             segment = c[:, start : start + self.segment_frames]
             batch[i, :, : segment.shape[1]] = segment
-        return {"codes": batch}
+        return {"codes": check_codes(batch, self.config, name="batch codes")}
 
 
 class DialogueSegments(Dataset):

@@ -26,32 +26,28 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback
+from transformers.utils import logging
 
-from .configuration_moshi_userpred import MoshiUserPredConfig
-from .conversion import MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, progress_bars
-from .encoding import EncodedDialogues, _atomic_write, encode_dataset, load_mimi, load_stereo
+from .audio import load_mimi, load_stereo
+from .conversion import progress_bars
+from .encoding import EncodedDialogues, encode_dataset
 from .evaluation import UserPredictionReport, evaluate_user_prediction, save_figures
-from .hub import METRICS_NAME, build_model_card
+from .files import METRICS_NAME, MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, atomic_write, write_json
+from .hub import build_model_card
 from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+from .sample import (
+    SAMPLE_DIR,
+    SAMPLE_MIMI,
+    SAMPLE_NUM_CODEBOOKS,
+    SAMPLE_TOKENIZER,
+    sample_model_config,
+    sample_training_arguments,
+)
 from .streaming_audio import StreamResult, stream_user_audio
 from .train import write_training_config
-from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+from .trainer import MoshiUserPredTrainer
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
-SAMPLE_NUM_CODEBOOKS = 4  # per speaker, of the sample Mimi's 8
-
-
-def sample_model_config(dim: int = 96, num_layers: int = 4) -> MoshiUserPredConfig:
-    """A tiny moshi-shaped model for the shipped sample: its 200-piece text vocabulary, 4 of its Mimi's codebooks
-    per speaker (64 entries each), moshi's delays (semantic codebook 0, acoustic ones 1), an 8 s context."""
-    return MoshiUserPredConfig(
-        dim=dim, text_card=200, card=64, n_q=2 * SAMPLE_NUM_CODEBOOKS, dep_q=SAMPLE_NUM_CODEBOOKS, num_heads=4,
-        num_layers=num_layers, hidden_scale=2, context=100, delays=[0, 0, 1, 1, 1, 0, 1, 1, 1],
-        depformer_dim=dim // 2, depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=dim,
-        user_depformer_dim=dim // 2, user_depformer_num_heads=2, user_depformer_num_layers=1,
-        user_depformer_dim_feedforward=dim, user_init="random",
-    )
-
+logger = logging.get_logger(__name__)
 
 @dataclass
 class DemoResult:
@@ -75,6 +71,11 @@ class DemoResult:
     summary: dict[str, float | int | bool | str] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
 
+    def describe(self) -> str:
+        """The summary table and where the report and the model are."""
+        return (f"{_summary_table(self.summary)}\n\nreport: {self.output_dir / 'report.md'}  "
+                f"model: {self.output_dir / 'model'}")
+
 
 def run_demo(
     output_dir: str | os.PathLike = "outputs/demo",
@@ -84,7 +85,7 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
 ) -> DemoResult:
-    """Runs the demo (see the module docstring) and prints its summary table.
+    """Runs the demo (see the module docstring); `result.describe()` is its summary table.
 
     Args:
         output_dir: created if needed; a previous run's encoded data is reused (the encode is resumable), the rest is
@@ -110,13 +111,13 @@ def run_demo(
 def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: bool) -> DemoResult:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    mimi = load_mimi(SAMPLE_DIR / "mimi")
+    mimi = load_mimi(SAMPLE_MIMI)
 
     _say("1/6 encoding the shipped dialogue sample")
     splits = {}
     for split in ("train", "eval"):
         summary = encode_dataset(SAMPLE_DIR / f"{split}.jsonl", out / "encoded" / split, mimi=mimi,
-                                 tokenizer=SAMPLE_DIR / "tokenizer.model", num_codebooks=SAMPLE_NUM_CODEBOOKS,
+                                 tokenizer=SAMPLE_TOKENIZER, num_codebooks=SAMPLE_NUM_CODEBOOKS,
                                  progress=progress)
         if summary.failed:
             raise ValueError(f"the shipped sample failed to encode: {summary}")
@@ -141,7 +142,7 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     dialogue = _manifest_paths(SAMPLE_DIR / "eval.jsonl")[0]
     _say(f"4/6 streaming held-out dialogue {dialogue.name} with speculation (k={speculate_top_k})")
     user_audio = load_stereo(dialogue, mimi.config.sampling_rate)[1]  # the right channel is the user
-    stream = stream_user_audio(model, user_audio, out / "stream", mimi=mimi, tokenizer=SAMPLE_DIR / "tokenizer.model",
+    stream = stream_user_audio(model, user_audio, out / "stream", mimi=mimi, tokenizer=SAMPLE_TOKENIZER,
                                speculate_top_k=speculate_top_k, seed=seed, progress=progress)
     plain = model.generate(stream.user_codes[None], seed=seed, progress=False)  # the same frames, no speculation
     plain_ms = 1e3 * plain.speculation.critical_normal_s / max(plain.speculation.normal_steps, 1)
@@ -152,15 +153,15 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     model_dir = out / "model"
     with atomic_directory(model_dir, overwrite=True) as staging:
         model.save_pretrained(staging)
-        shutil.copy(SAMPLE_DIR / "tokenizer.model", staging / TOKENIZER_NAME)  # what `stream` reads by default
-        shutil.copytree(SAMPLE_DIR / "mimi", staging / MIMI_FOLDER)
+        shutil.copy(SAMPLE_TOKENIZER, staging / TOKENIZER_NAME)  # what `stream` reads by default
+        shutil.copytree(SAMPLE_MIMI, staging / MIMI_FOLDER)
         write_training_config(staging, args, train_metrics,
-                              model={"init": "random (hf_moshi_userpred.demo.sample_model_config)",
+                              model={"init": "random (hf_moshi_userpred.sample.sample_model_config)",
                                      "training_mode": "full"},
                               data={"train_data": "hf_moshi_userpred/sample/train.jsonl (23 dialogues)",
                                     "eval_data": "hf_moshi_userpred/sample/eval.jsonl (5 dialogues)"})
         record = {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": "shipped sample, held out"}
-        (staging / METRICS_NAME).write_text(json.dumps(record, indent=2))
+        write_json(staging / METRICS_NAME, record)
         build_model_card(staging, "your-name/moshi-userpred-demo", base_model=None).save(staging / "README.md")
     window = held_out[0]["codes"][None, :, : model.config.context]
     with torch.no_grad():
@@ -174,9 +175,9 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     summary = _summary(report, stream, plain_ms, speculate_top_k, lossless, reload_identical, train_s,
                        time.perf_counter() - start, steps, model)
     result = DemoResult(out, report, stream, lossless, reload_identical, summary, plots)
-    _atomic_write(out / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
-    _atomic_write(out / "report.md", lambda path: path.write_text(_report_markdown(result)))
-    print("\n" + _summary_table(summary) + f"\n\nreport: {out / 'report.md'}  model: {model_dir}", flush=True)
+    write_json(out / "summary.json", summary)
+    report_text = _report_markdown(result)
+    atomic_write(out / "report.md", lambda path: path.write_text(report_text, encoding="utf-8"))
     return result
 
 
@@ -215,29 +216,12 @@ def logits_through_remote_code(model_dir: str | os.PathLike, codes: torch.Tensor
 
 
 def _say(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
+    logger.info(message)
 
 
 def _manifest_paths(manifest: Path) -> list[Path]:
     lines = [line for line in manifest.read_text().splitlines() if line.strip()]
     return [manifest.parent / json.loads(line)["path"] for line in lines]
-
-
-def sample_training_arguments(
-    output_dir: str | os.PathLike, steps: int = 900, seed: int = 0, progress: bool = True
-) -> MoshiUserPredTrainingArguments:
-    """The demo's recipe for [`sample_model_config`] (the tests' learning bar trains with it): text and system
-    audio alone for the first 6% of the steps, then the user loss at half weight, then at full weight (it is the
-    task the demo is about); held-out losses six times during training."""
-    first, second = max(steps * 6 // 100, 1), max(steps * 12 // 100, 2)
-    return MoshiUserPredTrainingArguments(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=6, segment_frames=64,
-        learning_rate=3e-3, warmup_steps=min(20, steps // 10), lr_scheduler_type="constant_with_warmup",
-        weight_decay=0.1, user_loss_stages=f"0:0.0,{first}:0.5,{second}:1.0", user_loss_stage_unit="step",
-        logging_steps=max(steps // 45, 1), eval_strategy="steps", eval_steps=max(steps // 6, 1),
-        per_device_eval_batch_size=8, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=not progress,
-        seed=seed, data_seed=seed,
-    )
 
 
 def _summary(report: UserPredictionReport, stream: StreamResult, plain_ms: float, k: int, lossless: bool,
@@ -397,5 +381,4 @@ def _plot_speculation(stream: StreamResult, figure):
     return figure
 
 
-__all__ = ["DemoResult", "logits_through_remote_code", "plot_demo", "run_demo", "sample_model_config",
-           "sample_training_arguments"]
+__all__ = ["DemoResult", "logits_through_remote_code", "plot_demo", "run_demo"]

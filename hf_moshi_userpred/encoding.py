@@ -19,8 +19,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,106 +30,14 @@ from safetensors.torch import load_file, save_file
 from transformers import MimiModel
 from transformers.utils import logging
 
-from .modeling_moshi_depformer import ZERO_TOKEN_ID
+from .audio import load_mimi, load_stereo, load_tokenizer
+from .files import atomic_write, write_json
+from .modeling_moshi_codes import check_codes
 from .text_alignment import interleave_text, validate_alignments
 
 logger = logging.get_logger(__name__)
 
 SHARD_FORMAT_VERSION = "1"  # bump when the content of a shard changes for the same inputs: old shards re-encode
-
-
-def load_mimi(name_or_path: str | os.PathLike | MimiModel, device: str | torch.device = "cpu") -> MimiModel:
-    """Loads a Transformers Mimi codec (e.g. `"kyutai/mimi"` or a local folder), in eval mode on `device`.
-
-    A `MimiModel` instance is moved to `device` and put in eval mode.
-
-    Raises:
-        ValueError: if `name_or_path` cannot be loaded as a `MimiModel`.
-    """
-    if isinstance(name_or_path, MimiModel):
-        mimi = name_or_path
-    elif isinstance(name_or_path, (str, os.PathLike)):
-        try:
-            mimi = MimiModel.from_pretrained(name_or_path)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"could not load a Mimi model from {str(name_or_path)!r}: {error}") from error
-    else:
-        raise ValueError(f"mimi must be a MimiModel, a local path or a Hub repo id, got {type(name_or_path).__name__}")
-    return mimi.to(device).eval()
-
-
-def load_stereo(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTensor:
-    """Reads a stereo audio file (any format and sample type soundfile reads) at `sampling_rate`.
-
-    Args:
-        path: the audio file (wav, flac, ...).
-        sampling_rate (`int`): the rate to return; the file is resampled (soxr) when it has another one.
-
-    Returns:
-        `torch.FloatTensor` of shape `[2, num_samples]`, values in [-1, 1]: row 0 the left channel (system),
-        row 1 the right channel (user).
-
-    Raises:
-        ValueError: if the file cannot be read, is not stereo, or is empty.
-    """
-    audio = _read_audio(path, sampling_rate)
-    if audio.shape[0] != 2:
-        raise ValueError(
-            f"{path} has {audio.shape[0]} channel(s): moshi-finetune dialogues are stereo, the system (Moshi) on the "
-            "left channel and the user on the right"
-        )
-    return audio
-
-
-def load_mono(path: str | os.PathLike, sampling_rate: int, channel: int | None = None) -> torch.FloatTensor:
-    """Reads a mono audio file, or one channel of a multi-channel file, at `sampling_rate`.
-
-    Args:
-        path: the audio file (wav, flac, ...; any format and sample type soundfile reads).
-        sampling_rate (`int`): the rate to return; the file is resampled (soxr) when it has another one.
-        channel (`int`, *optional*): the channel to take (0 is the left one); needed when the file has several.
-
-    Returns:
-        `torch.FloatTensor` of shape `[num_samples]`, values in [-1, 1].
-
-    Raises:
-        ValueError: if the file cannot be read or is empty, if it has several channels and `channel` is None, or if
-            `channel` is not one of its channels.
-    """
-    audio = _read_audio(path, sampling_rate)
-    num_channels = audio.shape[0]
-    if channel is None:
-        if num_channels != 1:
-            raise ValueError(
-                f"{path} has {num_channels} channels: pick one with channel=0..{num_channels - 1} (in a "
-                "moshi-finetune dialogue the user is channel 1, the right one)"
-            )
-        channel = 0
-    if not isinstance(channel, int) or not 0 <= channel < num_channels:
-        raise ValueError(f"channel={channel!r} but {path} has {num_channels} channel(s) (0..{num_channels - 1})")
-    return audio[channel].clone()  # a view would keep the other channels in memory
-
-
-def _read_audio(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTensor:
-    """Every channel of an audio file at `sampling_rate`: `[num_channels, num_samples]`, with num_samples > 0.
-
-    Raises:
-        ValueError: if the file is missing, cannot be read or has no samples.
-    """
-    import soundfile
-    import soxr
-
-    if not Path(path).is_file():
-        raise ValueError(f"cannot read audio file {path}: no such file")
-    try:
-        audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)  # [num_samples, channels]
-    except (soundfile.SoundFileError, RuntimeError) as error:
-        raise ValueError(f"cannot read audio file {path}: {error}") from error
-    if audio.shape[0] == 0:
-        raise ValueError(f"{path} has no samples")
-    if file_rate != sampling_rate:
-        audio = soxr.resample(audio, file_rate, sampling_rate)
-    return torch.from_numpy(audio.T.copy())
 
 
 @dataclass
@@ -201,7 +108,7 @@ def encode_dataset(
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read the manifest {manifest}: {error}") from error
     mimi = load_mimi(mimi, device)
-    tokenizer = _load_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(tokenizer)
     if not 1 <= num_codebooks <= mimi.config.num_quantizers:
         raise ValueError(
             f"num_codebooks={num_codebooks} but this Mimi has {mimi.config.num_quantizers} codebooks (quantizers)"
@@ -253,7 +160,7 @@ def encode_dataset(
         "shards": shards,
         "failed": summary.failed,
     }
-    _atomic_write(output_dir / "index.json", lambda path: path.write_text(json.dumps(index, indent=2) + "\n"))
+    write_json(output_dir / "index.json", index)
     if summary.failed:
         logger.warning(str(summary))
     else:
@@ -300,16 +207,7 @@ class EncodedDialogues(torch.utils.data.Dataset):
         if not codes_list:
             raise ValueError("codes_list is empty")
         for i, codes in enumerate(codes_list):
-            if not isinstance(codes, torch.Tensor):
-                raise ValueError(f"codes_list[{i}] is a {type(codes).__name__}, expected an integer tensor [K, T]")
-            if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-                raise ValueError(f"codes_list[{i}] has dtype {codes.dtype}, expected an integer dtype")
-            if codes.ndim != 2:
-                raise ValueError(f"codes_list[{i}] has shape {tuple(codes.shape)}, expected [K, T]")
-            if codes.shape[1] == 0:
-                raise ValueError(f"codes_list[{i}] has no frames (shape {tuple(codes.shape)})")
-            if codes.min() < ZERO_TOKEN_ID:
-                raise ValueError(f"codes_list[{i}] has id {codes.min().item()}, below the zero token {ZERO_TOKEN_ID}")
+            check_codes(codes, name=f"codes_list[{i}]", batched=False)
         dataset = cls.__new__(cls)
         names = list(names) if names is not None else [f"codes_list[{i}]" for i in range(len(codes_list))]
         dataset._set_items(names, [codes.detach().cpu() for codes in codes_list], [codes.shape for codes in codes_list])
@@ -334,17 +232,6 @@ class EncodedDialogues(torch.utils.data.Dataset):
         item = self._items[index]
         codes = load_file(item)["codes"] if isinstance(item, Path) else item
         return {"codes": codes.long(), "name": self._names[index]}
-
-
-def _load_tokenizer(
-    tokenizer: str | os.PathLike | sentencepiece.SentencePieceProcessor,
-) -> sentencepiece.SentencePieceProcessor:
-    if isinstance(tokenizer, sentencepiece.SentencePieceProcessor):
-        return tokenizer
-    try:
-        return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
-    except RuntimeError as error:  # sentencepiece's error for a missing or unparsable model
-        raise ValueError(f"could not load a sentencepiece model from {str(tokenizer)!r}: {error}") from error
 
 
 def _fingerprint(
@@ -466,7 +353,7 @@ def _encode_file(
         "text_padding_id": str(text_padding_id),
         "text_end_padding_id": str(text_end_padding_id),
     }
-    _atomic_write(shard, lambda path: save_file({"codes": codes}, path, metadata=metadata))
+    atomic_write(shard, lambda path: save_file({"codes": codes}, path, metadata=metadata))
     return shard, num_frames, False
 
 
@@ -481,13 +368,4 @@ def _read_metadata(shard: Path) -> dict[str, str] | None:
         return None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]):
-    """Writes `path` through a temporary file in the same folder, so readers never see a partial file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+__all__ = ["EncodeSummary", "EncodedDialogues", "encode_dataset"]

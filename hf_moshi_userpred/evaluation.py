@@ -3,7 +3,7 @@
 `model(codes).user_logits[:, k, t]` scores `codes[:, model.user_rows][:, k, t]`; when it is computed the model has
 seen that user codebook up to frame `t - L` (`L = config.user_prediction_lookahead`). Only the codebooks with
 delay 0 (the semantic ones) are a real forecast; the delayed (acoustic) ones are predicted once the semantic token
-of their frame is already in hand (DESIGN.md section 2), so the report gives them separately.
+of their frame is already in hand (docs/design.md §2), so the report gives them separately.
 
     report = evaluate_user_prediction(model, eval_dataset, reference=train_dataset, plot_dir="eval_plots")
     trainer.log(report.to_dict())
@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .data_collator import DialogueSegments
-from .modeling_moshi_depformer import ZERO_TOKEN_ID
+from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, shift_time
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PREDICTORS = ("model", "repeat_last", "unigram")  # the order of the first axis of the counts
-DEFAULT_WINDOW = 750  # frames (60 s) per window for a model without an attention `context`
 
 
 @dataclass
@@ -173,7 +172,7 @@ def evaluate_user_prediction(
         model: a [`MoshiUserPredForConditionalGeneration`] with a user branch; put in eval mode for the call.
         dataset: dialogues, each codes `torch.LongTensor` `[1 + n_q, T]` or a dict holding them as `"codes"`.
         batch_size: windows per forward pass.
-        window: frames per window (default: `config.context`, or 750 when it is None).
+        window: frames per window (default: `config.streaming_window`).
         top_k: k of the top-k accuracies (clamped to `card`).
         num_bins: equal-width confidence bins of the reliability curves.
         reference: dialogues like `dataset` to count the unigram baseline on.
@@ -184,15 +183,15 @@ def evaluate_user_prediction(
 
     Raises:
         ValueError: the model has no user branch, the dataset is empty or has no scored position, or codes are
-            malformed (the model's `check_codes`).
+            malformed (`check_codes`).
     """
-    if model.user_depformer is None:
+    if not model.config.predict_user_audio:
         raise ValueError("evaluate_user_prediction: the model has no user branch (predict_user_audio=False)")
     for name, value in (("batch_size", batch_size), ("top_k", top_k), ("num_bins", num_bins)):
         if value < 1:
             raise ValueError(f"evaluate_user_prediction: {name} must be >= 1, got {value}")
     if window is None:
-        window = model.config.context or DEFAULT_WINDOW
+        window = model.config.streaming_window
     top_k = min(top_k, model.config.card)
     ranking = _unigram_ranking(model, dataset if reference is None else reference, window)
     was_training = model.training
@@ -210,7 +209,7 @@ def evaluate_user_prediction(
 def _windows(model: MoshiUserPredForConditionalGeneration, dataset: Sequence, window: int) -> Iterator[torch.Tensor]:
     """Validated windows `[1 + n_q, <=window]` of every dialogue, on the model's device."""
     for item in DialogueSegments(dataset, window):
-        yield model.check_codes(item["codes"][None].to(model.device))[0]
+        yield check_codes(item["codes"][None].to(model.device), model.config)[0]
 
 
 def _unigram_ranking(model: MoshiUserPredForConditionalGeneration, dataset: Sequence, window: int) -> torch.Tensor:

@@ -28,10 +28,8 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_imports
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
-from .conversion import MIMI_FOLDER, TOKENIZER_NAME, read_json_object
+from .files import METRICS_NAME, MIMI_FOLDER, TOKENIZER_NAME, TRAINING_CONFIG_NAME, read_json_object
 
-TRAINING_CONFIG_NAME = "training_config.json"
-METRICS_NAME = "user_prediction_metrics.json"
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 
 DEFAULT_TAGS = ("moshi", "speech", "full-duplex", "user-prediction", "hf_moshi_userpred", "custom_code")
@@ -323,3 +321,6 @@ def _cell(value: Any) -> str:
     """A JSON value as the text of a markdown table cell."""
     text = value if isinstance(value, str) else json.dumps(value)
     return text.replace("|", "\\|")
+
+
+__all__ = ["PushResult", "build_model_card", "push_to_hub"]

@@ -2,7 +2,7 @@
 
 Every tensor is allocated once per session and updated in place, so memory stays flat however long a
 session runs and the step can be captured in a CUDA graph. A step first *reads* the cache and keeps its
-new keys/values apart (`pending`); `commit` then writes one of them per stream. The split is what
+new keys/values apart (`pending`); `commit` then writes one of them per slot. The split is what
 speculative streaming needs: several candidate inputs for the same position are run against the same
 prefix, and only the one that turns out right is written. A step's new entries are copied into scratch
 slots stored right after the ring, so attention reads one buffer: concatenating the whole cache with the
@@ -15,12 +15,12 @@ import torch
 
 
 class MoshiKVCache:
-    """Keys and values of the last `capacity` positions of every layer, for `batch_size` independent streams.
+    """Keys and values of the last `capacity` positions of every layer, for `batch_size` independent slots.
 
     Attributes:
         keys, values: `[num_layers, B, num_kv_heads, capacity, head_dim]`, the ring part of buffers that hold
-            `alternatives` scratch slots after it (the new entries of the current step, not yet committed).
-        positions: `[B, capacity]` absolute position held by each slot, -1 for an empty slot.
+            `alternatives` scratch cells after it (the new entries of the current step, not yet committed).
+        positions: `[B, capacity]` absolute position held by each ring cell, -1 for an empty one.
         pending: per layer, the `(keys, values)` `[B, num_kv_heads, n, head_dim]` of the last step, not yet written.
     """
 
@@ -34,7 +34,7 @@ class MoshiKVCache:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        shape = (num_layers, batch_size, num_kv_heads, capacity + 1, head_dim)  # one scratch slot: a plain step
+        shape = (num_layers, batch_size, num_kv_heads, capacity + 1, head_dim)  # one scratch cell: a plain step
         self._key_buffer = torch.zeros(shape, device=device, dtype=dtype)
         self._value_buffer = torch.zeros(shape, device=device, dtype=dtype)
         self._set_views(capacity)
@@ -49,7 +49,7 @@ class MoshiKVCache:
 
     @property
     def alternatives(self) -> int:
-        """How many new entries per stream a step can hold (the scratch slots)."""
+        """How many new entries per slot a step can hold (the scratch cells)."""
         return self._key_buffer.shape[3] - self.capacity
 
     def reserve(self, alternatives: int) -> None:
@@ -112,27 +112,27 @@ class MoshiKVCache:
         choice: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> None:
-        """Write entry `choice[b]` of `pending` at `position[b]` for every stream `b` where `mask[b]`.
+        """Write entry `choice[b]` of `pending` at `position[b]` for every slot `b` where `mask[b]`.
 
         Args:
             pending: what `take_pending` returned.
             position: `[B]` positions the entries belong to.
             choice: `[B]` which of the `n` alternatives to keep (default 0).
-            mask: `[B]` bool, streams to write (default all).
+            mask: `[B]` bool, slots to write (default all).
         """
         b = self._batch_index
-        slot = position % self.capacity
+        cell = position % self.capacity
         for layer, (k, v) in enumerate(pending):
             for store, new in ((self.keys[layer], k), (self.values[layer], v)):
                 chosen = new[:, :, 0] if choice is None else new[b, :, choice]  # [B, num_kv_heads, head_dim]
                 if mask is not None:
-                    chosen = torch.where(mask[:, None, None], chosen, store[b, :, slot])
-                store[b, :, slot] = chosen
-        new_position = position if mask is None else torch.where(mask, position, self.positions[b, slot])
-        self.positions[b, slot] = new_position
+                    chosen = torch.where(mask[:, None, None], chosen, store[b, :, cell])
+                store[b, :, cell] = chosen
+        new_position = position if mask is None else torch.where(mask, position, self.positions[b, cell])
+        self.positions[b, cell] = new_position
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
-        """Empty the streams where `mask` `[B]` is True (all of them for None)."""
+        """Empty the slots where `mask` `[B]` is True (all of them for None)."""
         if mask is None:
             self.positions.fill_(-1)
         else:

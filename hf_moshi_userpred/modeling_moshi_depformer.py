@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from .modeling_moshi_cache import MoshiKVCache
+from .modeling_moshi_codes import ZERO_TOKEN_ID
 from .modeling_moshi_transformer import MoshiTransformer, create_norm
-
-ZERO_TOKEN_ID = -1  # "no input": embeds to exactly 0 and carries no loss
 
 
 class MoshiScaledEmbedding(nn.Embedding):
@@ -166,4 +165,4 @@ class MoshiDepformer(nn.Module):
         return sequence[:, 1:], torch.stack(all_logits, dim=1)
 
 
-__all__ = ["MoshiDepformer", "MoshiScaledEmbedding", "ZERO_TOKEN_ID"]
+__all__ = ["MoshiDepformer", "MoshiScaledEmbedding"]

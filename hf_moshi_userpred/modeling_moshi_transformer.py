@@ -149,7 +149,7 @@ class MoshiAttention(nn.Module):
     ) -> torch.Tensor:
         """`x` `[B, T, dim]`, `positions` `[B or 1, T]` -> `[B, T, dim]`.
 
-        With a `cache`, the T inputs are alternatives for one position per stream (`positions[:, 0]`), each
+        With a `cache`, the T inputs are alternatives for one position per slot (`positions[:, 0]`), each
         attending to the cached window and to itself; their keys/values are left in `cache.pending`.
         """
         B, T, _ = x.shape
@@ -291,7 +291,7 @@ class MoshiTransformer(nn.Module):
             layer.self_attn.layer_idx = index
 
     def make_cache(self, batch_size: int, capacity: int) -> MoshiKVCache:
-        """An empty streaming cache of `capacity` positions per stream, on this transformer's device and dtype."""
+        """An empty streaming cache of `capacity` positions per slot, on this transformer's device and dtype."""
         attn = self.layers[0].self_attn
         weight = attn.in_projs[0].weight
         return MoshiKVCache(len(self.layers), batch_size, attn.num_kv_heads, attn.head_dim, capacity,

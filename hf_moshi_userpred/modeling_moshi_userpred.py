@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +30,10 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
 from .generation_moshi_userpred import MoshiUserPredGenerationMixin
+from .modeling_moshi_cache import MoshiKVCache
 from .modeling_moshi_checkpoint import convert_from_moshi, convert_to_moshi
-from .modeling_moshi_depformer import ZERO_TOKEN_ID, MoshiDepformer, MoshiScaledEmbedding
+from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
+from .modeling_moshi_depformer import MoshiDepformer, MoshiScaledEmbedding
 from .modeling_moshi_transformer import MoshiLayerScale, MoshiRMSNorm, MoshiTransformer, create_norm
 
 logger = logging.get_logger(__name__)
@@ -67,6 +69,46 @@ class MoshiUserPredOutput(ModelOutput):
     user_logits: torch.Tensor | None = None
     user_mask: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class MoshiStreamingCaches:
+    """The key/value caches of one streaming session of `B` slots (see [`MoshiKVCache`]).
+
+    Attributes:
+        transformer: the main transformer's ring buffer, `config.streaming_window` positions, room for `k`
+            alternatives per step when speculating.
+        depformer: the system Depformer's cache for one frame of `B` slots.
+        speculative_depformer: the same for `B * k` alternatives (speculation on), else None.
+        user_depformer: the user Depformer's cache (user branch on), else None.
+    """
+
+    transformer: MoshiKVCache
+    depformer: MoshiKVCache
+    speculative_depformer: MoshiKVCache | None = None
+    user_depformer: MoshiKVCache | None = None
+
+    def nbytes(self) -> int:
+        caches = (self.transformer, self.depformer, self.speculative_depformer, self.user_depformer)
+        return sum(cache.nbytes() for cache in caches if cache is not None)
+
+
+@dataclass
+class MoshiSystemStepOutput(ModelOutput):
+    r"""What [`MoshiUserPredForConditionalGeneration.system_step`] produced for `n` alternative inputs per slot.
+
+    Args:
+        hidden (`torch.FloatTensor` `[B, n, dim]`): the main transformer's output (after `out_norm`).
+        text (`torch.LongTensor` `[B, n]`): the sampled text token.
+        audio (`torch.LongTensor` `[B, n, dep_q]`): the sampled system audio codebooks.
+        pending (`list`): the main transformer's new key/value entries, not yet in the cache: the caller commits
+            the alternative it keeps (`MoshiKVCache.commit`).
+    """
+
+    hidden: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+    pending: list | None = None
 
 
 def shift_time(
@@ -130,7 +172,7 @@ class MoshiUserPredPreTrainedModel(PreTrainedModel):
     """Weight init (moshi's scheme) and the Transformers plumbing shared by Moshi user-prediction models."""
 
     config_class = MoshiUserPredConfig
-    base_model_prefix = "moshi"
+    base_model_prefix = ""  # one model class, no base model inside a head
     main_input_name = "codes"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoshiTransformerLayer"]
@@ -220,6 +262,10 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             if isinstance(module, nn.Linear):
                 module._moshi_trunc_normal_init = True
         self.post_init()
+        # On the meta device there is nothing to copy yet: `from_moshi` copies once the checkpoint is loaded, and
+        # `from_pretrained` loads the saved user branch itself.
+        if self.user_depformer is not None and c.user_init == "copy_system" and not self.text_linear.weight.is_meta:
+            self.init_user_branch("copy_system")
 
     # ----------------------------------------------------------------------------------------- layout
     @property
@@ -231,39 +277,6 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
     def initial_tokens(self) -> list[int]:
         """Token fed before the first frame of every row: `text_card` for text, `card` for audio."""
         return [self.config.text_card] + [self.config.card] * self.config.n_q
-
-    def _row_name(self, row: int) -> str:
-        dep_q = self.config.dep_q
-        if row == 0:
-            return "row 0 (text)"
-        if row <= dep_q:
-            return f"row {row} (system audio codebook {row - 1})"
-        return f"row {row} (user audio codebook {row - 1 - dep_q})"
-
-    def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Validate `codes` `[B, 1 + n_q, T]` and return them as int64; `ValueError` naming any problem."""
-        K = self.config.num_codebooks
-        if not isinstance(codes, torch.Tensor):
-            raise ValueError(f"codes must be a LongTensor [B, {K}, T], got {type(codes).__name__}")
-        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
-        if codes.dim() != 3 or codes.shape[1] != K:
-            raise ValueError(f"codes must have shape [B, 1 + n_q = {K}, T], got {tuple(codes.shape)}")
-        if codes.shape[0] == 0 or codes.shape[2] == 0:
-            raise ValueError(f"codes must have at least one sequence and one frame, got shape {tuple(codes.shape)}")
-        if codes.device != self.device:
-            raise ValueError(f"codes are on {codes.device} but the model is on {self.device}: "
-                             "move them with codes.to(model.device)")
-        codes = codes.long()
-        upper = torch.tensor([self.config.text_card] + [self.config.card] * self.config.n_q, device=codes.device)
-        bad = (codes < ZERO_TOKEN_ID) | (codes >= upper.view(1, K, 1))
-        if bad.any():
-            b, row, t = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"codes[{b}, {row}, {t}] = {codes[b, row, t].item()} is out of range for {self._row_name(row)} "
-                f"at time step {t}: valid values are -1 (zero token) or 0..{int(upper[row]) - 1}"
-            )
-        return codes
 
     # ---------------------------------------------------------------------------------------- forward
     def embed(self, sequence: torch.Tensor) -> torch.Tensor:
@@ -293,7 +306,8 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             [`MoshiUserPredOutput`].
         """
         c = self.config
-        codes = self.check_codes(codes)
+        # Values are checked outside training: the training data pipeline checks them once, on the CPU.
+        codes = check_codes(codes, c, device=self.device, check_values=not self.training)
         T = codes.shape[2]
         delays = c.delays
         delayed, _ = shift_time(codes, [-1 - d for d in delays], T + 1, self.initial_tokens())
@@ -354,6 +368,76 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
         weights = torch.ones(1, num_codebooks, 1, device=codes.device)
         weights[:, 0] = self.config.first_codebook_weight_multiplier
         return weights.expand(codes.shape[0], num_codebooks, codes.shape[2])
+
+    # ------------------------------------------------------------------------------- streaming step API
+    def make_streaming_caches(self, batch_size: int, speculate_top_k: int = 0) -> MoshiStreamingCaches:
+        """Allocate the caches of a streaming session of `batch_size` slots, once (flat memory, CUDA-graph safe).
+
+        Args:
+            batch_size: slots.
+            speculate_top_k: alternatives per step a speculative session runs (0: none).
+        """
+        transformer = self.transformer.make_cache(batch_size, self.config.streaming_window)
+        speculative = None
+        if speculate_top_k:
+            transformer.reserve(speculate_top_k)
+            speculative = self.depformer.make_cache(batch_size * speculate_top_k)
+        user = self.user_depformer.make_cache(batch_size) if self.user_depformer is not None else None
+        return MoshiStreamingCaches(transformer, self.depformer.make_cache(batch_size), speculative, user)
+
+    def system_step(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        caches: MoshiStreamingCaches,
+        sample_text: Callable[[torch.Tensor], torch.Tensor],
+        sample_audio: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> MoshiSystemStepOutput:
+        """One streaming position of the main transformer, then the text token and the system's audio codebooks:
+        the critical path of a frame. Pure tensor work (no host synchronisation), so it can be CUDA-graphed.
+
+        Args:
+            inputs: `[B, n, 1 + n_q]` delayed tokens of the position, `n` alternatives per slot (n > 1: speculation;
+                each alternative attends to the cache and itself).
+            positions: `[B]` the position of every slot.
+            caches: from `make_streaming_caches`; the transformer's new entries are left pending.
+            sample_text: `sample_text(logits [B * n, text_card_out]) -> tokens [B * n]`.
+            sample_audio: `sample_audio(step, logits [B * n, card], sequence [B * n, step + 1]) -> tokens [B * n]`
+                (see `MoshiDepformer.generate_frame`).
+
+        Returns:
+            [`MoshiSystemStepOutput`].
+        """
+        B, n, K = inputs.shape
+        x = self.embed(inputs.reshape(B * n, K, 1)).view(B, n, -1)
+        hidden = self.out_norm(self.transformer(x, positions[:, None].expand(B, n), cache=caches.transformer))
+        text = sample_text(self.text_linear(hidden).reshape(B * n, -1))
+        depformer_cache = caches.depformer if n == 1 else caches.speculative_depformer
+        audio, _ = self.depformer.generate_frame(hidden.reshape(B * n, -1), text, depformer_cache, sample_audio)
+        return MoshiSystemStepOutput(hidden=hidden, text=text.view(B, n), audio=audio.view(B, n, -1),
+                                     pending=caches.transformer.take_pending())
+
+    def user_step(
+        self,
+        hidden: torch.Tensor,
+        text: torch.Tensor,
+        caches: MoshiStreamingCaches,
+        sample: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The user Depformer on one frame: run after `system_step`, so it adds nothing to the critical path.
+
+        Args:
+            hidden: `[B, dim]` the committed `system_step` hidden state of every slot.
+            text: `[B]` the committed text token.
+            caches: from `make_streaming_caches`.
+            sample: as `sample_audio` of `system_step`, over the user codebooks.
+
+        Returns:
+            tokens `[B, user_dep_q]` and logits `[B, user_dep_q, card]`.
+        """
+        if self.user_depformer is None:
+            raise ValueError("user_step: the model has no user branch (predict_user_audio=False)")
+        return self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample)
 
     # ------------------------------------------------------------------------------- kyutai checkpoints
     @classmethod
@@ -491,6 +575,8 @@ def _read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor])
 
 
 __all__ = [
+    "MoshiStreamingCaches",
+    "MoshiSystemStepOutput",
     "MoshiUserPredForConditionalGeneration",
     "MoshiUserPredOutput",
     "MoshiUserPredPreTrainedModel",

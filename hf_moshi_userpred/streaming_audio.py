@@ -34,11 +34,11 @@ import torch
 from transformers import MimiModel
 from transformers.utils.logging import tqdm
 
-from .encoding import _atomic_write, _load_tokenizer, load_mimi, load_mono
-from .generation_moshi_userpred import STREAMS
+from .audio import load_mimi, load_mono, load_tokenizer
+from .files import atomic_write, write_json
+from .generation_moshi_config import STREAMS
 
 FRAME_RATE = 12.5  # Mimi frames per second that Moshi models are trained on
-SPECULATION_STATUSES = ("hit", "miss", "not_tried")
 OUTPUT_FILES = {
     "system_audio": "system.wav",
     "dialogue_audio": "dialogue.wav",
@@ -171,7 +171,7 @@ def stream_user_audio(
     tokens are exactly those of `model.generate` on the same codes: speculation only changes the critical path.
 
     In dialogue.wav, system frame `j` (the `j`-th frame of `audio_codes`) starts with user frame `j + 1`: the
-    alignment of the training data (user frame `f` of a session plays training frame `f - 1`, DESIGN.md §2). Live,
+    alignment of the training data (user frame `f` of a session plays training frame `f - 1`, docs/design.md §2). Live,
     each system frame is heard `max(delays)` frames later, once the user frames it depends on have arrived.
 
     Args:
@@ -211,7 +211,7 @@ def stream_user_audio(
     mimi = load_mimi(mimi, model.device)
     _check_mimi(mimi, c)
     if tokenizer is not None:
-        tokenizer = _load_tokenizer(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
         if tokenizer.get_piece_size() < c.text_card_out:
             raise ValueError(f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model's text vocabulary "
                              f"has {c.text_card_out} tokens: it is not the model's tokenizer")
@@ -225,7 +225,7 @@ def stream_user_audio(
     user_delays = c.delays[1 + c.dep_q :]
     delay0_rows = [k for k in range(num_user_rows) if user_delays[k] == 0]
     # a prefix of delay0_rows: the user branch predicts the first user_dep_q user rows
-    predicted_rows = [k for k in delay0_rows if k < c.user_dep_q] if model.user_depformer is not None else []
+    predicted_rows = [k for k in delay0_rows if k < c.user_dep_q] if c.predict_user_audio else []
     frames, texts, audios = [], [], []
     previous = None  # the last step's output: its user prediction is for the current frame
     with model.streaming(1, speculate_top_k=speculate_top_k, seed=seed, **generation_kwargs) as session:
@@ -234,9 +234,7 @@ def stream_user_audio(
         for t in tqdm(range(user_codes.shape[1]), desc="streaming", unit="frame", disable=not progress):
             if realtime:
                 time.sleep(max(0.0, start + t / FRAME_RATE - time.perf_counter()))
-            critical_before = session.stats.critical_hit_s + session.stats.critical_normal_s
             out = session.step(user_codes[None, :, t : t + 1])
-            critical_s = session.stats.critical_hit_s + session.stats.critical_normal_s - critical_before
             text_token = None
             if out.tokens is not None:
                 text_token = out.tokens[0, 0, 0].item()
@@ -247,7 +245,7 @@ def stream_user_audio(
                 "time_s": t / FRAME_RATE,
                 **_prediction_record(previous, user_codes[delay0_rows, t].tolist(), predicted_rows),
                 "speculative": out.speculative[0],
-                "critical_ms": round(1000 * critical_s, 3),
+                "critical_ms": round(1000 * out.critical_s, 3),
                 "text_token": text_token,
                 "text": None if text_token is None or tokenizer is None else _piece(tokenizer, text_token, c),
             })
@@ -419,13 +417,12 @@ def _write_outputs(result: StreamResult, frames: list[dict], system_audio: torch
         return lambda path: soundfile.write(path, audio.numpy(), rate, subtype="FLOAT", format="WAV")
 
     files = result.files
-    _atomic_write(files["system_audio"], wav(system_audio))
-    _atomic_write(files["dialogue_audio"], wav(dialogue.T.contiguous()))
-    _atomic_write(files["text"], lambda path: path.write_text(result.text + "\n", encoding="utf-8"))
+    atomic_write(files["system_audio"], wav(system_audio))
+    atomic_write(files["dialogue_audio"], wav(dialogue.T.contiguous()))
+    atomic_write(files["text"], lambda path: path.write_text(result.text + "\n", encoding="utf-8"))
     lines = "".join(json.dumps(frame, ensure_ascii=False) + "\n" for frame in frames)
-    _atomic_write(files["frames"], lambda path: path.write_text(lines, encoding="utf-8"))
-    summary = json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(files["summary"], lambda path: path.write_text(summary, encoding="utf-8"))
+    atomic_write(files["frames"], lambda path: path.write_text(lines, encoding="utf-8"))
+    write_json(files["summary"], result.to_dict())
 
 
 __all__ = ["StreamResult", "stream_user_audio"]

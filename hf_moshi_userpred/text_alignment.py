@@ -129,3 +129,6 @@ def interleave_text(
         text[first : first + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         next_free = first + len(tokens)
     return text
+
+
+__all__ = ["TextTokenizer", "interleave_text", "validate_alignments"]

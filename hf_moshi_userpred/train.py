@@ -11,7 +11,6 @@ Flags are the fields of [`MoshiUserPredModelArguments`], [`MoshiUserPredDataArgu
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,8 +20,8 @@ from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .encoding import EncodedDialogues, _atomic_write
-from .hub import TRAINING_CONFIG_NAME
+from .encoding import EncodedDialogues
+from .files import TRAINING_CONFIG_NAME, write_json
 from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
 from .training_modes import LORA_PARTS, TRAINING_MODES, prepare_model_for_training
@@ -151,7 +150,7 @@ def write_training_config(
         "results": results,
     }
     path = Path(output_dir) / TRAINING_CONFIG_NAME
-    _atomic_write(path, lambda temporary: temporary.write_text(json.dumps(record, indent=2, default=str)))
+    write_json(path, record)
     return path
 
 
@@ -162,6 +161,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "hf_moshi_userpred.train
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+__all__ = ["MoshiUserPredDataArguments", "MoshiUserPredModelArguments", "main", "parse_arguments", "train",
+           "write_training_config"]
 
 
 if __name__ == "__main__":

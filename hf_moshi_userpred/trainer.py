@@ -2,8 +2,9 @@
 
     loss = text CE + system-audio CE + w_user * user-audio CE        (masked means, moshi-finetune's weights)
 
-`w_user` follows [`UserLossCurriculum`] (default 0.0, then 0.05, then 0.1 by epoch): the user branch starts once
-the shared model has adapted to the data, so early, noisy user gradients do not disturb it.
+`w_user` follows [`UserLossCurriculum`] (by default 0, then half, then all of the model config's `user_loss_weight`,
+by epoch): the user branch starts once the shared model has adapted to the data, so early, noisy user gradients do
+not disturb it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from .modeling_moshi_userpred import MoshiUserPredOutput
 logger = logging.get_logger(__name__)
 
 CURRICULUM_UNITS = ("step", "epoch")
+
+
+def default_stages(user_loss_weight: float) -> str:
+    """The default curriculum, in epochs: no user loss in the first, half of `user_loss_weight` in the second, then
+    all of it."""
+    return f"0:0.0,1:{user_loss_weight / 2:g},2:{user_loss_weight:g}"
 
 
 def parse_stages(spec: str | Sequence[Sequence[float]]) -> list[tuple[float, float]]:
@@ -67,7 +74,7 @@ class UserLossCurriculum(TrainerCallback, ExportableState):
     resumed from a checkpoint is in the stage the uninterrupted run was in.
     """
 
-    def __init__(self, stages: str | Sequence[Sequence[float]] = "0:0.0,1:0.05,2:0.1", unit: str = "epoch"):
+    def __init__(self, stages: str | Sequence[Sequence[float]] = default_stages(0.1), unit: str = "epoch"):
         if unit not in CURRICULUM_UNITS:
             raise ValueError(f"curriculum unit {unit!r} must be one of {CURRICULUM_UNITS}")
         self.stages = parse_stages(stages)
@@ -110,13 +117,15 @@ class MoshiUserPredTrainingArguments(TrainingArguments):
     Args:
         segment_frames: frames per training segment (12.5 per second); evaluation covers every frame in segments of
             this length.
-        user_loss_stages: the curriculum of the user-loss weight as `start:weight` pairs (see [`UserLossCurriculum`]).
+        user_loss_stages: the curriculum of the user-loss weight as `start:weight` pairs (see [`UserLossCurriculum`]);
+            None: [`default_stages`] of the model config's `user_loss_weight` (the Trainer fills it in).
         user_loss_stage_unit: `"epoch"` or `"step"`.
     """
 
     segment_frames: int = field(default=125, metadata={"help": "frames per training segment (12.5 per second)"})
-    user_loss_stages: str = field(
-        default="0:0.0,1:0.05,2:0.1", metadata={"help": "user-loss weight curriculum as start:weight pairs"}
+    user_loss_stages: str | None = field(
+        default=None, metadata={"help": "user-loss weight curriculum as start:weight pairs (default: 0, then half, "
+                                        "then all of the model config's user_loss_weight, by epoch)"}
     )
     user_loss_stage_unit: str = field(default="epoch", metadata={"help": "unit of the stage starts: epoch or step"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: batches are built by the collator"})
@@ -125,7 +134,10 @@ class MoshiUserPredTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.segment_frames < 1:
             raise ValueError(f"segment_frames must be >= 1, got {self.segment_frames}")
-        UserLossCurriculum(self.user_loss_stages, self.user_loss_stage_unit)  # validates both
+        if self.user_loss_stages is not None:
+            UserLossCurriculum(self.user_loss_stages, self.user_loss_stage_unit)  # validates both
+        elif self.user_loss_stage_unit not in CURRICULUM_UNITS:
+            raise ValueError(f"curriculum unit {self.user_loss_stage_unit!r} must be one of {CURRICULUM_UNITS}")
 
 
 # Running sums recorded by `compute_loss`; means and accuracies are taken when logged.
@@ -157,8 +169,10 @@ class MoshiUserPredTrainer(Trainer):
             args = MoshiUserPredTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, MoshiUserPredTrainingArguments):
             raise ValueError(f"args must be MoshiUserPredTrainingArguments, got {type(args).__name__}")
+        if args.user_loss_stages is None:  # recorded as it is used (training_config.json, the model card)
+            args.user_loss_stages = default_stages(model.config.user_loss_weight)
         if data_collator is None:
-            data_collator = MoshiSegmentCollator(args.segment_frames)
+            data_collator = MoshiSegmentCollator(args.segment_frames, config=model.config)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(c, UserLossCurriculum) for c in callbacks):
             callbacks.append(UserLossCurriculum(args.user_loss_stages, args.user_loss_stage_unit))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv on a fresh machine: torch first (pinned, so pip does not pull a multi-GB CUDA build),
 # then this package with matplotlib for the demo's plots. `setup.sh test` adds the test extras and the
-# moshi oracle (installed --no-deps: its own pins conflict with transformers 5, see DESIGN.md section 3).
+# moshi oracle (installed --no-deps: its own pins conflict with transformers 5, see docs/design.md §4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses / end-to-end runs
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -14,9 +14,12 @@ import soundfile
 import torch
 
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
+from hf_moshi_userpred.audio import load_stereo
 from hf_moshi_userpred.cli import build_parser, main
-from hf_moshi_userpred.demo import SAMPLE_DIR
-from hf_moshi_userpred.encoding import load_stereo
+from hf_moshi_userpred.modeling_moshi_codes import check_codes
+from hf_moshi_userpred.sample import SAMPLE_DIR
+
+pytestmark = pytest.mark.slow  # subprocesses / end-to-end runs
 
 REPO = SAMPLE_DIR.parent.parent
 DEMO_STEPS = 30
@@ -97,7 +100,7 @@ def test_convert_to_moshi_and_back_keeps_the_shared_logits(demo, tmp_path, capsy
     assert main(["convert", str(kyutai), str(tmp_path / "hf"), "--user-init", "random", "--quiet"]) == 0
     original = MoshiUserPredForConditionalGeneration.from_pretrained(demo / "model").eval()
     converted = MoshiUserPredForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
-    window = original.check_codes(_eval_window(demo))
+    window = check_codes(_eval_window(demo), original.config)
     with torch.no_grad():
         a, b = original(window), converted(window)
     for name in ("text_logits", "audio_logits"):
@@ -111,9 +114,8 @@ def _eval_window(demo: Path) -> torch.Tensor:
 
 
 def test_push_command_uploads_to_a_stand_in_hub(demo, tmp_path, monkeypatch, capsys):
-    from test_hub import LocalHub
-
     import hf_moshi_userpred.hub as hub
+    from helpers import LocalHub
 
     monkeypatch.setattr(hub, "HfApi", lambda *args, **kwargs: LocalHub(tmp_path / "hub"))
     assert main(["push", str(demo / "model"), "you/moshi-userpred-demo", "--dataset", "espeak-dialogues"]) == 0

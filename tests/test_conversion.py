@@ -12,18 +12,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
-from conftest import PARITY_CONFIGS, make_reference, random_codes
+from helpers import PARITY_CONFIGS, assert_same_as_moshi, make_reference, random_codes
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
+from hf_moshi_userpred.audio import load_mimi
 from hf_moshi_userpred.conversion import (
     KYUTAI_MIMI_NAME,
     KYUTAI_TOKENIZER_NAME,
-    atomic_directory,
     convert_kyutai_checkpoint,
     export_to_moshi,
     find_kyutai_checkpoint,
 )
-from hf_moshi_userpred.encoding import load_mimi
-from test_parity import assert_same_as_moshi
 
 LM_KWARGS = PARITY_CONFIGS["moshiko_small"]
 SAMPLE = Path(__file__).parents[1] / "hf_moshi_userpred" / "sample"
@@ -262,21 +260,6 @@ def test_a_failed_write_leaves_no_output_and_keeps_the_old_one(kyutai_dir, tmp_p
     with pytest.raises(RuntimeError, match="disk full"):
         convert_kyutai_checkpoint(kyutai_dir, tmp_path / "model", overwrite=True, progress=False)
     assert listing(tmp_path) == ["model", "model/old.txt"]
-
-
-def test_atomic_directory(tmp_path):
-    output = tmp_path / "nested" / "out"
-    with atomic_directory(output) as staging:
-        (staging / "a.txt").write_text("first")
-        assert not output.exists()  # nothing visible until the block ends
-    assert listing(tmp_path / "nested") == ["out", "out/a.txt"]
-    assert output.stat().st_mode == output.parent.stat().st_mode  # a plain mkdir, not mkdtemp's private 0700
-    with pytest.raises(ValueError, match="exists and is not empty"):
-        with atomic_directory(output):
-            pass
-    with atomic_directory(output, overwrite=True) as staging:
-        (staging / "b.txt").write_text("second")
-    assert listing(tmp_path / "nested") == ["out", "out/b.txt"]
 
 
 def test_overwrite(kyutai_dir, tmp_path):

@@ -21,7 +21,8 @@ from transformers import MimiConfig, MimiModel
 from transformers.testing_utils import CaptureLogger
 
 from hf_moshi_userpred import encoding
-from hf_moshi_userpred.encoding import EncodedDialogues, encode_dataset, load_mimi, load_stereo
+from hf_moshi_userpred.audio import load_mimi, load_stereo
+from hf_moshi_userpred.encoding import EncodedDialogues, encode_dataset
 from hf_moshi_userpred.text_alignment import interleave_text
 
 RATE = 24_000
@@ -452,14 +453,14 @@ def test_encoded_dialogues_round_trip(tmp_path, mimi, tokenizer):
 @pytest.mark.parametrize(
     "codes, names, message",
     [
-        ([torch.zeros(7, 5, dtype=torch.long), torch.zeros(7, 5)], None, r"codes_list\[1\] has dtype torch.float32"),
-        ([torch.zeros(7, 5, dtype=torch.bool)], None, r"codes_list\[0\] has dtype torch.bool"),
-        ([torch.zeros(1, 7, 5, dtype=torch.long)], None, r"codes_list\[0\] has shape \(1, 7, 5\), expected \[K, T\]"),
+        ([torch.zeros(7, 5, dtype=torch.long), torch.zeros(7, 5)], None, r"codes_list\[1\] must be an integer tensor, got dtype torch.float32"),
+        ([torch.zeros(7, 5, dtype=torch.bool)], None, r"codes_list\[0\] must be an integer tensor, got dtype torch.bool"),
+        ([torch.zeros(1, 7, 5, dtype=torch.long)], None, r"codes_list\[0\] must have shape \[K, T\], got \(1, 7, 5\)"),
         ([torch.zeros(7, 5, dtype=torch.long), torch.zeros(5, 5, dtype=torch.long)], None,
          r"codes_list\[1\] has 5 rows \(K\) but codes_list\[0\] has 7"),
-        ([torch.zeros(7, 0, dtype=torch.long)], None, r"codes_list\[0\] has no frames"),
-        ([torch.full((7, 5), -2)], None, r"codes_list\[0\] has id -2, below the zero token -1"),
-        ([[[0]]], None, r"codes_list\[0\] is a list, expected an integer tensor"),
+        ([torch.zeros(7, 0, dtype=torch.long)], None, r"codes_list\[0\] must have at least one frame"),
+        ([torch.full((7, 5), -2)], None, r"codes_list\[0\]\[0, 0\] = -2 is out of range for row 0 .*-1 \(zero token\)"),
+        ([[[0]]], None, r"codes_list\[0\] must be an integer tensor \[K, T\], got list"),
         ([], None, r"codes_list is empty"),
         ([torch.zeros(7, 5, dtype=torch.long)], ["a", "b"], r"got 2 names for 1 codes"),
     ],

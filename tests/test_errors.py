@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import PARITY_CONFIGS, make_reference, random_codes
+from helpers import PARITY_CONFIGS, make_reference, random_codes
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
 
 
@@ -26,7 +26,7 @@ def model():
         (lambda c: torch.zeros(2, 17, 0, dtype=torch.long), r"at least one sequence and one frame.*\(2, 17, 0\)"),
         (lambda c: torch.zeros(2, 17, 5), r"integer tensor, got dtype torch.float32"),
         (lambda c: torch.zeros(2, 17, 5, dtype=torch.bool), r"integer tensor, got dtype torch.bool"),
-        (lambda c: [[0]], r"LongTensor \[B, 17, T\], got list"),
+        (lambda c: [[0]], r"integer tensor \[B, 1 \+ n_q = 17, T\], got list"),
         (lambda c: torch.zeros(2, 17, 5, dtype=torch.long, device="meta"), r"on meta but the model is on cpu"),
     ],
 )

@@ -11,17 +11,10 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import PARITY_CONFIGS, random_codes
-from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
+from helpers import random_codes, tiny_model
 from hf_moshi_userpred.evaluation import UserPredictionReport, evaluate_user_prediction, plot_user_prediction
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_model(seed: int = 0, **overrides) -> MoshiUserPredForConditionalGeneration:
-    base = MoshiUserPredConfig.from_moshi_lm_kwargs(PARITY_CONFIGS["moshiko_small"])  # context 5, user delays 0,1,..
-    torch.manual_seed(seed)
-    return MoshiUserPredForConditionalGeneration(MoshiUserPredConfig(**{**base.to_dict(), **overrides})).eval()
 
 
 def dialogues(model, lengths, zero_fraction=0.1, seed=0) -> list[torch.Tensor]:

@@ -3,29 +3,33 @@ hyper-parameters, metrics, model-index), loading the uploaded folder without the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from conftest import random_codes
+from helpers import LocalHub, assert_same_outputs, load_without_package, random_codes, tiny_remote_model
 from hf_moshi_userpred import EncodedDialogues
 from hf_moshi_userpred.evaluation import evaluate_user_prediction
 from hf_moshi_userpred.hub import (
-    DEFAULT_TAGS, METRICS_NAME, TRAINING_CONFIG_NAME, PushResult, build_model_card, push_to_hub,
+    DEFAULT_TAGS,
+    METRICS_NAME,
+    TRAINING_CONFIG_NAME,
+    PushResult,
+    build_model_card,
+    push_to_hub,
 )
-from test_remote_code import assert_same_outputs, load_without_package, tiny_remote_model
 
 REPO_ID = "me/tiny-userpred"
 SAMPLE = Path(__file__).parents[1] / "hf_moshi_userpred" / "sample"
 REMOTE_CODE = {"configuration_moshi_userpred.py", "modeling_moshi_userpred.py", "modeling_moshi_transformer.py",
                "modeling_moshi_depformer.py", "modeling_moshi_checkpoint.py", "modeling_moshi_cache.py",
-               "generation_moshi_userpred.py"}
+               "modeling_moshi_codes.py", "generation_moshi_userpred.py", "generation_moshi_config.py",
+               "generation_moshi_streaming.py"}
 TRAINING = {
     "model": {"model_name_or_path": "kyutai/moshiko-pytorch-bf16", "training_mode": "full"},
     "data": {"train_data": "encoded/train", "eval_data": None},
@@ -33,44 +37,6 @@ TRAINING = {
                  "user_loss_stages": [0.0, 0.1], "lr_scheduler_type": "cosine", "bf16": True, "seed": 42},
     "results": {"train_loss": 3.25, "global_step": 200},
 }
-
-
-class LocalHub(HfApi):
-    """An `HfApi` whose `create_repo`, `create_branch` and `create_commit` write under a local folder,
-    `<root>/<repo_id>/...` (branches are not modelled), and are recorded in `calls`; any other public method fails the
-    test (nothing may reach the network)."""
-
-    ALLOWED = ("create_repo", "create_branch", "create_commit")
-
-    def __init__(self, root):
-        super().__init__(token=False)
-        self.root, self.calls = root, []
-
-    def __getattribute__(self, name):
-        value = super().__getattribute__(name)
-        if callable(value) and not name.startswith("_") and name not in LocalHub.ALLOWED:
-            raise AssertionError(f"push_to_hub called HfApi.{name}")
-        return value
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_branch(self, repo_id, **kwargs):
-        self.calls.append(("create_branch", repo_id, kwargs))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        operations = list(operations)
-        self.calls.append(("create_commit", repo_id, {**kwargs, "paths": [op.path_in_repo for op in operations]}))
-        for operation in operations:
-            target = self.root / repo_id / operation.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with operation.as_file() as file:
-                target.write_bytes(file.read())
-        oid = hashlib.sha1(repr(self.calls).encode()).hexdigest()
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
-                          commit_message=kwargs["commit_message"], commit_description="", oid=oid)
 
 
 def tree(folder) -> dict[str, bytes]:
@@ -250,6 +216,7 @@ def test_push_argument_errors(trained, tmp_path):
     assert hub.calls == []
 
 
+@pytest.mark.slow  # a subprocess without the package
 def test_uploaded_folder_loads_without_the_package(trained, pushed, tmp_path):
     model, _, _ = trained
     hub, _ = pushed

@@ -5,18 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PARITY_CONFIGS, make_reference, random_codes
+from helpers import PARITY_CONFIGS, make_reference, random_codes, tiny_model
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
-
-
-def tiny_config(**overrides) -> MoshiUserPredConfig:
-    base = MoshiUserPredConfig.from_moshi_lm_kwargs(PARITY_CONFIGS["moshiko_small"])
-    return MoshiUserPredConfig(**{**base.to_dict(), **overrides})
-
-
-def tiny_model(seed: int = 0, **overrides) -> MoshiUserPredForConditionalGeneration:
-    torch.manual_seed(seed)
-    return MoshiUserPredForConditionalGeneration(tiny_config(**overrides)).eval()
 
 
 def unaffected_targets(model, t: int, frames: int) -> dict[str, torch.Tensor]:
@@ -62,6 +52,7 @@ def test_no_leak_from_the_future(lookahead):
                 assert not torch.equal(a[:, ~keep].nan_to_num(), b[:, ~keep].nan_to_num())
 
 
+@pytest.mark.slow  # one forward per perturbed position: about 30 s
 @pytest.mark.parametrize("lookahead", [1, 2])
 def test_no_logit_sees_its_own_target(lookahead):
     """Changing one target token never changes the logits that score it (text, system audio and user heads)."""

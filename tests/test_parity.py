@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from conftest import PARITY_CONFIGS, make_reference, random_codes
+from helpers import PARITY_CONFIGS, make_reference, random_codes
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GREEDY, PARITY_CONFIGS
+from helpers import GREEDY, PARITY_CONFIGS, tiny_model
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,9 +27,7 @@ UNGENERATED = -2
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = MoshiUserPredConfig.from_moshi_lm_kwargs(dict(PARITY_CONFIGS["moshiko_small"]))
-    torch.manual_seed(0)
-    return MoshiUserPredForConditionalGeneration(cfg).eval()
+    return tiny_model()
 
 
 def _candidates(stream, k: int) -> torch.Tensor:

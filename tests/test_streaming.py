@@ -7,15 +7,15 @@ import sys
 import pytest
 import torch
 
-from conftest import GREEDY, PARITY_CONFIGS, make_reference
+from helpers import GREEDY, PARITY_CONFIGS, make_reference
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.generation_moshi_userpred import (
-    MoshiGenerateOutput,
+from hf_moshi_userpred.generation_moshi_config import (
     MoshiUserPredGenerationConfig,
-    SpeculationStats,
     build_logits_processor,
     sample_from_scores,
 )
+from hf_moshi_userpred.generation_moshi_streaming import SpeculationStats
+from hf_moshi_userpred.generation_moshi_userpred import MoshiGenerateOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -483,7 +483,7 @@ def test_bad_streaming_input_raises(moshi_lm):
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         with model.streaming(0):
             pass
-    with pytest.raises(ValueError, match="user_codes must be a LongTensor"):
+    with pytest.raises(ValueError, match=r"user_codes must have shape \[B, n_q - dep_q = 8, T\], got \(8, 4\)"):
         model.generate(torch.zeros(8, 4, dtype=torch.long), progress=False)
     no_user = load(moshi_lm, "moshiko_small", predict_user_audio=False)
     with pytest.raises(ValueError, match="speculate_top_k=2 needs a user branch"):

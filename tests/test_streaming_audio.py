@@ -13,11 +13,11 @@ import soundfile
 import soxr
 import torch
 
-from conftest import GREEDY
+from helpers import GREEDY
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.demo import SAMPLE_DIR
-from hf_moshi_userpred.demo import sample_model_config as sample_config
-from hf_moshi_userpred.encoding import load_mimi, load_mono, load_stereo
+from hf_moshi_userpred.audio import load_mimi, load_mono, load_stereo
+from hf_moshi_userpred.sample import SAMPLE_DIR
+from hf_moshi_userpred.sample import sample_model_config as sample_config
 from hf_moshi_userpred.streaming_audio import stream_user_audio
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
+from helpers import tiny_model
+from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
 from hf_moshi_userpred.data_collator import DialogueSegments, MoshiSegmentCollator
 from hf_moshi_userpred.trainer import (
     MoshiUserPredTrainer,
@@ -31,11 +32,6 @@ TINY = dict(
     depformer_dim_feedforward=32, user_depformer_dim=16, user_depformer_num_heads=2, user_depformer_num_layers=1,
     user_depformer_dim_feedforward=32,
 )
-
-
-def tiny_model(seed: int = 0, **overrides) -> MoshiUserPredForConditionalGeneration:
-    torch.manual_seed(seed)
-    return MoshiUserPredForConditionalGeneration(MoshiUserPredConfig(**{**TINY, **overrides}))
 
 
 def dialogues(n: int = 6, frames: int = 40, seed: int = 0) -> list[dict]:
@@ -63,7 +59,7 @@ def step_logs(trainer) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- loss
 def test_compute_loss_is_the_combined_loss_with_the_curriculum_weight(tmp_path):
-    model = tiny_model(first_codebook_weight_multiplier=3.0, text_padding_weight=0.5)
+    model = tiny_model(base=TINY, first_codebook_weight_multiplier=3.0, text_padding_weight=0.5)
     trainer = MoshiUserPredTrainer(model=model, args=training_args(tmp_path, user_loss_stages="0:0.25"))
     codes = MoshiSegmentCollator(16)(dialogues(2))["codes"]
     codes[0, 0, :4] = 3  # padding ids get text_padding_weight
@@ -83,7 +79,7 @@ def test_curriculum_stages_follow_steps_or_epochs(tmp_path, unit):
     # 6 dialogues, batch 2: 3 steps per epoch.
     stages = "0:0.0,2:0.05,4:0.1" if unit == "step" else "0:0.0,1:0.05,1.5:0.1"
     args = training_args(tmp_path, user_loss_stages=stages, user_loss_stage_unit=unit)
-    trainer = MoshiUserPredTrainer(model=tiny_model(), args=args, train_dataset=dialogues())
+    trainer = MoshiUserPredTrainer(model=tiny_model(base=TINY), args=args, train_dataset=dialogues())
     trainer.train()
     weights = [log["user_weight"] for log in step_logs(trainer)]
     # A step's weight is that of the stage it starts in: steps done (step unit) or epochs done before it.
@@ -96,7 +92,7 @@ def test_curriculum_stages_follow_steps_or_epochs(tmp_path, unit):
 
 
 def test_logged_loss_is_the_combination_of_its_parts(tmp_path):
-    trainer = MoshiUserPredTrainer(model=tiny_model(), args=training_args(tmp_path, max_steps=3,
+    trainer = MoshiUserPredTrainer(model=tiny_model(base=TINY), args=training_args(tmp_path, max_steps=3,
                                    user_loss_stages="0:0.3"), train_dataset=dialogues())
     trainer.train()
     for log in step_logs(trainer):
@@ -109,10 +105,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     model, optimizer, scheduler, data order, segment offsets (torch RNG) and curriculum stage all come back."""
     kwargs = dict(user_loss_stages="0:0.0,2:0.2,5:0.4", user_loss_stage_unit="step", save_strategy="steps",
                   save_steps=3)
-    full = MoshiUserPredTrainer(model=tiny_model(), args=training_args(tmp_path / "a", **kwargs),
+    full = MoshiUserPredTrainer(model=tiny_model(base=TINY), args=training_args(tmp_path / "a", **kwargs),
                                 train_dataset=dialogues())
     full.train()
-    resumed = MoshiUserPredTrainer(model=tiny_model(seed=1), args=training_args(tmp_path / "b", **kwargs),
+    resumed = MoshiUserPredTrainer(model=tiny_model(base=TINY, seed=1), args=training_args(tmp_path / "b", **kwargs),
                                    train_dataset=dialogues())
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-3"))
     a = [log for log in step_logs(full) if log["step"] > 3]
@@ -128,7 +124,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def _params_after_one_step(tmp_path, **overrides) -> dict[str, torch.Tensor]:
     # Segments as long as the dialogues: no random offset, so the batches do not depend on how they are split.
     args = training_args(tmp_path, max_steps=1, segment_frames=40, user_loss_stages="0:0.5", **overrides)
-    model = tiny_model()
+    model = tiny_model(base=TINY)
     MoshiUserPredTrainer(model=model, args=args, train_dataset=dialogues(4, frames=40)[:1] * 4).train()
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -158,13 +154,13 @@ def fresh_accelerate_state():
 
 
 def test_bf16_autocast_trains(tmp_path, fresh_accelerate_state):
-    fp32 = MoshiUserPredTrainer(model=tiny_model(), args=training_args(tmp_path / "f", max_steps=3),
+    fp32 = MoshiUserPredTrainer(model=tiny_model(base=TINY), args=training_args(tmp_path / "f", max_steps=3),
                                 train_dataset=dialogues())
     fp32.train()
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    trainer = MoshiUserPredTrainer(model=tiny_model(), args=training_args(tmp_path, bf16=True, max_steps=3),
+    trainer = MoshiUserPredTrainer(model=tiny_model(base=TINY), args=training_args(tmp_path, bf16=True, max_steps=3),
                                    train_dataset=dialogues())
     seen = []
     hook = trainer.model.text_linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -178,7 +174,7 @@ def test_bf16_autocast_trains(tmp_path, fresh_accelerate_state):
 
 # ------------------------------------------------------------------------------------------ evaluate
 def test_evaluate_returns_losses_and_user_metrics_over_every_frame(tmp_path):
-    model = tiny_model()
+    model = tiny_model(base=TINY)
     data = dialogues(3, frames=37)
     trainer = MoshiUserPredTrainer(model=model, args=training_args(tmp_path, user_loss_stages="0:0.1"),
                                    eval_dataset=data)
@@ -236,7 +232,7 @@ def test_collator_cuts_random_segments_and_pads_with_the_zero_token():
 
 # ---------------------------------------------------------------------------------------------- modes
 def test_user_branch_mode_keeps_text_and_system_audio_bit_identical(tmp_path):
-    model = tiny_model()
+    model = tiny_model(base=TINY)
     codes = MoshiSegmentCollator(16, random_offset=False)(dialogues(2))["codes"]
     model.eval()
     with torch.no_grad():
@@ -261,7 +257,7 @@ def test_user_branch_mode_keeps_text_and_system_audio_bit_identical(tmp_path):
 def test_lora_trains_saves_reloads_and_merges(tmp_path):
     from peft import PeftModel
 
-    base = tiny_model()
+    base = tiny_model(base=TINY)
     start = {name: p.detach().clone() for name, p in base.named_parameters()}
     targets = lora_target_modules(base)
     assert targets and all(name.startswith("transformer.layers.") for name in targets)
@@ -280,7 +276,7 @@ def test_lora_trains_saves_reloads_and_merges(tmp_path):
     saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved
 
-    reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(tiny_model(base=TINY), tmp_path / "adapter").eval()
     with torch.no_grad():
         again = reloaded(codes=codes)
         merged = reloaded.merge_and_unload()
@@ -321,14 +317,14 @@ def test_bad_mode_and_options_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="curriculum unit 'batch'"):
         UserLossCurriculum("0:0", unit="batch")
     with pytest.raises(ValueError, match="training mode 'half'"):
-        prepare_model_for_training(tiny_model(), "half")
+        prepare_model_for_training(tiny_model(base=TINY), "half")
     with pytest.raises(ValueError, match="needs a model with a user branch"):
-        prepare_model_for_training(tiny_model(predict_user_audio=False), "user_branch")
+        prepare_model_for_training(tiny_model(base=TINY, predict_user_audio=False), "user_branch")
     with pytest.raises(ValueError, match=r"LoRA options \['r'\] given for training mode 'full'"):
-        prepare_model_for_training(tiny_model(), "full", r=4)
+        prepare_model_for_training(tiny_model(base=TINY), "full", r=4)
     with pytest.raises(ValueError, match=r"LoRA parts \['decoder'\] unknown"):
-        apply_lora(tiny_model(), parts=("decoder",))
+        apply_lora(tiny_model(base=TINY), parts=("decoder",))
     with pytest.raises(ValueError, match="args must be MoshiUserPredTrainingArguments"):
         from transformers import TrainingArguments
 
-        MoshiUserPredTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path)))
+        MoshiUserPredTrainer(model=tiny_model(base=TINY), args=TrainingArguments(output_dir=str(tmp_path)))

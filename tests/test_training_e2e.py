@@ -12,14 +12,16 @@ import pytest
 import torch
 
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.demo import SAMPLE_DIR as SAMPLE
-from hf_moshi_userpred.demo import SAMPLE_NUM_CODEBOOKS as NUM_CODEBOOKS
-from hf_moshi_userpred.demo import sample_model_config as sample_config
-from hf_moshi_userpred.demo import sample_training_arguments
 from hf_moshi_userpred.encoding import EncodedDialogues, encode_dataset
 from hf_moshi_userpred.evaluation import evaluate_user_prediction
+from hf_moshi_userpred.sample import SAMPLE_DIR as SAMPLE
+from hf_moshi_userpred.sample import SAMPLE_NUM_CODEBOOKS as NUM_CODEBOOKS
+from hf_moshi_userpred.sample import sample_model_config as sample_config
+from hf_moshi_userpred.sample import sample_training_arguments
 from hf_moshi_userpred.train import main as train_main
 from hf_moshi_userpred.trainer import MoshiUserPredTrainer
+
+pytestmark = pytest.mark.slow  # subprocesses / end-to-end runs
 
 REPO = SAMPLE.parent.parent
 

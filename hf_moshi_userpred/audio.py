@@ -1,0 +1,126 @@
+"""Audio in and out of the model's world: reading audio files at a rate, loading the Mimi codec and the text
+tokenizer. Everything that touches soundfile, soxr, sentencepiece or `MimiModel.from_pretrained` goes through here,
+with one clear `ValueError` per bad input.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import sentencepiece
+import torch
+from transformers import MimiModel
+
+
+def load_mimi(name_or_path: str | os.PathLike | MimiModel, device: str | torch.device = "cpu") -> MimiModel:
+    """Loads a Transformers Mimi codec (e.g. `"kyutai/mimi"` or a local folder), in eval mode on `device`.
+
+    A `MimiModel` instance is moved to `device` and put in eval mode.
+
+    Raises:
+        ValueError: if `name_or_path` cannot be loaded as a `MimiModel`.
+    """
+    if isinstance(name_or_path, MimiModel):
+        mimi = name_or_path
+    elif isinstance(name_or_path, (str, os.PathLike)):
+        try:
+            mimi = MimiModel.from_pretrained(name_or_path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"could not load a Mimi model from {str(name_or_path)!r}: {error}") from error
+    else:
+        raise ValueError(f"mimi must be a MimiModel, a local path or a Hub repo id, got {type(name_or_path).__name__}")
+    return mimi.to(device).eval()
+
+
+def load_tokenizer(
+    tokenizer: str | os.PathLike | sentencepiece.SentencePieceProcessor,
+) -> sentencepiece.SentencePieceProcessor:
+    """The sentencepiece model at `tokenizer` (a processor is returned as it is).
+
+    Raises:
+        ValueError: the file is missing or is not a sentencepiece model.
+    """
+    if isinstance(tokenizer, sentencepiece.SentencePieceProcessor):
+        return tokenizer
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    except (RuntimeError, OSError) as error:  # sentencepiece's errors for a missing or unparsable model
+        raise ValueError(f"could not load a sentencepiece model from {str(tokenizer)!r}: {error}") from error
+
+
+def load_stereo(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTensor:
+    """Reads a stereo audio file (any format and sample type soundfile reads) at `sampling_rate`.
+
+    Args:
+        path: the audio file (wav, flac, ...).
+        sampling_rate (`int`): the rate to return; the file is resampled (soxr) when it has another one.
+
+    Returns:
+        `torch.FloatTensor` of shape `[2, num_samples]`, values in [-1, 1]: row 0 the left channel (system),
+        row 1 the right channel (user).
+
+    Raises:
+        ValueError: if the file cannot be read, is not stereo, or is empty.
+    """
+    audio = _read_audio(path, sampling_rate)
+    if audio.shape[0] != 2:
+        raise ValueError(
+            f"{path} has {audio.shape[0]} channel(s): moshi-finetune dialogues are stereo, the system (Moshi) on the "
+            "left channel and the user on the right"
+        )
+    return audio
+
+
+def load_mono(path: str | os.PathLike, sampling_rate: int, channel: int | None = None) -> torch.FloatTensor:
+    """Reads a mono audio file, or one channel of a multi-channel file, at `sampling_rate`.
+
+    Args:
+        path: the audio file (wav, flac, ...; any format and sample type soundfile reads).
+        sampling_rate (`int`): the rate to return; the file is resampled (soxr) when it has another one.
+        channel (`int`, *optional*): the channel to take (0 is the left one); needed when the file has several.
+
+    Returns:
+        `torch.FloatTensor` of shape `[num_samples]`, values in [-1, 1].
+
+    Raises:
+        ValueError: if the file cannot be read or is empty, if it has several channels and `channel` is None, or if
+            `channel` is not one of its channels.
+    """
+    audio = _read_audio(path, sampling_rate)
+    num_channels = audio.shape[0]
+    if channel is None:
+        if num_channels != 1:
+            raise ValueError(
+                f"{path} has {num_channels} channels: pick one with channel=0..{num_channels - 1} (in a "
+                "moshi-finetune dialogue the user is channel 1, the right one)"
+            )
+        channel = 0
+    if not isinstance(channel, int) or not 0 <= channel < num_channels:
+        raise ValueError(f"channel={channel!r} but {path} has {num_channels} channel(s) (0..{num_channels - 1})")
+    return audio[channel].clone()  # a view would keep the other channels in memory
+
+
+def _read_audio(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTensor:
+    """Every channel of an audio file at `sampling_rate`: `[num_channels, num_samples]`, with num_samples > 0.
+
+    Raises:
+        ValueError: if the file is missing, cannot be read or has no samples.
+    """
+    import soundfile
+    import soxr
+
+    if not Path(path).is_file():
+        raise ValueError(f"cannot read audio file {path}: no such file")
+    try:
+        audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)  # [num_samples, channels]
+    except (soundfile.SoundFileError, RuntimeError) as error:
+        raise ValueError(f"cannot read audio file {path}: {error}") from error
+    if audio.shape[0] == 0:
+        raise ValueError(f"{path} has no samples")
+    if file_rate != sampling_rate:
+        audio = soxr.resample(audio, file_rate, sampling_rate)
+    return torch.from_numpy(audio.T.copy())
+
+
+__all__ = ["load_mimi", "load_mono", "load_stereo", "load_tokenizer"]

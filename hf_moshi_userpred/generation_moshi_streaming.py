@@ -1,0 +1,483 @@
+"""A streaming session: `B` independent real-time conversations ("slots") through the model, one Mimi frame per
+`step`, with lossless speculative streaming and gap filling.
+
+One streaming call `o` (docs/design.md §2) reads user frame `o` and, like moshi's `LMGen.step`:
+
+1. feeds the main transformer the tokens of the previous call plus the user rows (delayed), one position;
+2. samples the text token, then the system's audio codebooks with the Depformer (the critical path);
+3. only then runs the user Depformer, which predicts the user tokens the main transformer will read
+   `user_prediction_lookahead` calls later (for the delay-0 rows: the user's *next* frame);
+4. with speculation on, precomputes step 1-2 of call `o + 1` for the `k` most likely next user tokens in
+   one batched forward against the shared cache, so that a correct guess leaves nothing on the critical
+   path when the frame arrives (docs/design.md §3).
+
+The session drives the model only through its streaming step API (`make_streaming_caches`, `system_step`,
+`user_step`); what it owns is the per-slot state: the token ring that realises the delays, the offsets, the
+pending user predictions and the precomputed speculative step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import LogitsProcessorList
+from transformers.utils import ModelOutput
+
+from .generation_moshi_config import STREAMS, MoshiUserPredGenerationConfig, build_logits_processor, sample_from_scores
+from .modeling_moshi_codes import UNGENERATED_TOKEN_ID, check_codes
+
+if TYPE_CHECKING:  # the model module imports this one (through the generation mixin)
+    from .modeling_moshi_userpred import MoshiSystemStepOutput, MoshiUserPredForConditionalGeneration
+
+
+@dataclass
+class MoshiStreamStepOutput(ModelOutput):
+    r"""What one [`MoshiStreamingSession.step`] produced.
+
+    Args:
+        tokens (`torch.LongTensor` `[B, 1 + dep_q, 1]`, *optional*): text and system audio tokens aligned like moshi's
+            `LMGen.step` (the text token of the previous call with the audio of this one). None while every
+            slot is within its first `max(delays)` calls; -2 for a slot still warming up or paused.
+        user_prediction (`torch.LongTensor` `[B, user_dep_q, L]`): the user tokens the main transformer will read
+            in row `1 + dep_q + k` at calls `o + 1 .. o + L` (`L = user_prediction_lookahead`), each from the
+            latest call that predicted it; for a delay-0 row, entry 0 is the user's next frame. -1 before any
+            prediction exists.
+        user_probs (`torch.FloatTensor` `[B, user_dep_q, L]`): probability of each predicted token under the user
+            Depformer's own softmax (NaN where none).
+        user_entropy (`torch.FloatTensor` `[B, user_dep_q, L]`): entropy (nats) of that softmax.
+        speculative (`list[str]`): per slot, "hit" (the precomputed step was committed), "miss" (the user's
+            tokens were not among the candidates: a normal step ran) or "not_tried".
+        gap_filled (`torch.BoolTensor` `[B, n_q - dep_q]`, *optional*): after `step(None)`, the user rows of the
+            missing frame that got the predicted token (the others got the fallback token).
+        critical_s (`float`): seconds from the frame's arrival to its tokens (the critical path of this call).
+        speculate_s (`float`): seconds this call spent precomputing the next one (0 without speculation); a
+            real-time loop spends them while it waits for the next frame.
+    """
+
+    tokens: torch.Tensor | None = None
+    user_prediction: torch.Tensor | None = None
+    user_probs: torch.Tensor | None = None
+    user_entropy: torch.Tensor | None = None
+    speculative: list[str] | None = None
+    gap_filled: torch.Tensor | None = None
+    critical_s: float | None = None
+    speculate_s: float | None = None
+
+
+@dataclass
+class SpeculationStats:
+    """Counts per slot-step and wall-clock seconds of speculative streaming.
+
+    `critical_hit_s` / `critical_normal_s` are the time from a frame's arrival to its tokens on steps that
+    committed a speculation and on the others; `speculate_s` is the time spent precomputing, which a real-time
+    loop spends while waiting for the next frame.
+    """
+
+    top_k: int = 0
+    hits: int = 0
+    misses: int = 0
+    not_tried: int = 0
+    hit_steps: int = 0
+    normal_steps: int = 0
+    speculate_s: float = 0.0
+    critical_hit_s: float = 0.0
+    critical_normal_s: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        tried = self.hits + self.misses
+        return self.hits / tried if tried else 0.0
+
+    @property
+    def saved_s(self) -> float:
+        """Critical-path time saved: hit steps would have cost a normal step each."""
+        if not self.normal_steps:
+            return 0.0
+        return self.hit_steps * self.critical_normal_s / self.normal_steps - self.critical_hit_s
+
+    def to_dict(self) -> dict:
+        return {**vars(self), "hit_rate": self.hit_rate, "saved_s": self.saved_s}
+
+
+@dataclass
+class _Speculation:
+    """Call `o + 1` precomputed for `k` candidate delay-0 user tokens per slot."""
+
+    candidates: torch.Tensor  # [B, k]
+    valid: torch.Tensor  # [B] slots it was computed for
+    pending: list  # MoshiKVCache entries not yet committed, k alternatives per slot
+    hidden: torch.Tensor  # [B, k, dim]
+    text: torch.Tensor  # [B, k]
+    audio: torch.Tensor  # [B, k, dep_q]
+
+
+class MoshiStreamingSession:
+    """`B` independent real-time conversations ("slots") through the model, one Mimi frame per `step` (see
+    `model.streaming`).
+
+    State per slot: a ring-buffer KV cache of `config.streaming_window` positions (flat memory), moshi's small token
+    ring that realises the delays, the pending user predictions, and the precomputed speculative step.
+    """
+
+    def __init__(self, model: MoshiUserPredForConditionalGeneration, batch_size: int,
+                 generation_config: MoshiUserPredGenerationConfig, logits_processors: dict[str, LogitsProcessorList | None], generator: torch.Generator,
+                 cuda_graphs: bool = False):
+        c = model.config
+        self.model, self.config, self.batch_size = model, generation_config, batch_size
+        self.generator = generator
+        self.graphs: dict[int, _CUDAGraphed] | None = {} if cuda_graphs else None
+        self.active = True
+        device = model.device
+        self.delays = torch.tensor(c.delays, device=device)
+        self.max_delay = max(c.delays)
+        self.user_offset = 1 + c.dep_q
+        self.num_user_rows = c.n_q - c.dep_q
+        self.predicts_user = c.predict_user_audio
+        self.initial = torch.tensor(model.initial_tokens(), device=device)
+        # moshi's token ring: what call o reads lives at o % ring, user rows are written `delay` calls ahead.
+        self.ring = self.max_delay + 2
+        self.tokens = torch.full((batch_size, c.num_codebooks, self.ring), UNGENERATED_TOKEN_ID, device=device)
+        self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.exec_mask = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.top_k = generation_config.speculate_top_k
+        self.caches = model.make_streaming_caches(batch_size, self.top_k)
+        self.kv = self.caches.transformer
+        self.text_history = torch.full((batch_size, generation_config.repetition_history),
+                                       c.existing_text_padding_id, device=device)
+        self.processors = {
+            "text": build_logits_processor(generation_config.stream_settings("text"),
+                                           generation_config.repetition_penalty, logits_processors.get("text")),
+            "audio": build_logits_processor(generation_config.stream_settings("audio"),
+                                            custom=logits_processors.get("audio")),
+            "user": build_logits_processor(generation_config.stream_settings("user"),
+                                           custom=logits_processors.get("user")),
+        }
+        self.do_sample = {s: generation_config.stream_settings(s)["do_sample"] for s in STREAMS}
+        self.next_noise: tuple | None = None  # system noise of the next call, when speculation drew it early
+        if self.predicts_user:
+            L, uq = c.user_prediction_lookahead, c.user_dep_q
+            self.user_prediction = torch.full((batch_size, uq, L), -1, dtype=torch.long, device=device)
+            self.user_probs = torch.full((batch_size, uq, L), float("nan"), device=device)
+            self.user_entropy = torch.full((batch_size, uq, L), float("nan"), device=device)
+            self.last_user_logits: torch.Tensor | None = None  # [B, user_dep_q, card] of the last call
+        self.stats = SpeculationStats(top_k=self.top_k)
+        self.speculation: _Speculation | None = None
+        self.missing = torch.zeros(batch_size, dtype=torch.bool, device=device)  # frame `o` was gap-filled
+
+    # ------------------------------------------------------------------------------------------ control
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        """Restart the slots where `mask` `[B]` is True (all by default): a new conversation in each."""
+        mask = self._check_mask(mask, "reset")
+        self.offsets.masked_fill_(mask, 0)
+        self.tokens.masked_fill_(mask[:, None, None], UNGENERATED_TOKEN_ID)
+        self.kv.reset(mask)
+        self.text_history.masked_fill_(mask[:, None], self.model.config.existing_text_padding_id)
+        self.missing.masked_fill_(mask, False)
+        if self.predicts_user:
+            self.user_prediction.masked_fill_(mask[:, None, None], -1)
+            self.user_probs.masked_fill_(mask[:, None, None], float("nan"))
+            self.user_entropy.masked_fill_(mask[:, None, None], float("nan"))
+        if self.speculation is not None:
+            self.speculation.valid &= ~mask
+
+    def set_exec_mask(self, mask: torch.Tensor) -> None:
+        """Only slots where `mask` `[B]` is True advance on the next steps; the others keep their state."""
+        self.exec_mask.copy_(self._check_mask(mask, "set_exec_mask"))
+
+    def _check_mask(self, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+        self._check_active()
+        if mask is None:
+            return torch.ones(self.batch_size, dtype=torch.bool, device=self.model.device)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (self.batch_size,):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{name}: mask must be a BoolTensor of shape [{self.batch_size}], got {shape}")
+        return mask.to(self.model.device)
+
+    def _check_active(self) -> None:
+        if not self.active:
+            raise RuntimeError("this streaming session is closed: call step() inside "
+                               "`with model.streaming(batch_size=B) as stream:`")
+
+    def nbytes(self) -> int:
+        """Bytes of the state allocated for the session (caches, token ring, prediction buffers): constant over a
+        session. The transient tensors of a speculative step (its k alternatives) are not counted."""
+        tensors = [self.tokens, self.offsets, self.text_history]
+        if self.predicts_user:
+            tensors += [self.user_prediction, self.user_probs, self.user_entropy]
+        return self.caches.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
+
+    # --------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, user_codes: torch.Tensor | None) -> MoshiStreamStepOutput:
+        """Feed one user frame and get the model's tokens for it.
+
+        Args:
+            user_codes: `[B, n_q - dep_q, 1]` Mimi tokens of the user (0..card-1, or -1 for no input), or None when
+                the frame is late or lost (needs `gap_fill_threshold`).
+
+        Returns:
+            [`MoshiStreamStepOutput`].
+        """
+        self._check_active()
+        start = time.perf_counter()
+        B, run = self.batch_size, self.exec_mask
+        gap_filled = None
+        if user_codes is None:
+            user_codes, gap_filled = self._fill_gap()
+        else:
+            user_codes = self._check_user_codes(user_codes)
+            self.missing.masked_fill_(run, False)
+        # User rows: delay-d rows are read d calls later.
+        write = (self.offsets[:, None] + self.delays[self.user_offset:]) % self.ring
+        user_rows = self.tokens[:, self.user_offset:]
+        user_rows.scatter_(-1, write[..., None], torch.where(run[:, None, None], user_codes,
+                                                              user_rows.gather(-1, write[..., None])))
+        inputs = self._inputs(self.offsets)  # [B, K]
+
+        spec, hit, choice = self.speculation, torch.zeros(B, dtype=torch.bool, device=inputs.device), None
+        self.speculation = None
+        if spec is not None:
+            match = spec.candidates == inputs[:, self.user_offset, None]  # [B, k]
+            hit = spec.valid & run & match.any(dim=1)
+            choice = match.float().argmax(dim=1)
+        if spec is None or bool((run & ~hit).any()):
+            step = self._run_system_step(inputs[:, None], self._noise())
+            self.kv.commit(step.pending, self.offsets, mask=run & ~hit)
+            if spec is None:
+                hidden, text, audio = step.hidden[:, 0], step.text[:, 0], step.audio[:, 0]
+            else:
+                take = hit[:, None]
+                hidden = torch.where(take, _pick(spec.hidden, choice), step.hidden[:, 0])
+                text = torch.where(hit, _pick(spec.text, choice), step.text[:, 0])
+                audio = torch.where(take, _pick(spec.audio, choice), step.audio[:, 0])
+        else:
+            self.next_noise = None
+            hidden, text, audio = _pick(spec.hidden, choice), _pick(spec.text, choice), _pick(spec.audio, choice)
+        if spec is not None:
+            self.kv.commit(spec.pending, self.offsets, choice, mask=hit)
+        tokens = self._commit_tokens(text, audio)
+        critical = time.perf_counter() - start
+        status = self._speculation_status(spec, hit, run, critical)
+
+        speculate = 0.0
+        if self.predicts_user:
+            self._predict_user(hidden, text)
+            if gap_filled is not None:
+                gap_filled |= self._fill_gap_late_rows()
+            if self.top_k:
+                spec_start = time.perf_counter()
+                self.speculation = self._speculate()
+                speculate = time.perf_counter() - spec_start
+                self.stats.speculate_s += speculate
+        return MoshiStreamStepOutput(
+            tokens=tokens,
+            user_prediction=None if not self.predicts_user else self.user_prediction.clone(),
+            user_probs=None if not self.predicts_user else self.user_probs.clone(),
+            user_entropy=None if not self.predicts_user else self.user_entropy.clone(),
+            speculative=status,
+            gap_filled=gap_filled,
+            critical_s=critical,
+            speculate_s=speculate,
+        )
+
+    def _check_user_codes(self, user_codes: torch.Tensor) -> torch.Tensor:
+        c = self.model.config
+        user_codes = check_codes(user_codes, c, name="user_codes", first_row=self.user_offset, frames=1)
+        if user_codes.shape[0] != self.batch_size:
+            raise ValueError(f"user_codes has batch size {user_codes.shape[0]} but the session was opened with "
+                             f"batch_size={self.batch_size}")
+        return user_codes.to(self.model.device)
+
+    def _inputs(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Main-transformer input `[B, K]` of the call at `offsets`: its ring cell, or initial tokens early on."""
+        index = (offsets % self.ring)[:, None, None].expand(-1, self.tokens.shape[1], 1)
+        inputs = self.tokens.gather(-1, index)[..., 0]
+        is_init = (offsets[:, None] <= self.delays[None]) | ~self.exec_mask[:, None]
+        return torch.where(is_init, self.initial[None], inputs)
+
+    def _noise(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Exponential noise for the text and audio samples of the current call (drawn once per call)."""
+        if self.next_noise is not None:
+            noise, self.next_noise = self.next_noise, None
+            return noise
+        c, B, device = self.model.config, self.batch_size, self.model.device
+        text = self._draw((B, c.text_card_out), device) if self.do_sample["text"] else None
+        audio = self._draw((B, c.dep_q, c.card), device) if self.do_sample["audio"] else None
+        return text, audio
+
+    def _draw(self, shape: tuple, device: torch.device) -> torch.Tensor:
+        return torch.empty(shape, device=device).exponential_(generator=self.generator)
+
+    def _run_system_step(self, inputs: torch.Tensor, noise: tuple) -> MoshiSystemStepOutput:
+        """`_system_step`, replayed as a CUDA graph per input shape when the session uses graphs."""
+        if self.graphs is None:
+            return self._system_step(inputs, *noise)
+        if inputs.shape[1] not in self.graphs:
+            self.graphs[inputs.shape[1]] = _CUDAGraphed(self._system_step)
+        return self.graphs[inputs.shape[1]](inputs, *noise)
+
+    def _system_step(self, inputs: torch.Tensor, text_noise: torch.Tensor | None,
+                     audio_noise: torch.Tensor | None) -> MoshiSystemStepOutput:
+        """The model's system step for `n` alternative inputs `[B, n, K]` of the current position of every slot,
+        sampled through the session's processors and noise.
+
+        Pure tensor work on the session's static state (no host synchronisation), so it can be CUDA-graphed.
+        """
+        n = inputs.shape[1]
+        history = self.text_history.repeat_interleave(n, dim=0)
+
+        def sample_text(logits: torch.Tensor) -> torch.Tensor:
+            return sample_from_scores(self.processors["text"](history, logits.float()), _expand(text_noise, n))
+
+        def sample_audio(step: int, logits: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+            scores = self.processors["audio"](sequence, logits.float())
+            return sample_from_scores(scores, None if audio_noise is None else _expand(audio_noise[:, step], n))
+
+        return self.model.system_step(inputs, self.offsets, self.caches, sample_text, sample_audio)
+
+    def _commit_tokens(self, text: torch.Tensor, audio: torch.Tensor) -> torch.Tensor | None:
+        """Write the call's text/audio into the ring, advance executing slots, return moshi-aligned tokens."""
+        run, c = self.exec_mask, self.model.config
+        self.offsets.add_(run.long())
+        cell = (self.offsets % self.ring)[:, None, None]
+        produced = torch.cat([text[:, None], audio], dim=1)[..., None]  # [B, 1 + dep_q, 1]
+        system = self.tokens[:, : 1 + c.dep_q]
+        system.scatter_(-1, cell.expand(-1, 1 + c.dep_q, 1),
+                        torch.where(run[:, None, None], produced, system.gather(-1, cell.expand(-1, 1 + c.dep_q, 1))))
+        self.text_history.copy_(torch.where(run[:, None], torch.cat([self.text_history[:, 1:], text[:, None]], 1),
+                                            self.text_history))
+        if not bool((self.offsets > self.max_delay).any()):
+            return None
+        gen_delays = self.delays[: 1 + c.dep_q]
+        index = (self.offsets[:, None] - self.max_delay + gen_delays[None]) % self.ring
+        out = self.tokens[:, : 1 + c.dep_q].gather(-1, index[..., None])
+        warming = (self.offsets <= self.max_delay) | ~run
+        return out.masked_fill(warming[:, None, None], UNGENERATED_TOKEN_ID)
+
+    def _speculation_status(self, spec, hit, run, critical: float) -> list[str]:
+        tried = run & (spec.valid if spec is not None else torch.zeros_like(run))
+        codes = torch.where(tried, torch.where(hit, 0, 1), 2).tolist()  # one host sync for the whole batch
+        status = [("hit", "miss", "not_tried")[code] for code in codes]
+        self.stats.hits += status.count("hit")
+        self.stats.misses += status.count("miss")
+        self.stats.not_tried += status.count("not_tried")
+        if bool(hit.any()) and bool((hit == run).all()):
+            self.stats.hit_steps += 1
+            self.stats.critical_hit_s += critical
+        else:
+            self.stats.normal_steps += 1
+            self.stats.critical_normal_s += critical
+        return status
+
+    # ------------------------------------------------------------------------------------- user branch
+    def _predict_user(self, hidden: torch.Tensor, text: torch.Tensor) -> None:
+        """Run the user Depformer (after the system tokens exist) and slide the prediction window."""
+        noise = None
+        if self.do_sample["user"]:
+            noise = self._draw((self.batch_size, self.model.config.user_dep_q, self.model.config.card),
+                               self.model.device)
+
+        def sample_user(step: int, logits: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+            scores = self.processors["user"](sequence, logits.float())
+            return sample_from_scores(scores, None if noise is None else noise[:, step])
+
+        tokens, logits = self.model.user_step(hidden, text, self.caches, sample_user)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        probs = log_probs.gather(-1, tokens[..., None])[..., 0].exp()
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        run = self.exec_mask[:, None, None]
+        for window, new in ((self.user_prediction, tokens), (self.user_probs, probs),
+                            (self.user_entropy, entropy)):
+            window.copy_(torch.where(run, torch.cat([window[..., 1:], new[..., None]], dim=-1), window))
+        self.last_user_logits = logits
+
+    def _speculate(self) -> _Speculation:
+        """Precompute the next call for the top-k next delay-0 user tokens (one batched forward)."""
+        k = self.top_k
+        probs = torch.softmax(self.last_user_logits[:, 0].float(), dim=-1)
+        candidates = probs.topk(k, dim=-1).indices  # [B, k]
+        inputs = self._inputs(self.offsets)[:, None].repeat(1, k, 1)
+        inputs[:, :, self.user_offset] = candidates
+        self.next_noise = self._noise()
+        step = self._run_system_step(inputs, self.next_noise)
+        return _Speculation(candidates, self.exec_mask.clone(), step.pending, step.hidden, step.text, step.audio)
+
+    # ------------------------------------------------------------------------------------- gap filling
+    def _fill_gap(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """User codes for a missing frame: delay-0 rows from the prediction made for this call, where confident."""
+        cfg, c = self.config, self.model.config
+        if cfg.gap_fill_threshold is None:
+            raise ValueError("step(None) means the user frame is missing, but gap filling is off: set "
+                             "gap_fill_threshold in the generation config")
+        codes = torch.full((self.batch_size, self.num_user_rows, 1), cfg.gap_fill_fallback_token,
+                           device=self.model.device)
+        filled = torch.zeros(self.batch_size, self.num_user_rows, dtype=torch.bool, device=self.model.device)
+        if self.predicts_user:
+            zero_rows = [k for k in range(c.user_dep_q) if c.delays[self.user_offset + k] == 0]
+            for k in zero_rows:
+                confident = self.user_probs[:, k, 0] >= cfg.gap_fill_threshold
+                codes[:, k, 0] = torch.where(confident, self.user_prediction[:, k, 0], codes[:, k, 0])
+                filled[:, k] = confident
+        self.missing.copy_(self.exec_mask)
+        return codes, filled
+
+    def _fill_gap_late_rows(self) -> torch.Tensor:
+        """Delay-1 rows of a missing frame, from the prediction the user branch just made (read next call)."""
+        cfg, c = self.config, self.model.config
+        filled = torch.zeros(self.batch_size, self.num_user_rows, dtype=torch.bool, device=self.model.device)
+        cell = self.offsets % self.ring
+        b = torch.arange(self.batch_size, device=cell.device)
+        for k in range(c.user_dep_q):
+            if c.delays[self.user_offset + k] != 1:
+                continue
+            confident = self.missing & (self.user_probs[:, k, 0] >= cfg.gap_fill_threshold)
+            row = self.tokens[:, self.user_offset + k]
+            row[b, cell] = torch.where(confident, self.user_prediction[:, k, 0], row[b, cell])
+            filled[:, k] = confident
+        return filled
+
+    def close(self) -> None:
+        self.active = False
+
+
+class _CUDAGraphed:
+    """Replays `func` as one CUDA graph, as moshi does for its step: an eager warm-up call, then a capture.
+
+    Tensor arguments are copied into static buffers, so every call must use the same shapes; the outputs are
+    static tensors that the next call overwrites. Non-tensor arguments must not change.
+    """
+
+    def __init__(self, func):
+        self.func, self.graph, self.args, self.output, self.warm = func, None, None, None, False
+
+    def __call__(self, *args):
+        if not self.warm:
+            self.warm = True
+            return self.func(*args)
+        if self.graph is None:
+            self.args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self.func(*self.args)
+        else:
+            for static, value in zip(self.args, args):
+                if isinstance(static, torch.Tensor):
+                    static.copy_(value)
+        self.graph.replay()
+        return self.output
+
+
+def _expand(noise: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Share each slot's noise across its `n` alternatives: `[B, ...]` -> `[B * n, ...]`."""
+    return None if noise is None else noise.repeat_interleave(n, dim=0)
+
+
+def _pick(values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """`values[b, choice[b]]` for `values` `[B, k, ...]`."""
+    return values[torch.arange(values.shape[0], device=values.device), choice]
+
+
+__all__ = ["MoshiStreamStepOutput", "MoshiStreamingSession", "SpeculationStats"]
