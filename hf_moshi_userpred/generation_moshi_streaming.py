@@ -166,11 +166,16 @@ class MoshiStreamingSession:
         self.stats = SpeculationStats(top_k=self.top_k)
         self.speculation: _Speculation | None = None
         self.missing = torch.zeros(batch_size, dtype=torch.bool, device=device)  # frame `o` was gap-filled
+        # the idle-time half of the last step when it was deferred (`step(..., look_ahead=False)`): hidden, text,
+        # gap-filled rows
+        self.deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------------------------------ control
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Restart the slots where `mask` `[B]` is True (all by default): a new conversation in each."""
         mask = self._check_mask(mask, "reset")
+        if self.deferred is not None:
+            self.look_ahead()
         self.offsets.masked_fill_(mask, 0)
         self.tokens.masked_fill_(mask[:, None, None], UNGENERATED_TOKEN_ID)
         self.kv.reset(mask)
@@ -211,25 +216,43 @@ class MoshiStreamingSession:
 
     # --------------------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, user_codes: torch.Tensor | None) -> MoshiStreamStepOutput:
+    def step(self, user_codes: torch.Tensor | None, *, missing: torch.Tensor | None = None,
+             look_ahead: bool = True) -> MoshiStreamStepOutput:
         """Feed one user frame and get the model's tokens for it.
 
         Args:
             user_codes: `[B, n_q - dep_q, 1]` Mimi tokens of the user (0..card-1, or -1 for no input), or None when
-                the frame is late or lost (needs `gap_fill_threshold`).
+                the frame is late or lost in every slot (needs `gap_fill_threshold`).
+            missing (`torch.BoolTensor` `[B]`, *optional*): the slots whose frame is late or lost (their rows of
+                `user_codes`, valid codes such as -1, are replaced): they are gap-filled like `step(None)`, the others
+                take their frame.
+            look_ahead: run the idle-time half of the step now (the user Depformer, then speculation). A real-time
+                loop passes False, sends the tokens, then calls [`look_ahead`] while it waits for the next frame;
+                otherwise the next `step` (or `reset`) runs it first.
 
         Returns:
-            [`MoshiStreamStepOutput`].
+            [`MoshiStreamStepOutput`]; with `look_ahead=False` without the user prediction fields (`look_ahead()`
+            returns them).
         """
         self._check_active()
+        if self.deferred is not None:
+            self.look_ahead()
         start = time.perf_counter()
         B, run = self.batch_size, self.exec_mask
         gap_filled = None
         if user_codes is None:
-            user_codes, gap_filled = self._fill_gap()
+            missing = torch.ones(B, dtype=torch.bool, device=run.device)
+        elif missing is not None:
+            missing = self._check_mask(missing, "step")
+        if missing is not None:
+            gap_codes, gap_filled = self._fill_gap(missing)
+            if user_codes is not None:
+                user_codes = torch.where(missing[:, None, None], gap_codes, self._check_user_codes(user_codes))
+            else:
+                user_codes = gap_codes
         else:
             user_codes = self._check_user_codes(user_codes)
-            self.missing.masked_fill_(run, False)
+            self.missing.fill_(False)
         # User rows: delay-d rows are read d calls later.
         write = (self.offsets[:, None] + self.delays[self.user_offset:]) % self.ring
         user_rows = self.tokens[:, self.user_offset:]
@@ -261,25 +284,52 @@ class MoshiStreamingSession:
         tokens = self._commit_tokens(text, audio)
         critical = time.perf_counter() - start
         status = self._speculation_status(spec, hit, run, critical)
+        self.deferred = (hidden, text, gap_filled)
+        if not look_ahead:
+            return MoshiStreamStepOutput(tokens=tokens, speculative=status, gap_filled=gap_filled, critical_s=critical)
+        ahead = self.look_ahead()
+        return MoshiStreamStepOutput(
+            tokens=tokens,
+            user_prediction=ahead.user_prediction,
+            user_probs=ahead.user_probs,
+            user_entropy=ahead.user_entropy,
+            speculative=status,
+            gap_filled=ahead.gap_filled,
+            critical_s=critical,
+            speculate_s=ahead.speculate_s,
+        )
 
+    @torch.no_grad()
+    def look_ahead(self) -> MoshiStreamStepOutput:
+        """The idle-time half of the last `step(..., look_ahead=False)`: the user Depformer predicts the user's next
+        tokens (and completes a gap fill's delayed rows), then speculation precomputes the next call.
+
+        Returns:
+            [`MoshiStreamStepOutput`] with `user_prediction`, `user_probs`, `user_entropy`, `gap_filled` and
+            `speculate_s` (the other fields are the step's).
+
+        Raises:
+            RuntimeError: if there is no deferred step to complete.
+        """
+        self._check_active()
+        if self.deferred is None:
+            raise RuntimeError("look_ahead() completes a step(..., look_ahead=False); there is none pending")
+        (hidden, text, gap_filled), self.deferred = self.deferred, None
         speculate = 0.0
         if self.predicts_user:
             self._predict_user(hidden, text)
             if gap_filled is not None:
-                gap_filled |= self._fill_gap_late_rows()
+                gap_filled = gap_filled | self._fill_gap_late_rows()
             if self.top_k:
                 spec_start = time.perf_counter()
                 self.speculation = self._speculate()
                 speculate = time.perf_counter() - spec_start
                 self.stats.speculate_s += speculate
         return MoshiStreamStepOutput(
-            tokens=tokens,
             user_prediction=None if not self.predicts_user else self.user_prediction.clone(),
             user_probs=None if not self.predicts_user else self.user_probs.clone(),
             user_entropy=None if not self.predicts_user else self.user_entropy.clone(),
-            speculative=status,
             gap_filled=gap_filled,
-            critical_s=critical,
             speculate_s=speculate,
         )
 
@@ -406,11 +456,12 @@ class MoshiStreamingSession:
         return _Speculation(candidates, self.exec_mask.clone(), step.pending, step.hidden, step.text, step.audio)
 
     # ------------------------------------------------------------------------------------- gap filling
-    def _fill_gap(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """User codes for a missing frame: delay-0 rows from the prediction made for this call, where confident."""
+    def _fill_gap(self, missing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """User codes for the slots whose frame is `missing` `[B]`: delay-0 rows from the prediction made for this
+        call, where confident (codes of the other slots are the fallback token, their `filled` rows False)."""
         cfg, c = self.config, self.model.config
         if cfg.gap_fill_threshold is None:
-            raise ValueError("step(None) means the user frame is missing, but gap filling is off: set "
+            raise ValueError("a user frame is missing (step(None) or missing=), but gap filling is off: set "
                              "gap_fill_threshold in the generation config")
         codes = torch.full((self.batch_size, self.num_user_rows, 1), cfg.gap_fill_fallback_token,
                            device=self.model.device)
@@ -418,10 +469,10 @@ class MoshiStreamingSession:
         if self.predicts_user:
             zero_rows = [k for k in range(c.user_dep_q) if c.delays[self.user_offset + k] == 0]
             for k in zero_rows:
-                confident = self.user_probs[:, k, 0] >= cfg.gap_fill_threshold
+                confident = missing & (self.user_probs[:, k, 0] >= cfg.gap_fill_threshold)
                 codes[:, k, 0] = torch.where(confident, self.user_prediction[:, k, 0], codes[:, k, 0])
                 filled[:, k] = confident
-        self.missing.copy_(self.exec_mask)
+        self.missing.copy_(self.exec_mask & missing)
         return codes, filled
 
     def _fill_gap_late_rows(self) -> torch.Tensor:

@@ -439,6 +439,64 @@ def test_gap_filling_equals_the_filled_frame_given_explicitly(moshi_lm, threshol
         assert (explicit[..., sorted(gaps)] == -1).all()
 
 
+def test_per_slot_missing_frames_equal_solo_gap_filling(moshi_lm):
+    """`step(codes, missing=mask)` gap-fills only the masked slots (a server whose client is late): each slot
+    equals a solo session that got `step(None)` exactly where it was missing."""
+    model = load(moshi_lm, "moshiko_small")
+    user = user_stream(model.config, 2, 12, seed=91)
+    gaps = {0: {3, 4}, 1: {7}}  # slot -> calls where its frame is missing
+    with model.streaming(2, gap_fill_threshold=0.05, **GREEDY) as stream:
+        both = []
+        for t in range(12):
+            missing = torch.tensor([t in gaps[0], t in gaps[1]])
+            frame = user[:, :, t : t + 1].masked_fill(missing[:, None, None], -1)
+            both.append(stream.step(frame, missing=missing if missing.any() else None))
+    for slot in range(2):
+        with model.streaming(1, gap_fill_threshold=0.05, **GREEDY) as stream:
+            solo = [stream.step(None if t in gaps[slot] else user[slot : slot + 1, :, t : t + 1]) for t in range(12)]
+        for t, (a, b) in enumerate(zip(both, solo)):
+            assert (a.tokens is None) == (b.tokens is None)
+            if a.tokens is not None:
+                assert torch.equal(a.tokens[slot : slot + 1], b.tokens)
+            assert torch.equal(a.user_prediction[slot : slot + 1], b.user_prediction)
+            if t in gaps[slot]:
+                assert torch.equal(a.gap_filled[slot : slot + 1], b.gap_filled)
+            elif a.gap_filled is not None:
+                assert not a.gap_filled[slot].any()
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_deferred_look_ahead_equals_the_whole_step(moshi_lm, top_k):
+    """`step(..., look_ahead=False)` then `look_ahead()` (a server's idle-time split) gives the same tokens,
+    predictions and speculation as `step`; a pending look-ahead runs before the next step or a reset."""
+    model = load(moshi_lm, "moshiko_small")
+    user = user_stream(model.config, 2, 10, seed=92)
+    with model.streaming(2, speculate_top_k=top_k, **GREEDY) as stream:
+        whole = [stream.step(user[:, :, t : t + 1]) for t in range(10)]
+        whole_stats = stream.stats.to_dict()
+    with model.streaming(2, speculate_top_k=top_k, **GREEDY) as stream:
+        with pytest.raises(RuntimeError, match="there is none pending"):
+            stream.look_ahead()
+        for t in range(10):
+            out = stream.step(user[:, :, t : t + 1], look_ahead=False)
+            assert out.user_prediction is None and out.speculate_s is None
+            assert (out.tokens is None) == (whole[t].tokens is None)
+            if out.tokens is not None:
+                assert torch.equal(out.tokens, whole[t].tokens)
+            assert out.speculative == whole[t].speculative
+            if t % 3 == 0:  # left pending: the next step runs it
+                continue
+            ahead = stream.look_ahead()
+            assert torch.equal(ahead.user_prediction, whole[t].user_prediction)
+            assert torch.equal(ahead.user_probs, whole[t].user_probs)
+            assert (ahead.speculate_s > 0) == (top_k > 0)
+        deferred_stats = stream.stats.to_dict()
+    for key in ("hits", "misses", "not_tried"):
+        assert deferred_stats[key] == whole_stats[key]
+    if top_k:
+        assert whole_stats["hits"] + whole_stats["misses"] > 0
+
+
 def test_missing_frame_without_gap_filling_raises(moshi_lm):
     model = load(moshi_lm, "moshiko_small")
     with model.streaming(1, **GREEDY) as stream:
