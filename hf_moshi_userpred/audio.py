@@ -5,12 +5,15 @@ with one clear `ValueError` per bad input.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import sentencepiece
 import torch
 from transformers import MimiModel
+
+FRAME_RATE = 12.5  # Mimi frames per second that Moshi models are trained on
 
 
 def load_mimi(name_or_path: str | os.PathLike | MimiModel, device: str | torch.device = "cpu") -> MimiModel:
@@ -33,6 +36,24 @@ def load_mimi(name_or_path: str | os.PathLike | MimiModel, device: str | torch.d
     return mimi.to(device).eval()
 
 
+def check_mimi(mimi: MimiModel, config) -> None:
+    """Mimi must produce the model's vocabulary, enough codebooks for both speakers, at the model's frame rate.
+
+    Raises:
+        ValueError: naming the mismatch.
+    """
+    if mimi.config.codebook_size != config.card:
+        raise ValueError(f"this Mimi has codebooks of {mimi.config.codebook_size} entries but the model's audio "
+                         f"vocabulary is card={config.card}: it is not the codec the model was trained with")
+    needed = max(config.dep_q, config.n_q - config.dep_q)
+    if mimi.config.num_quantizers < needed:
+        raise ValueError(f"this Mimi has {mimi.config.num_quantizers} codebooks but the model needs {needed} "
+                         f"(dep_q={config.dep_q} system, n_q - dep_q={config.n_q - config.dep_q} user)")
+    if not math.isclose(mimi.config.frame_rate, FRAME_RATE):
+        raise ValueError(f"this Mimi runs at {mimi.config.frame_rate} frames per second; the model streams at "
+                         f"{FRAME_RATE}")
+
+
 def load_tokenizer(
     tokenizer: str | os.PathLike | sentencepiece.SentencePieceProcessor,
 ) -> sentencepiece.SentencePieceProcessor:
@@ -47,6 +68,18 @@ def load_tokenizer(
         return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
     except (RuntimeError, OSError) as error:  # sentencepiece's errors for a missing or unparsable model
         raise ValueError(f"could not load a sentencepiece model from {str(tokenizer)!r}: {error}") from error
+
+
+def padding_ids(config) -> tuple[int, int]:
+    """The text stream's padding and end-of-padding ids: what the model writes between words."""
+    return config.existing_text_padding_id, config.existing_text_end_padding_id
+
+
+def text_piece(tokenizer: sentencepiece.SentencePieceProcessor, token: int, config) -> str:
+    """What moshi's server sends for a text token: the piece with "▁" as a space, nothing for padding."""
+    if token in padding_ids(config):
+        return ""
+    return tokenizer.id_to_piece(token).replace("▁", " ")
 
 
 def load_stereo(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTensor:
@@ -123,4 +156,6 @@ def _read_audio(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTenso
     return torch.from_numpy(audio.T.copy())
 
 
-__all__ = ["load_mimi", "load_mono", "load_stereo", "load_tokenizer"]
+__all__ = [
+    "FRAME_RATE", "check_mimi", "load_mimi", "load_mono", "load_stereo", "load_tokenizer", "padding_ids", "text_piece"
+]

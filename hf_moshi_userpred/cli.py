@@ -1,4 +1,4 @@
-"""`hf-moshi-userpred`: the command line (convert, encode, train, evaluate, stream, demo, push).
+"""`hf-moshi-userpred`: the command line (convert, encode, train, evaluate, stream, serve, demo, push).
 
 Every command parses its arguments here and calls the package's function for it; a user mistake (bad path, bad
 value, incompatible files) is one line on stderr and exit code 2, never a traceback.
@@ -9,6 +9,7 @@ value, incompatible files) is one line on stderr and exit code 2, never a traceb
     hf-moshi-userpred train CONFIG.yaml | --flag value ...   (also under `accelerate launch -m hf_moshi_userpred`)
     hf-moshi-userpred evaluate MODEL ENCODED [--reference ENCODED_TRAIN] [--out DIR]
     hf-moshi-userpred stream MODEL USER.wav [--out DIR] [--speculate-top-k 4] [--realtime]
+    hf-moshi-userpred serve [MODEL] [--host 127.0.0.1] [--port 8998] [--max-sessions 8] [--speculate-top-k 4]
     hf-moshi-userpred push MODEL REPO_ID [--private] [--dataset NAME]
 """
 
@@ -136,6 +137,43 @@ def _demo(args: argparse.Namespace) -> None:
     print("\n" + result.describe())
 
 
+DEMO_MODEL = Path("outputs/demo/model")  # where `demo` (the README's main job) saves its model
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from .audio import load_mimi, load_tokenizer
+    from .files import MIMI_FOLDER, TOKENIZER_NAME
+    from .realtime_engine import RealtimeEngine
+    from .server import MoshiServer, run_server
+
+    if args.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = DEMO_MODEL
+        if not (DEMO_MODEL / "config.json").is_file():
+            from .demo import run_demo
+
+            logging.getLogger(__name__).info("no model given and no demo model in %s: training it once (the demo)",
+                                             DEMO_MODEL)
+            run_demo(DEMO_MODEL.parent, progress=not args.quiet)
+    model = _load_model(str(model_dir), dtype=args.dtype, device=args.device)
+    folder = Path(model_dir)
+    for needed in (MIMI_FOLDER, TOKENIZER_NAME):
+        if not (folder / needed).exists():
+            raise ValueError(f"{model_dir} has no {needed}: serve needs the model's Mimi and tokenizer beside it")
+    torch.set_num_threads(args.threads)
+    sampling = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
+    engine = RealtimeEngine(model, load_mimi(folder / MIMI_FOLDER, args.device), load_tokenizer(folder / TOKENIZER_NAME),
+                            max_sessions=args.max_sessions, speculate_top_k=args.speculate_top_k,
+                            gap_fill_threshold=args.gap_fill_threshold, seed=args.seed, **sampling)
+    run_server(MoshiServer(engine, idle_timeout_s=args.idle_timeout), host=args.host, port=args.port)
+
+
 def _push(args: argparse.Namespace) -> None:
     from .files import read_json_object
     from .hub import push_to_hub
@@ -236,6 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as saved)")
     sub.add_argument("--device", default="cpu", help="device for the model and Mimi")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub = command("serve", _serve, "talk to the model live: a real-time server speaking moshi's WebSocket protocol",
+                  "Serve live full-duplex conversations over kyutai's moshi protocol at ws://HOST:PORT/api/chat "
+                  "(kyutai's clients connect unchanged) and the web page at http://HOST:PORT/, several at once in "
+                  "one batched streaming session ticking every 80 ms. Without MODEL it serves the demo's model "
+                  f"({DEMO_MODEL}), training it once with the demo if it is not there. Ctrl-C stops it cleanly.")
+    sub.add_argument("model", nargs="?", default=None, help=f"model directory (default: {DEMO_MODEL})")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sub.add_argument("--port", type=int, default=8998, help="port to listen on")
+    sub.add_argument("--max-sessions", type=int, default=8, help="conversations served at once (slots)")
+    sub.add_argument("--speculate-top-k", type=int, default=4, help="candidates precomputed per frame (0: off)")
+    sub.add_argument("--gap-fill-threshold", type=float, default=None,
+                     help="fill a late user frame with the predicted tokens of at least this probability "
+                          "(off: a late slot pauses)")
+    sub.add_argument("--idle-timeout", type=float, default=10.0, help="close a client silent for this many seconds")
+    sub.add_argument("--greedy", action="store_true", help="greedy text and audio instead of the generation config")
+    sub.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    sub.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the engine")
+    sub.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as saved)")
+    sub.add_argument("--device", default="cpu", help="device for the model and Mimi")
+    sub.add_argument("--quiet", action="store_true", help="no progress bars or connection log")
 
     sub = command("push", _push, "upload a model directory to the Hugging Face Hub with a model card",
                   "Upload the weights (safetensors only), config, generation config, remote code, tokenizer and "

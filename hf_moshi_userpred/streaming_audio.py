@@ -34,11 +34,10 @@ import torch
 from transformers import MimiModel
 from transformers.utils.logging import tqdm
 
-from .audio import load_mimi, load_mono, load_tokenizer
+from .audio import FRAME_RATE, check_mimi, load_mimi, load_mono, load_tokenizer, padding_ids, text_piece
 from .files import atomic_write, write_json
 from .generation_moshi_config import STREAMS
 
-FRAME_RATE = 12.5  # Mimi frames per second that Moshi models are trained on
 OUTPUT_FILES = {
     "system_audio": "system.wav",
     "dialogue_audio": "dialogue.wav",
@@ -209,7 +208,7 @@ def stream_user_audio(
         raise ValueError(f"max_frames={max_frames!r}: must be a positive integer or None")
     output_dir = _make_output_dir(output_dir)
     mimi = load_mimi(mimi, model.device)
-    _check_mimi(mimi, c)
+    check_mimi(mimi, c)
     if tokenizer is not None:
         tokenizer = load_tokenizer(tokenizer)
         if tokenizer.get_piece_size() < c.text_card_out:
@@ -247,7 +246,7 @@ def stream_user_audio(
                 "speculative": out.speculative[0],
                 "critical_ms": round(1000 * out.critical_s, 3),
                 "text_token": text_token,
-                "text": None if text_token is None or tokenizer is None else _piece(tokenizer, text_token, c),
+                "text": None if text_token is None or tokenizer is None else text_piece(tokenizer, text_token, c),
             })
             previous = out
         wall_s = time.perf_counter() - start
@@ -255,9 +254,9 @@ def stream_user_audio(
 
     text_tokens = torch.tensor(texts, dtype=torch.long)
     audio_codes = torch.stack(audios, dim=1) if audios else torch.empty(c.dep_q, 0, dtype=torch.long)
-    words = [token for token in texts if token not in _padding_ids(c)]
+    words = [token for token in texts if token not in padding_ids(c)]
     if tokenizer is not None:
-        text = "".join(_piece(tokenizer, token, c) for token in words).strip()
+        text = "".join(text_piece(tokenizer, token, c) for token in words).strip()
     else:
         text = " ".join(map(str, words))
     system_audio = _decode(mimi, audio_codes)
@@ -321,20 +320,6 @@ def _make_output_dir(output_dir: str | os.PathLike) -> Path:
     return output_dir
 
 
-def _check_mimi(mimi: MimiModel, config) -> None:
-    """Mimi must produce the model's vocabulary, enough codebooks for both speakers, at the model's frame rate."""
-    if mimi.config.codebook_size != config.card:
-        raise ValueError(f"this Mimi has codebooks of {mimi.config.codebook_size} entries but the model's audio "
-                         f"vocabulary is card={config.card}: it is not the codec the model was trained with")
-    needed = max(config.dep_q, config.n_q - config.dep_q)
-    if mimi.config.num_quantizers < needed:
-        raise ValueError(f"this Mimi has {mimi.config.num_quantizers} codebooks but the model needs {needed} "
-                         f"(dep_q={config.dep_q} system, n_q - dep_q={config.n_q - config.dep_q} user)")
-    if not math.isclose(mimi.config.frame_rate, FRAME_RATE):
-        raise ValueError(f"this Mimi runs at {mimi.config.frame_rate} frames per second; the model streams at "
-                         f"{FRAME_RATE}")
-
-
 def _user_waveform(user_audio: str | os.PathLike | torch.Tensor, rate: int, channel: int | None) -> torch.Tensor:
     """The user's audio `[num_samples]` at `rate` (float32, CPU), from a file or a 1-D tensor."""
     if isinstance(user_audio, (str, os.PathLike)):
@@ -376,17 +361,6 @@ def _mean_p95(values: list[float]) -> tuple[float | None, float | None]:
         return None, None
     values = torch.tensor(values, dtype=torch.float64)
     return values.mean().item(), values.quantile(0.95).item()
-
-
-def _padding_ids(config) -> tuple[int, int]:
-    return config.existing_text_padding_id, config.existing_text_end_padding_id
-
-
-def _piece(tokenizer: sentencepiece.SentencePieceProcessor, token: int, config) -> str:
-    """What moshi's server prints for a text token: the piece with "▁" as a space, nothing for padding."""
-    if token in _padding_ids(config):
-        return ""
-    return tokenizer.id_to_piece(token).replace("▁", " ")
 
 
 def _decode(mimi: MimiModel, audio_codes: torch.Tensor) -> torch.Tensor:

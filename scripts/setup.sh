@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv on a fresh machine: torch first (pinned, so pip does not pull a multi-GB CUDA build),
-# then this package with matplotlib for the demo's plots. `setup.sh test` adds the test extras and the
-# moshi oracle (installed --no-deps: its own pins conflict with transformers 5, see docs/design.md §4).
+# then this package with matplotlib for the demo's plots and aiohttp + sphn for `serve`. `setup.sh test` adds the
+# test extras, the moshi oracle (installed --no-deps: its own pins conflict with transformers 5, see
+# docs/design.md §4) and Debian's Chromium with its driver for the web page's browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,6 +13,9 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ "${1:-}" = "test" ]; then
   "${pip[@]}" -e ".[test]"
   "${pip[@]}" --no-deps "moshi==0.2.13" einops
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
 else
-  "${pip[@]}" -e ".[plots]"
+  "${pip[@]}" -e ".[plots,serve]"
 fi

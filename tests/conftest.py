@@ -30,3 +30,19 @@ def moshi_lm():
         return importlib.import_module("moshi.models.lm").LMModel
     except ImportError as error:  # never a skip: parity tests must run wherever the suite runs
         pytest.fail(f"the moshi oracle is not installed ({error}); run `bash scripts/setup.sh test`")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    """A model folder the way `demo` writes it (weights, tokenizer.model, mimi/), trained for 30 steps on the
+    shipped sample: what `serve` and the web page are tested with (about 40 s, once per session)."""
+    from hf_moshi_userpred.demo import run_demo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("demo")
+        run_demo(out, steps=30, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out / "model"

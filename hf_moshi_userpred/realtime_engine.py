@@ -1,0 +1,377 @@
+"""The real-time engine behind `serve`: many live conversations through one batched streaming session.
+
+kyutai's server holds one conversation at a time (a lock around the whole session). Here `max_sessions`
+conversations share one [`MoshiStreamingSession`] of as many slots and one [`MimiStreamingCodec`], and a clock
+ticks every 80 ms (one Mimi frame). Each tick, in the engine's own thread:
+
+1. conversations that joined take a free slot (`reset` of that slot: the others run on), those that left free theirs;
+2. every slot with a whole frame of audio waiting takes it; a slot whose frame is late is paused for the tick (the
+   exec mask), or, when the operator turned gap filling on, steps on the user tokens the model predicted (at most
+   `max_gap_frames` in a row; the late frame is then dropped when it arrives, its time has passed);
+3. the frames are encoded (batched streaming Mimi), the critical half of the model step runs for all slots at once,
+   and the system's audio is decoded and handed to each conversation with its text: the tick's critical path;
+4. then, off the critical path, the user Depformer and the speculative look-ahead for the next tick run in the time
+   left before the next frames (`step(..., look_ahead=False)` then `look_ahead()`), and each conversation that asked
+   for them gets its per-frame extras (user prediction confidence, speculation hit or miss, timings);
+5. a slot that has fallen behind (two or more frames waiting, e.g. after a network hiccup) catches up with extra
+   steps for it alone while the tick still has half its budget left.
+
+The engine never waits on a client: audio comes in through [`Conversation.push_audio`] (any thread) and goes out
+through the conversation's `deliver` callback, so a slow or broken connection delays nobody else's frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import sentencepiece
+import torch
+from transformers import MimiModel
+
+from .audio import check_mimi, text_piece
+from .mimi_streaming import MimiStreamingCodec
+
+logger = logging.getLogger(__name__)
+
+FRAME_PERIOD_S = 0.08  # one Mimi frame at 12.5 Hz
+
+
+@dataclass
+class FrameOutput:
+    """What a conversation receives for one of its frames.
+
+    Args:
+        frame: index of the conversation's frame (0 for the first one it sent).
+        audio: the system's next 80 ms, `[frame_size]` float32 at Mimi's rate, or None while the model warms up
+            (its first `max(delays)` frames).
+        text: the text piece the model wrote ("" for padding).
+        extras: the per-frame extras (see [`RealtimeEngine`]), sent after the look-ahead; None in the audio message.
+    """
+
+    frame: int
+    audio: np.ndarray | None = None
+    text: str = ""
+    extras: dict | None = None
+
+
+@dataclass
+class Conversation:
+    """One live conversation in a slot of the engine (see [`RealtimeEngine.join`])."""
+
+    slot: int
+    deliver: Callable[[FrameOutput], None]
+    frame_size: int
+    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    frames_in: int = 0  # frames the model consumed (or gap-filled) so far
+    gaps_in_a_row: int = 0
+    to_drop: int = 0  # late frames that were gap-filled: dropped when they arrive
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def push_audio(self, pcm: np.ndarray) -> None:
+        """Appends the user's audio (float32 samples at Mimi's rate, any length); the engine takes whole frames."""
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if not np.isfinite(pcm).all():
+            raise ValueError("audio samples must be finite (got NaN or infinity)")
+        with self.lock:
+            self.buffer = np.concatenate([self.buffer, pcm])
+
+    def waiting_frames(self) -> int:
+        with self.lock:
+            return len(self.buffer) // self.frame_size
+
+    def take_frame(self) -> np.ndarray | None:
+        """The oldest whole frame, dropping the ones whose time passed while they were gap-filled."""
+        with self.lock:
+            while self.to_drop and len(self.buffer) >= self.frame_size:
+                self.buffer, self.to_drop = self.buffer[self.frame_size :], self.to_drop - 1
+            if len(self.buffer) < self.frame_size:
+                return None
+            frame, self.buffer = self.buffer[: self.frame_size], self.buffer[self.frame_size :]
+            return frame
+
+
+class RealtimeEngine:
+    """Serves up to `max_sessions` live conversations on one model, one 80 ms tick for all of them.
+
+    Args:
+        model ([`MoshiUserPredForConditionalGeneration`]): the model, in eval mode on its device.
+        mimi (`MimiModel`): the codec the model was trained with (same device).
+        tokenizer (`sentencepiece.SentencePieceProcessor`): the text tokenizer, for the text pieces.
+        max_sessions (`int`): slots, i.e. conversations served at once.
+        speculate_top_k (`int`): candidate next user tokens precomputed per slot in the idle time (0: off).
+        gap_fill_threshold (`float`, *optional*): turns gap filling on: a late frame is replaced by the predicted
+            user tokens whose probability reaches it (see the generation config); off: a late slot pauses.
+        max_gap_frames (`int`): gap-fill at most this many frames in a row; a slot still silent after that pauses.
+        seed (`int`, *optional*): sampling seed of the session.
+        frame_period_s (`float`): the tick period (80 ms: real time).
+        **generation_kwargs: other generation config fields (e.g. `do_sample=False`).
+
+    The per-frame extras (`FrameOutput.extras`): `frame`, `user_prob` and `user_entropy` (of the predicted next
+    delay-0 user token; None before the first prediction), `speculation` ("hit", "miss", "not_tried"),
+    `critical_ms` (the tick's critical path: encode, model step, decode), `tick_ms` (the whole tick so far),
+    `late` and `gap_filled` (this frame of the user was late; it was gap-filled).
+    """
+
+    def __init__(
+        self,
+        model,
+        mimi: MimiModel,
+        tokenizer: sentencepiece.SentencePieceProcessor,
+        *,
+        max_sessions: int = 8,
+        speculate_top_k: int = 4,
+        gap_fill_threshold: float | None = None,
+        max_gap_frames: int = 3,
+        seed: int | None = None,
+        frame_period_s: float = FRAME_PERIOD_S,
+        **generation_kwargs,
+    ):
+        if not isinstance(max_sessions, int) or max_sessions < 1:
+            raise ValueError(f"max_sessions must be a positive integer, got {max_sessions!r}")
+        if not isinstance(max_gap_frames, int) or max_gap_frames < 0:
+            raise ValueError(f"max_gap_frames must be a non-negative integer, got {max_gap_frames!r}")
+        if not frame_period_s > 0:
+            raise ValueError(f"frame_period_s must be positive, got {frame_period_s!r}")
+        c = model.config
+        check_mimi(mimi, c)
+        if c.dep_q != c.n_q - c.dep_q:
+            raise ValueError(f"the engine streams one codec for both speakers: it needs as many system as user "
+                             f"codebooks, got dep_q={c.dep_q} and n_q - dep_q={c.n_q - c.dep_q}")
+        if tokenizer.get_piece_size() < c.text_card_out:
+            raise ValueError(f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model's text vocabulary "
+                             f"has {c.text_card_out} tokens: it is not the model's tokenizer")
+        self.model, self.tokenizer, self.max_sessions = model, tokenizer, max_sessions
+        self.frame_period_s, self.max_gap_frames = frame_period_s, max_gap_frames
+        self.gap_filling = gap_fill_threshold is not None
+        self.codec = MimiStreamingCodec(mimi, max_sessions, num_codebooks=c.dep_q)
+        self.frame_size = self.codec.frame_size
+        self.sampling_rate = mimi.config.sampling_rate
+        self._streaming = model.streaming(max_sessions, speculate_top_k=speculate_top_k,
+                                          gap_fill_threshold=gap_fill_threshold, seed=seed, **generation_kwargs)
+        self.session = self._streaming.__enter__()
+        self.predicts_user = c.predict_user_audio
+        self.device = model.device
+
+        self.conversations: list[Conversation | None] = [None] * max_sessions
+        self.joined: list[int] = []  # slots to reset at the next tick
+        self.lock = threading.Lock()  # guards conversations / joined between the engine and the server
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.ticks = 0
+        self.tick_ms: deque[float] = deque(maxlen=20_000)
+        self.critical_ms: deque[float] = deque(maxlen=20_000)
+        self.overruns = 0  # ticks that started more than a period late
+        self.catch_up_steps = 0
+        self.late_frames = 0  # a started conversation's frame had not arrived at its tick
+        self.gap_filled_frames = 0
+        self.served = 0
+        self.error: BaseException | None = None
+
+    # ---------------------------------------------------------------------------------------- sessions
+    def join(self, deliver: Callable[[FrameOutput], None]) -> Conversation | None:
+        """Takes a free slot for a new conversation, or returns None when all `max_sessions` are in use.
+
+        `deliver` is called from the engine's thread with each [`FrameOutput`]; it must not block (a server hands
+        the output to its event loop).
+        """
+        with self.lock:
+            for slot, conversation in enumerate(self.conversations):
+                if conversation is None:
+                    conversation = Conversation(slot, deliver, self.frame_size)
+                    self.conversations[slot] = conversation
+                    self.joined.append(slot)
+                    self.served += 1
+                    return conversation
+        return None
+
+    def leave(self, conversation: Conversation) -> None:
+        """Frees the conversation's slot (idempotent); the slot stops at once and is reset for the next one."""
+        with self.lock:
+            conversation.closed = True
+            if self.conversations[conversation.slot] is conversation:
+                self.conversations[conversation.slot] = None
+
+    @property
+    def active_sessions(self) -> int:
+        with self.lock:
+            return sum(conversation is not None for conversation in self.conversations)
+
+    # ------------------------------------------------------------------------------------------- clock
+    def start(self) -> None:
+        """Starts ticking in a background thread."""
+        if self.running:
+            return
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="realtime-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stops ticking (waits for the current tick) and closes the streaming session."""
+        self.running = False
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.session.active:
+            self._streaming.__exit__(None, None, None)
+
+    def _run(self) -> None:
+        deadline = time.perf_counter()
+        while self.running:
+            deadline += self.frame_period_s
+            delay = deadline - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            elif -delay > self.frame_period_s:  # more than a whole period behind: start the clock again
+                self.overruns += 1
+                deadline = time.perf_counter()
+            try:
+                self.tick()
+            except Exception as error:  # a bug, not a client's fault: stop serving rather than serve garbage
+                logger.exception("the engine stopped")
+                self.error, self.running = error, False
+
+    # -------------------------------------------------------------------------------------------- tick
+    @torch.no_grad()
+    def tick(self) -> None:
+        """One 80 ms tick for every conversation (steps 1-5 of the module docstring)."""
+        start = time.perf_counter()
+        with self.lock:
+            slots = list(self.conversations)
+            joined, self.joined = self.joined, []
+        if joined:
+            mask = torch.zeros(self.max_sessions, dtype=torch.bool)
+            mask[joined] = True
+            self.session.reset(mask.to(self.device))
+            self.codec.reset(mask)
+        if not any(slots):
+            return
+        self.ticks += 1
+        self._step(slots, start, first=True)
+        # catch up slots that fell behind, while half the budget is left
+        while time.perf_counter() - start < self.frame_period_s / 2:
+            behind = [c if c is not None and c.waiting_frames() > 0 and not c.closed else None for c in slots]
+            if not any(behind):
+                break
+            self.catch_up_steps += 1
+            self._step(behind, time.perf_counter(), first=False)
+
+    def _step(self, slots: list[Conversation | None], start: float, first: bool) -> None:
+        B = self.max_sessions
+        audio = np.zeros((B, self.frame_size), dtype=np.float32)
+        run, missing, late = [False] * B, [False] * B, [False] * B
+        for slot, conversation in enumerate(slots):
+            if conversation is None or conversation.closed:
+                continue
+            frame = conversation.take_frame()
+            if frame is not None:
+                audio[slot], run[slot] = frame, True
+                conversation.gaps_in_a_row = 0
+            elif first and conversation.frames_in > 0:  # a started conversation whose frame is late
+                late[slot] = True
+                self.late_frames += 1
+                if self.gap_filling and conversation.gaps_in_a_row < self.max_gap_frames:
+                    missing[slot] = True
+                    conversation.gaps_in_a_row += 1
+                    conversation.to_drop += 1
+                    self.gap_filled_frames += 1
+        if not any(run) and not any(missing):
+            return
+        run_mask = torch.tensor(run, device=self.device)
+        missing_mask = torch.tensor(missing, device=self.device)
+        self.session.set_exec_mask(run_mask | missing_mask)
+        codes = self.codec.encode(torch.from_numpy(audio).to(self.codec.device, self.codec.dtype), run_mask)
+        codes = codes.long().masked_fill(~run_mask[:, None, None], -1)
+        out = self.session.step(codes, missing=missing_mask if any(missing) else None, look_ahead=False)
+        outputs = [None] * B
+        if out.tokens is not None:
+            tokens = out.tokens.to(self.codec.device)
+            valid = (tokens[:, 1, 0] >= 0) & (run_mask | missing_mask)
+            if bool(valid.any()):
+                pcm = self.codec.decode(tokens[:, 1:], valid).float().cpu().numpy()
+                texts = tokens[:, 0, 0].tolist()
+                for slot in valid.nonzero()[:, 0].tolist():
+                    outputs[slot] = (pcm[slot], text_piece(self.tokenizer, texts[slot], self.model.config))
+        critical_ms = 1000 * (time.perf_counter() - start)
+        frames = {}
+        for slot, conversation in enumerate(slots):
+            if conversation is None or not (run[slot] or missing[slot]):
+                continue
+            frames[slot] = conversation.frames_in
+            conversation.frames_in += 1
+            audio_out, text = outputs[slot] if outputs[slot] is not None else (None, "")
+            self._deliver(conversation, FrameOutput(frames[slot], audio_out, text))
+        if first:
+            self.critical_ms.append(critical_ms)
+
+        ahead = self.session.look_ahead()  # off the critical path: the user Depformer and speculation
+        probs = entropy = None
+        if self.predicts_user:
+            probs, entropy = ahead.user_probs[:, 0, 0].tolist(), ahead.user_entropy[:, 0, 0].tolist()
+        tick_ms = 1000 * (time.perf_counter() - start)
+        for slot, frame in frames.items():
+            extras = {
+                "frame": frame,
+                "user_prob": _finite(probs[slot]) if probs else None,
+                "user_entropy": _finite(entropy[slot]) if entropy else None,
+                "speculation": out.speculative[slot],
+                "critical_ms": round(critical_ms, 3),
+                "tick_ms": round(tick_ms, 3),
+                "late": late[slot],
+                "gap_filled": missing[slot],
+            }
+            self._deliver(slots[slot], FrameOutput(frame, extras=extras))
+        if first:
+            self.tick_ms.append(tick_ms)
+
+    def _deliver(self, conversation: Conversation, output: FrameOutput) -> None:
+        if conversation.closed:
+            return
+        try:
+            conversation.deliver(output)
+        except Exception:  # a broken connection's callback must not stop the others' frames
+            logger.exception("delivering to slot %d failed: closing that conversation", conversation.slot)
+            self.leave(conversation)
+
+    # ----------------------------------------------------------------------------------------- metrics
+    def metrics(self) -> dict:
+        """Sessions, tick time percentiles (ms), late and gap-filled frames, speculation hit rate."""
+        stats = self.session.stats
+        return {
+            "sessions": self.active_sessions,
+            "max_sessions": self.max_sessions,
+            "sessions_served": self.served,
+            "ticks": self.ticks,
+            "tick_ms": _percentiles(self.tick_ms),
+            "critical_ms": _percentiles(self.critical_ms),
+            "overruns": self.overruns,
+            "catch_up_steps": self.catch_up_steps,
+            "late_frames": self.late_frames,
+            "gap_filled_frames": self.gap_filled_frames,
+            "speculation": {"top_k": stats.top_k, "hits": stats.hits, "misses": stats.misses,
+                            "hit_rate": stats.hit_rate},
+            "running": self.running,
+        }
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 5)
+
+
+def _percentiles(values: deque) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    array = np.asarray(values)
+    p50, p95, p99 = np.percentile(array, [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
+            "max": round(float(array.max()), 3)}
+
+
+__all__ = ["FRAME_PERIOD_S", "Conversation", "FrameOutput", "RealtimeEngine"]
