@@ -38,6 +38,7 @@ import torch
 from benchmarks.common import (
     REPO,
     base_parser,
+    demo_model_dir,
     parameter_count,
     peak_rss_mb,
     run_isolated,
@@ -46,7 +47,6 @@ from benchmarks.common import (
     write_results,
 )
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.demo import run_demo
 from hf_moshi_userpred.encoding import EncodedDialogues
 from hf_moshi_userpred.evaluation import evaluate_user_prediction
 
@@ -54,25 +54,9 @@ NAME = "speculation"
 TOP_KS = (1, 2, 4, 8)
 TARGET_REDUCTION = 0.5
 FRAME_MS = 80.0  # one Mimi frame at 12.5 Hz: the real-time budget of critical path + speculation
-DEMO_CACHE = REPO / "outputs" / "benchmarks" / "demo"  # git-ignored; reused across runs
-QUICK_DEMO_CACHE = REPO / "outputs" / "benchmarks" / "demo_quick"
-DEMO_STEPS, QUICK_STEPS = 900, 30  # the demo's default; enough for quick's pipeline check
 QUICK_DIALOGUES = 2
 WARMUP_FRAMES = 25  # untimed frames per k before the timed rounds (first-call allocations, lazy initialisations)
 MODES = {"sampled": {}, "greedy": {"do_sample": False, "audio_do_sample": False, "user_do_sample": False}}
-
-
-def demo_model_dir(args: argparse.Namespace) -> Path:
-    """The demo model to benchmark: `--model`, else the cached full demo (trained on first use or with `--retrain`),
-    or (in `--quick`) a cached 30-step one: quick only checks the pipeline."""
-    if args.model is not None:
-        if not (args.model / "config.json").is_file() or not (args.model.parent / "encoded" / "eval").is_dir():
-            raise SystemExit(f"--model {args.model}: expected a demo's model/ folder beside its encoded/eval/")
-        return args.model.resolve()
-    cache, steps = (QUICK_DEMO_CACHE, QUICK_STEPS) if args.quick else (DEMO_CACHE, DEMO_STEPS)
-    if args.retrain or not (cache / "model" / "config.json").is_file():
-        run_demo(cache, steps=steps, progress=False)
-    return cache / "model"
 
 
 def load(model_dir: Path) -> tuple[MoshiUserPredForConditionalGeneration, EncodedDialogues, list[torch.Tensor]]:

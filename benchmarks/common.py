@@ -38,6 +38,27 @@ MOSHIKO_TINY = moshiko_shaped_lm_kwargs(dim=128, num_layers=2, num_heads=4, card
                                         depformer_dim=64, depformer_num_heads=4)
 
 
+DEMO_CACHE = REPO / "outputs" / "benchmarks" / "demo"  # git-ignored; reused across runs
+QUICK_DEMO_CACHE = REPO / "outputs" / "benchmarks" / "demo_quick"
+DEMO_STEPS, QUICK_STEPS = 900, 30  # the demo's default; enough for quick's pipeline check
+
+
+def demo_model_dir(args: argparse.Namespace) -> Path:
+    """The demo model to benchmark: `--model`, else the cached full demo (trained on first use or with `--retrain`),
+    or (in `--quick`) a cached 30-step one: quick only checks the pipeline."""
+    if args.model is not None:
+        if not (args.model / "config.json").is_file() or not (args.model.parent / "encoded" / "eval").is_dir():
+            raise SystemExit(f"--model {args.model}: expected a demo's model/ folder beside its encoded/eval/")
+        return args.model.resolve()
+    cache, steps = (QUICK_DEMO_CACHE, QUICK_STEPS) if args.quick else (DEMO_CACHE, DEMO_STEPS)
+    if args.retrain or not (cache / "model" / "config.json").is_file():
+        from hf_moshi_userpred.demo import run_demo
+
+        run_demo(cache, steps=steps, progress=False)
+    return cache / "model"
+
+
+
 def moshi_lm_class():
     """moshi's `LMModel` (the oracle); a clear error when `moshi` is missing (`bash scripts/setup.sh test`)."""
     try:

@@ -300,9 +300,13 @@ class MoshiStreamingSession:
         )
 
     @torch.no_grad()
-    def look_ahead(self) -> MoshiStreamStepOutput:
+    def look_ahead(self, speculate: bool = True) -> MoshiStreamStepOutput:
         """The idle-time half of the last `step(..., look_ahead=False)`: the user Depformer predicts the user's next
         tokens (and completes a gap fill's delayed rows), then speculation precomputes the next call.
+
+        Args:
+            speculate: precompute the next call (when the session speculates). A real-time loop with no idle time
+                left passes False: the next call then runs a normal step, with the same tokens.
 
         Returns:
             [`MoshiStreamStepOutput`] with `user_prediction`, `user_probs`, `user_entropy`, `gap_filled` and
@@ -320,7 +324,7 @@ class MoshiStreamingSession:
             self._predict_user(hidden, text)
             if gap_filled is not None:
                 gap_filled = gap_filled | self._fill_gap_late_rows()
-            if self.top_k:
+            if self.top_k and speculate:
                 spec_start = time.perf_counter()
                 self.speculation = self._speculate()
                 speculate = time.perf_counter() - spec_start

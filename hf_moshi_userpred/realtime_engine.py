@@ -11,8 +11,10 @@ ticks every 80 ms (one Mimi frame). Each tick, in the engine's own thread:
 3. the frames are encoded (batched streaming Mimi), the critical half of the model step runs for all slots at once,
    and the system's audio is decoded and handed to each conversation with its text: the tick's critical path;
 4. then, off the critical path, the user Depformer and the speculative look-ahead for the next tick run in the time
-   left before the next frames (`step(..., look_ahead=False)` then `look_ahead()`), and each conversation that asked
-   for them gets its per-frame extras (user prediction confidence, speculation hit or miss, timings);
+   left before the next frames (`step(..., look_ahead=False)` then `look_ahead()`; the speculation is skipped when
+   the last one would not fit in what is left of the tick: a skipped speculation only means a normal step next
+   time), and each conversation gets its per-frame extras (user prediction confidence, speculation hit or miss,
+   timings);
 5. a slot that has fallen behind (two or more frames waiting, e.g. after a network hiccup) catches up with extra
    steps for it alone while the tick still has half its budget left.
 
@@ -170,6 +172,8 @@ class RealtimeEngine:
         self.critical_ms: deque[float] = deque(maxlen=20_000)
         self.overruns = 0  # ticks that started more than a period late
         self.catch_up_steps = 0
+        self.speculate_s = 0.0  # the last speculative look-ahead's duration: does the next one fit?
+        self.skipped_speculations = 0
         self.late_frames = 0  # a started conversation's frame had not arrived at its tick
         self.gap_filled_frames = 0
         self.served = 0
@@ -311,7 +315,12 @@ class RealtimeEngine:
         if first:
             self.critical_ms.append(critical_ms)
 
-        ahead = self.session.look_ahead()  # off the critical path: the user Depformer and speculation
+        speculates = self.session.top_k > 0
+        fits = speculates and time.perf_counter() - start + self.speculate_s < 0.9 * self.frame_period_s
+        self.skipped_speculations += speculates and not fits
+        ahead = self.session.look_ahead(speculate=fits)  # off the critical path: the user Depformer, speculation
+        if fits:
+            self.speculate_s = ahead.speculate_s
         probs = entropy = None
         if self.predicts_user:
             probs, entropy = ahead.user_probs[:, 0, 0].tolist(), ahead.user_entropy[:, 0, 0].tolist()
@@ -353,6 +362,7 @@ class RealtimeEngine:
             "critical_ms": _percentiles(self.critical_ms),
             "overruns": self.overruns,
             "catch_up_steps": self.catch_up_steps,
+            "skipped_speculations": self.skipped_speculations,
             "late_frames": self.late_frames,
             "gap_filled_frames": self.gap_filled_frames,
             "speculation": {"top_k": stats.top_k, "hits": stats.hits, "misses": stats.misses,
