@@ -256,15 +256,18 @@ def _summary_table(s: dict) -> str:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
+    def ms(x: float | None) -> str:  # None: no such step (e.g. no speculation hit in a short run)
+        return "-" if x is None else f"{x:.1f} ms"
+
     k = s["speculate_top_k"]
     rows = [
         ("model", f"{s['parameters'] / 1e6:.2f} M parameters, {s['training_steps']} steps in {s['training_s']:.0f} s"),
         ("held-out next user token (delay-0)", f"{pct(s['held_out_delay0_accuracy'])} (repeat-last "
          f"{pct(s['repeat_last_delay0_accuracy'])}, unigram {pct(s['unigram_delay0_accuracy'])})"),
         (f"speculation hit rate (k={k}, {s['stream_frames']} frames)", pct(s["speculation_hit_rate"])),
-        ("critical path per frame", f"{s['critical_ms_mean']:.1f} ms with speculation vs "
-         f"{s['critical_ms_mean_without_speculation']:.1f} ms without "
-         f"({pct(s['critical_path_saved_fraction'])} saved; hits {s['critical_ms_hit_mean']:.1f} ms)"),
+        ("critical path per frame", f"{ms(s['critical_ms_mean'])} with speculation vs "
+         f"{ms(s['critical_ms_mean_without_speculation'])} without "
+         f"({pct(s['critical_path_saved_fraction'])} saved; hits {ms(s['critical_ms_hit_mean'])})"),
         ("speculative tokens identical to plain streaming",
          "yes" if s["tokens_identical_to_plain_streaming"] else "NO"),
         ("trust_remote_code reload: identical logits", "yes" if s["trust_remote_code_reload_identical"] else "NO"),

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
@@ -183,3 +189,45 @@ class LocalHub(HfApi):
         oid = hashlib.sha1(repr(self.calls).encode()).hexdigest()
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
                           commit_message=kwargs["commit_message"], commit_description="", oid=oid)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(model_dir: Path, *args: str):
+    """A `serve` process on a free port until the block ends (then SIGTERM); yields its base URL and process."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_TORCH_COMPILE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_moshi_userpred", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+         *args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not any(f"serving on {url}" in line for line in log):
+            assert process.poll() is None, f"serve exited ({process.returncode}): {''.join(log)[-3000:]}"
+            assert time.monotonic() < deadline, f"serve did not log 'serving on {url}' in 180 s: {''.join(log)[-3000:]}"
+            time.sleep(0.2)
+        while True:  # the log line comes just before the socket listens
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "serve did not listen"
+                time.sleep(0.1)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -11,14 +11,11 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import types
-from contextlib import contextmanager
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -26,8 +23,8 @@ import pytest
 import soundfile
 import soxr
 import sphn
-import torch
 
+from helpers import serving
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
 from hf_moshi_userpred.audio import load_mimi, load_tokenizer
 from hf_moshi_userpred.realtime_engine import RealtimeEngine
@@ -46,41 +43,6 @@ def held_out_user_channels(count: int, seconds: float) -> list[np.ndarray]:
         user = soxr.resample(audio[:, 1], rate, RATE)[: int(seconds * RATE)]
         channels.append(np.ascontiguousarray(user, dtype=np.float32))
     return channels
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def serving(model_dir: Path, *args: str):
-    """A `serve` process on a free port until the block ends (then SIGTERM); yields its base URL and process."""
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([*CLI, "serve", str(model_dir), "--port", str(port), "--quiet", *args], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"serve exited: {process.communicate()[1][-2000:]}"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "serve did not start listening within 120 s"
-                time.sleep(0.3)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 async def get_json(url: str) -> tuple[int, dict]:

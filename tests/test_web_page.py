@@ -1,5 +1,5 @@
-"""The web page (`hf_moshi_userpred/static/`) in a real browser: Debian's Chromium, headless, driven by Selenium, against
-real `hf-moshi-userpred serve` processes on free localhost ports.
+"""The web page (`hf_moshi_userpred/static/`) in a real browser: Debian's Chromium, headless, driven by Selenium,
+against real `hf-moshi-userpred serve` processes on free localhost ports.
 
 Chromium's fake microphone plays a held-out sample dialogue's user channel. The page exposes what it did in
 `window.moshiStats` (frames received, samples played, text pieces, extras, chart points, state, message), which the
@@ -16,11 +16,7 @@ import base64
 import io
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -31,60 +27,22 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 
+from helpers import serving
 from hf_moshi_userpred.sample import SAMPLE_DIR
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CLI = [sys.executable, "-m", "hf_moshi_userpred"]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "outputs" / "web_page.png"
 TALK_S = 5.0  # talk at least this long (and until text came)
 FRAME_S = 0.08
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def serving(model_dir: Path, *args: str):
-    """A `serve` process on a free port until the block ends (then SIGTERM); yields its base URL and process."""
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_TORCH_COMPILE": "1"}
-    process = subprocess.Popen(
-        [*CLI, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--speculate-top-k", "4", *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while not any(f"serving on {url}" in line for line in log):
-            assert process.poll() is None, f"serve exited ({process.returncode}): {''.join(log)[-3000:]}"
-            assert time.monotonic() < deadline, f"serve did not log 'serving on {url}' in 180 s: {''.join(log)[-3000:]}"
-            time.sleep(0.2)
-        while True:  # the log line comes just before the socket listens
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "serve did not listen"
-                time.sleep(0.1)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 @pytest.fixture(scope="module")
 def fake_microphone(tmp_path_factory) -> Path:
     """The first held-out dialogue's user (right) channel as the 48 kHz 16-bit mono WAV Chromium's fake device plays."""
@@ -103,12 +61,10 @@ def chromium(microphone: Path):
         pytest.fail(f"{' and '.join(missing)} not found: the web page tests need Debian's chromium and "
                     "chromium-driver (run `bash scripts/setup.sh test`, or apt-get install chromium chromium-driver)")
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1000",
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,1000",
                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                  f"--use-file-for-fake-audio-capture={microphone}", "--autoplay-policy=no-user-gesture-required",
                  "--no-first-run", "--disable-extensions", "--disable-background-networking"):
@@ -141,16 +97,12 @@ def wait_for(driver, condition, timeout: float, what: str) -> dict:
 
 
 def click(driver, element_id: str) -> None:
-    from selenium.webdriver.common.by import By
-
     button = driver.find_element(By.ID, element_id)
     assert button.is_displayed() and button.is_enabled(), f"#{element_id} is not clickable"
     button.click()
 
 
 def visible_text(driver, element_id: str) -> str:
-    from selenium.webdriver.common.by import By
-
     element = driver.find_element(By.ID, element_id)
     return element.text if element.is_displayed() else ""
 
@@ -226,7 +178,7 @@ def wait_for_free_slot(url: str, timeout: float = 20) -> None:
 def test_conversation_in_the_browser(demo_model_dir, fake_microphone):
     """Start, talk (Chromium's fake microphone), hear the model, read its text, watch the user-prediction panel;
     Stop offers a 24 kHz stereo WAV (model left, user right) as long as the conversation."""
-    with serving(demo_model_dir, "--max-sessions", "1") as (url, _), chromium(fake_microphone) as driver:
+    with serving(demo_model_dir, "--speculate-top-k", "4", "--max-sessions", "1") as (url, _), chromium(fake_microphone) as driver:
         driver.get(url + "/")
         assert driver.title.startswith("Moshi")
         wait_for(driver, lambda s: s["state"] == "idle", 10, "the page loading")
@@ -264,11 +216,31 @@ def test_conversation_in_the_browser(demo_model_dir, fake_microphone):
     assert ended["audioSecondsPlayed"] > 0
 
 
-def test_busy_server_and_lost_connection(demo_model_dir, fake_microphone):
-    """With the only slot taken the page says the server is busy and offers Retry; once it is free Retry starts a
-    conversation; stopping the server mid-conversation shows 'connection lost' and Retry again."""
-    with serving(demo_model_dir, "--max-sessions", "1", "--idle-timeout", "60") as (url, process), \
+def test_error_states(demo_model_dir, fake_microphone):
+    """What the page says when it cannot work: a browser without AudioWorklet; the microphone denied; the only slot
+    taken (busy, Retry, and once free Retry starts a conversation); the server stopped mid-conversation (connection
+    lost, Retry, the conversation so far still offered); no server at all."""
+    with serving(demo_model_dir, "--speculate-top-k", "4", "--max-sessions", "1", "--idle-timeout", "60") as (url, process), \
             chromium(fake_microphone) as driver:
+        for patch, state, expected in [
+            ("delete window.AudioWorkletNode;", "unsupported", "lacks AudioWorklet"),
+            ("navigator.mediaDevices.getUserMedia = () => "
+             "Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));", "denied",
+             "Microphone access was denied"),
+        ]:
+            script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": patch})
+            driver.get(url + "/")
+            if state == "denied":
+                click(driver, "start")
+            shown = wait_for(driver, lambda s: s["state"] not in ("idle", "connecting"), 10, f"the {state} message")
+            assert shown["state"] == state and expected in visible_text(driver, "message"), shown
+            if state == "unsupported":
+                assert not driver.find_element(By.ID, "start").is_enabled()
+            else:
+                assert visible_text(driver, "retry") == "Retry"
+            driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+        assert asyncio.run(_health(url))["sessions"] == 0  # neither took a slot
+
         holder = SlotHolder(url)
         holder.start()
         assert holder.handshake.wait(60) and holder.error is None, holder.error
@@ -286,7 +258,8 @@ def test_busy_server_and_lost_connection(demo_model_dir, fake_microphone):
         wait_for_free_slot(url)
 
         click(driver, "retry")
-        wait_for(driver, lambda s: s["state"] == "live" and s["audioFramesReceived"] > 0, 60, "the retried conversation")
+        wait_for(driver, lambda s: s["state"] == "live" and s["audioFramesReceived"] > 0, 60,
+                 "the retried conversation")
         process.send_signal(signal.SIGTERM)  # the server shuts down mid-conversation
         lost = wait_for(driver, lambda s: s["state"] != "live", 30, "the page noticing the shutdown")
         assert lost["state"] == "lost" and lost["closeCode"] == 1001, lost

@@ -24,7 +24,7 @@
     prob: $("tile-prob"), entropy: $("tile-entropy"), hits: $("tile-hits"), hitsDetail: $("tile-hits-detail"),
     critical: $("tile-critical"), criticalDetail: $("tile-critical-detail"), turnBox: $("tile-turn-box"),
     turn: $("tile-turn"), frames: $("tile-frames"), framesDetail: $("tile-frames-detail"),
-    legendTurn: $("legend-turn"), legendTurnText: $("legend-turn-text"),
+    legendTurn: $("legend-turn"),
   };
 
   // What the page did, for people debugging and for the browser tests.
@@ -317,8 +317,10 @@
     s.ending = true;
     setState(state, text, kind || "error");
     if (s.ws && s.ws.readyState <= WebSocket.OPEN) s.ws.close(1000, "client gave up");
-    await finish(s, wasLive);
-    if (stats.state === state) setState(state, text, kind || "error");
+    const kept = await finish(s, wasLive);
+    if (stats.state === state) {
+      setState(state, text + (kept ? " The conversation so far is recorded below." : ""), kind || "error");
+    }
   }
 
   // Ask the worklet for its last partial block (so the recording ends at the button press).
@@ -348,6 +350,7 @@
     if (session === s) session = null;
     ui.micLevel.style.width = ui.modelLevel.style.width = "0";
     if (wav) offerRecording(wav.blob, wav.seconds);
+    return Boolean(wav);
   }
 
   function cleanup(s) {
@@ -441,7 +444,7 @@
     });
     ui.transcript.textContent = "";
     ui.recording.hidden = true;
-    ui.turnBox.hidden = ui.legendTurn.hidden = ui.legendTurnText.hidden = true;
+    ui.turnBox.hidden = ui.legendTurn.hidden = true;
     for (const tile of [ui.prob, ui.entropy, ui.hits, ui.critical, ui.turn]) tile.textContent = "\u2013";
     ui.hitsDetail.textContent = ui.framesDetail.textContent = "";
     ui.frames.textContent = "0";
@@ -467,10 +470,10 @@
     else counts.not_tried += 1;
     if (x.late) counts.late += 1;
     if (x.gap_filled) counts.gap += 1;
-    if (isNum(x.user_entropy)) entropyMax = Math.max(entropyMax, Math.ceil(x.user_entropy));
+    if (isNum(x.user_entropy) && x.user_entropy > entropyMax) entropyMax = Math.ceil(x.user_entropy / 4) * 4;
     if (isNum(x.turn_end) && !showTurn) {
       showTurn = true;
-      ui.turnBox.hidden = ui.legendTurn.hidden = ui.legendTurnText.hidden = false;
+      ui.turnBox.hidden = ui.legendTurn.hidden = false;
     }
     stats.hits = counts.hit; stats.misses = counts.miss; stats.notTried = counts.not_tried;
     stats.lateFrames = counts.late; stats.gapFilled = counts.gap;
@@ -580,7 +583,7 @@
       g.beginPath(); g.moveTo(left, y); g.lineTo(right, y); g.stroke();
       g.textAlign = "right"; g.fillText(v.toFixed(2), left - 4, y);
       g.textAlign = "left";
-      g.fillText((v * entropyMax).toFixed(v * entropyMax % 1 ? 1 : 0) + (v === 1 ? " nats" : ""), right + 4, y);
+      g.fillText(String(+(v * entropyMax).toFixed(2)) + (v === 1 ? " nats" : ""), right + 4, y);
     }
     if (!points.length) {
       g.textAlign = "center";
