@@ -16,7 +16,8 @@ Each connection has its own Opus decoder and encoder and its own outgoing queue,
 one else. What ends a conversation, with its WebSocket close code: all slots taken, before the handshake
 (`CLOSE_BUSY` 1013, "try again later"); a message kind other than audio or a text frame (1003); an empty message or
 audio that is not Ogg-Opus (1007); a message over `max_message_bytes` (1009); no message for `idle_timeout_s` or a
-client that stopped reading (1008); server shutdown (1001). Its slot is freed at once; the other conversations go on.
+client that stopped reading (1008); server shutdown (1001); the engine stopped on an error (1011). Its slot is freed at
+once; the other conversations go on.
 """
 
 from __future__ import annotations
@@ -165,10 +166,16 @@ class MoshiServer:
                     raise _Closing(WSCloseCode.INVALID_TEXT, f"invalid audio: {error}")
 
     async def _send(self, ws: web.WebSocketResponse, outbox: asyncio.Queue, extras: bool) -> None:
-        """Sends the engine's output to the client as it comes; raises `_Closing` if the client stops reading."""
+        """Sends the engine's output to the client as it comes; raises `_Closing` if the client stops reading or the
+        engine stopped."""
         writer = sphn.OpusStreamWriter(self.engine.sampling_rate)
         while True:
-            output = await outbox.get()
+            try:
+                output = await asyncio.wait_for(outbox.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if self.engine.error is not None:
+                    raise _Closing(WSCloseCode.INTERNAL_ERROR, "internal error: the engine stopped")
+                continue
             if outbox.qsize() > self.max_queued_frames:
                 raise _Closing(WSCloseCode.POLICY_VIOLATION,
                                f"client not reading: {outbox.qsize()} frames of output queued")

@@ -415,3 +415,35 @@ def test_serve_cli_errors_are_one_line(tmp_path):
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_engine_failure_closes_conversations_with_1011(parts):
+    """A bug in the engine (here: the model step raising) stops serving cleanly: every conversation is closed with
+    1011 and a reason, and /health answers 503."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from hf_moshi_userpred.server import MoshiServer
+
+    engine = RealtimeEngine(*parts, max_sessions=2, seed=0)
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("a bug in the step")
+
+    engine.session.step = broken_step
+
+    async def main():
+        async with TestClient(TestServer(MoshiServer(engine).app())) as client:
+            ws = await client.ws_connect("/api/chat")
+            assert (await ws.receive(timeout=10)).data == b"\x00"
+            writer = sphn.OpusStreamWriter(RATE)
+            for frame in np.split(held_out_user_channels(1, 0.8)[0], 10):
+                await ws.send_bytes(b"\x01" + writer.append_pcm(frame))
+            while (message := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                pass
+            health = await client.get("/health")
+            return message, ws.close_code, health.status, await health.json()
+
+    message, code, status, health = asyncio.run(main())
+    assert (code, message.extra) == (1011, "internal error: the engine stopped")
+    assert status == 503 and health["status"] == "error"
+    assert isinstance(engine.error, RuntimeError)
