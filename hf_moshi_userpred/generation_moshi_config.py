@@ -7,26 +7,107 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
+    LogitsProcessor,
     MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
 
-SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p")
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                   "top_h")
+# Honoured on the text stream only: they read the text history as `input_ids`.
+TEXT_FIELDS = ("repetition_penalty", "bad_words_ids", "sequence_bias", "suppress_tokens")
+# Honoured on every stream: they only read the scores.
+SCORE_FIELDS = ("remove_invalid_values", "renormalize_logits")
 STREAMS = ("text", "audio", "user")  # the token streams a session samples; batch entries are "slots"
+
+_ENDS_WITH_THE_USER = "a full-duplex stream ends when the user's frames end (stop feeding frames, or pass fewer to generate)"
+_NOT_A_SEQUENCE = "the session returns one step's tokens per call (see MoshiStreamStepOutput), not a sequence"
+# Every other field of Transformers' GenerationConfig, with why it is refused; a value that changes nothing
+# (the field's neutral value) is accepted.
+REFUSED_FIELDS: dict[str, tuple[object, str]] = {
+    "max_length": (None, _ENDS_WITH_THE_USER),
+    "max_new_tokens": (None, _ENDS_WITH_THE_USER),
+    "min_length": (None, _ENDS_WITH_THE_USER),
+    "min_new_tokens": (None, _ENDS_WITH_THE_USER),
+    "max_time": (None, _ENDS_WITH_THE_USER),
+    "stop_strings": (None, _ENDS_WITH_THE_USER),
+    "eos_token_id": (None, _ENDS_WITH_THE_USER),
+    "forced_eos_token_id": (None, _ENDS_WITH_THE_USER),
+    "early_stopping": (None, _ENDS_WITH_THE_USER),
+    "exponential_decay_length_penalty": (None, _ENDS_WITH_THE_USER),
+    "bos_token_id": (None, "the streams start from the model's initial tokens (config.initial_token_id)"),
+    "pad_token_id": (None, "Moshi's text padding is config.existing_text_padding_id"),
+    "decoder_start_token_id": (None, "Moshi is not an encoder-decoder"),
+    "forced_bos_token_id": (None, "the streams start from the model's initial tokens"),
+    "begin_suppress_tokens": (None, "use suppress_tokens (the stream has no prompt to begin after)"),
+    "num_beams": (1, "beam search is not implemented on Moshi's streams"),
+    "num_beam_groups": (1, "beam search is not implemented on Moshi's streams"),
+    "diversity_penalty": (0.0, "beam search is not implemented on Moshi's streams"),
+    "length_penalty": (1.0, "beam search is not implemented on Moshi's streams"),
+    "penalty_alpha": (0.0, "contrastive search is not implemented on Moshi's streams"),
+    "num_return_sequences": (1, "one conversation per slot: open batch_size slots for several"),
+    "no_repeat_ngram_size": (0, "the text stream repeats its padding between every word, so n-gram bans would ban "
+                                "padding; use repetition_penalty (which ignores padding)"),
+    "encoder_no_repeat_ngram_size": (0, "Moshi is not an encoder-decoder"),
+    "encoder_repetition_penalty": (1.0, "Moshi is not an encoder-decoder"),
+    "force_words_ids": (None, "constrained beam search is not implemented on Moshi's streams"),
+    "constraints": (None, "constrained beam search is not implemented on Moshi's streams"),
+    "guidance_scale": (1.0, "the model has no conditioning to guide on (moshi's conditioners are not supported)"),
+    "use_cache": (True, "streaming always uses its ring-buffer KV cache"),
+    "cache_implementation": (None, "the session uses its own ring-buffer KV cache (config.streaming_window)"),
+    "cache_config": (None, "the session uses its own ring-buffer KV cache (config.streaming_window)"),
+    "max_cache_len": (None, "the session's KV cache holds config.streaming_window positions"),
+    "compile_config": (None, "the streaming step is replayed as CUDA graphs instead (cuda_graphs=)"),
+    "disable_compile": (None, "the streaming step is replayed as CUDA graphs instead (cuda_graphs=)"),
+    "prefill_chunk_size": (None, "there is no prompt to prefill: frames arrive one at a time"),
+    "continuous_batching_config": (None, "use `serve --max-sessions` (RealtimeEngine) for continuous batching"),
+    "low_memory": (None, "beam and contrastive search are not implemented on Moshi's streams"),
+    "dola_layers": (None, "DoLa decoding is not implemented on Moshi's streams"),
+    "token_healing": (None, "there is no prompt to heal"),
+    "watermarking_config": (None, "watermarking is not implemented on Moshi's streams"),
+    "output_attentions": (False, _NOT_A_SEQUENCE),
+    "output_hidden_states": (False, _NOT_A_SEQUENCE),
+    "output_scores": (False, _NOT_A_SEQUENCE),
+    "output_logits": (False, _NOT_A_SEQUENCE),
+    "return_dict_in_generate": (False, _NOT_A_SEQUENCE),
+    **{name: (None, "assisted decoding is not implemented: speculate_top_k is this model's speculation")
+       for name in ("assistant_confidence_threshold", "assistant_early_exit", "assistant_ensemble_weight",
+                    "assistant_lookbehind", "is_assistant", "max_matching_ngram_size", "num_assistant_tokens",
+                    "num_assistant_tokens_schedule", "prompt_lookup_num_tokens", "speculation_type",
+                    "target_lookbehind", "use_mtp")},
+}
 
 
 class MoshiUserPredGenerationConfig(GenerationConfig):
     r"""Sampling settings of the three streams, plus speculation and gap filling.
 
-    The standard fields (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `typical_p`,
-    `repetition_penalty`) set the **text** stream, as in any Transformers LM. The same sampling fields prefixed
-    with `audio_` set the system's audio codebooks and with `user_` the user prediction. Defaults are moshi's
-    (`LMGen`): text temperature 0.7 / top-k 25, audio 0.8 / 250, both sampled; the user prediction is greedy
-    (the most likely next user token) by default.
+    Every field of Transformers' `GenerationConfig` is either honoured or refused:
+
+    - the sampling fields (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `typical_p`, `epsilon_cutoff`,
+      `eta_cutoff`, `top_h`) set the **text** stream, as in any Transformers LM; the same fields prefixed with
+      `audio_` set the system's audio codebooks and with `user_` the user prediction;
+    - `repetition_penalty`, `bad_words_ids`, `sequence_bias` and `suppress_tokens` act on the text stream (its last
+      `repetition_history` tokens are their `input_ids`, padding included: a multi-word sequence must spell the
+      padding between its words). The repetition penalty never applies to the padding and end-of-padding ids, which
+      Moshi writes between all words (and which fill the history before the conversation started);
+    - `remove_invalid_values` and `renormalize_logits` act on all three streams;
+    - every other field (lengths and stop criteria, beam and contrastive search, assisted decoding, cache and compile
+      settings, output flags) raises a `ValueError` naming it and saying why, unless it holds its neutral value
+      (e.g. `num_beams=1`).
+
+    Defaults are moshi's (`LMGen`): text temperature 0.7 / top-k 25, audio 0.8 / 250, both sampled; the user
+    prediction is greedy (the most likely next user token) by default.
 
     Args:
         speculate_top_k (`int`, defaults to 0): how many candidate next user tokens to precompute the next
@@ -38,7 +119,8 @@ class MoshiUserPredGenerationConfig(GenerationConfig):
             `input_ids` (a fixed window keeps memory flat; entries before the conversation started hold the padding id).
 
     Raises:
-        ValueError: a field that neither Transformers' `GenerationConfig` nor this class defines (named).
+        ValueError: a field that neither Transformers' `GenerationConfig` nor this class defines, or a standard field
+            the streams cannot honour (named, with the reason).
     """
 
     def __init__(self, **kwargs):
@@ -61,6 +143,10 @@ class MoshiUserPredGenerationConfig(GenerationConfig):
             raise ValueError(f"unknown generation config field(s) {unknown}: text fields are Transformers' "
                              f"{list(SAMPLING_FIELDS)} and repetition_penalty, audio and user fields take the "
                              "prefixes 'audio_' and 'user_'")
+        refused = [f"{name}={getattr(self, name)!r} ({reason})" for name, (neutral, reason) in REFUSED_FIELDS.items()
+                   if getattr(self, name, None) not in (None, neutral)]
+        if refused:
+            raise ValueError(f"generation config field(s) the streams cannot honour: {'; '.join(refused)}")
 
     @classmethod
     def from_model_config(cls, model_config) -> "MoshiUserPredGenerationConfig":
@@ -88,14 +174,48 @@ def _known_fields() -> set[str]:
     return set(vars(GenerationConfig())) | own | {"transformers_version", "_from_model_config", "_commit_hash"}
 
 
+class MoshiRepetitionPenaltyLogitsProcessor(LogitsProcessor):
+    """Transformers' repetition penalty (CTRL's: divide a positive score, multiply a negative one, by `penalty` for
+    every token in `input_ids`), except for `exempt_ids`: Moshi's text padding and end-of-padding, which it writes
+    between every two words, and which fill the history before the conversation started."""
+
+    def __init__(self, penalty: float, exempt_ids: tuple[int, ...]):
+        if not isinstance(penalty, (int, float)) or not penalty > 0:
+            raise ValueError(f"repetition_penalty={penalty!r}: must be a positive float")
+        self.penalty, self.exempt_ids = float(penalty), list(exempt_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        seen = scores.gather(1, input_ids)
+        penalized = scores.scatter(1, input_ids, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
+        penalized[:, self.exempt_ids] = scores[:, self.exempt_ids]
+        return penalized
+
+
 def build_logits_processor(
-    settings: dict, repetition_penalty: float | None = None, custom: LogitsProcessorList | None = None
+    config: MoshiUserPredGenerationConfig,
+    stream: str,
+    custom: LogitsProcessorList | None = None,
+    padding_ids: tuple[int, ...] = (),
 ) -> LogitsProcessorList:
-    """Transformers processors for one stream, in `generate`'s order: penalties, the user's own processors, then
-    (when sampling) temperature, top-k, top-p, min-p, typical-p."""
+    """Transformers processors for one stream ("text", "audio" or "user"), in `generate`'s order: invalid values,
+    penalties and bans (text), the user's own processors, then (when sampling) the warpers, then renormalisation.
+
+    Args:
+        padding_ids: the text padding and end-of-padding ids, exempt from the repetition penalty.
+    """
+    settings = config.stream_settings(stream)
     processors = LogitsProcessorList()
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if config.remove_invalid_values:
+        processors.append(InfNanRemoveLogitsProcessor())
+    if stream == "text":
+        if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+            processors.append(MoshiRepetitionPenaltyLogitsProcessor(config.repetition_penalty, padding_ids))
+        if config.sequence_bias:
+            processors.append(SequenceBiasLogitsProcessor(config.sequence_bias))
+        if config.bad_words_ids:
+            processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids))
+        if config.suppress_tokens:
+            processors.append(SuppressTokensLogitsProcessor(config.suppress_tokens))
     processors.extend(custom or [])
     if settings["do_sample"]:
         if settings["temperature"] is not None and settings["temperature"] != 1.0:
@@ -108,6 +228,14 @@ def build_logits_processor(
             processors.append(MinPLogitsWarper(settings["min_p"]))
         if settings["typical_p"] is not None and settings["typical_p"] < 1.0:
             processors.append(TypicalLogitsWarper(settings["typical_p"]))
+        if settings["epsilon_cutoff"]:
+            processors.append(EpsilonLogitsWarper(settings["epsilon_cutoff"]))
+        if settings["eta_cutoff"]:
+            processors.append(EtaLogitsWarper(settings["eta_cutoff"]))
+        if settings["top_h"]:
+            processors.append(TopHLogitsWarper(settings["top_h"]))
+    if config.renormalize_logits:
+        processors.append(LogitNormalization())
     return processors
 
 
@@ -122,8 +250,12 @@ def sample_from_scores(scores: torch.Tensor, noise: torch.Tensor | None) -> torc
 
 
 __all__ = [
+    "REFUSED_FIELDS",
+    "MoshiRepetitionPenaltyLogitsProcessor",
     "MoshiUserPredGenerationConfig",
     "SAMPLING_FIELDS",
+    "SCORE_FIELDS",
+    "TEXT_FIELDS",
     "STREAMS",
     "build_logits_processor",
     "sample_from_scores",

@@ -147,14 +147,9 @@ class MoshiStreamingSession:
         self.kv = self.caches.transformer
         self.text_history = torch.full((batch_size, generation_config.repetition_history),
                                        c.existing_text_padding_id, device=device)
-        self.processors = {
-            "text": build_logits_processor(generation_config.stream_settings("text"),
-                                           generation_config.repetition_penalty, logits_processors.get("text")),
-            "audio": build_logits_processor(generation_config.stream_settings("audio"),
-                                            custom=logits_processors.get("audio")),
-            "user": build_logits_processor(generation_config.stream_settings("user"),
-                                           custom=logits_processors.get("user")),
-        }
+        padding_ids = (c.existing_text_padding_id, c.existing_text_end_padding_id)
+        self.processors = {stream: build_logits_processor(generation_config, stream, logits_processors.get(stream),
+                                                          padding_ids) for stream in STREAMS}
         self.do_sample = {s: generation_config.stream_settings(s)["do_sample"] for s in STREAMS}
         self.next_noise: tuple | None = None  # system noise of the next call, when speculation drew it early
         if self.predicts_user:
@@ -319,7 +314,7 @@ class MoshiStreamingSession:
         if self.deferred is None:
             raise RuntimeError("look_ahead() completes a step(..., look_ahead=False); there is none pending")
         (hidden, text, gap_filled), self.deferred = self.deferred, None
-        speculate = 0.0
+        speculate_s = 0.0
         if self.predicts_user:
             self._predict_user(hidden, text)
             if gap_filled is not None:
@@ -327,14 +322,14 @@ class MoshiStreamingSession:
             if self.top_k and speculate:
                 spec_start = time.perf_counter()
                 self.speculation = self._speculate()
-                speculate = time.perf_counter() - spec_start
-                self.stats.speculate_s += speculate
+                speculate_s = time.perf_counter() - spec_start
+                self.stats.speculate_s += speculate_s
         return MoshiStreamStepOutput(
             user_prediction=None if not self.predicts_user else self.user_prediction.clone(),
             user_probs=None if not self.predicts_user else self.user_probs.clone(),
             user_entropy=None if not self.predicts_user else self.user_entropy.clone(),
             gap_filled=gap_filled,
-            speculate_s=speculate,
+            speculate_s=speculate_s,
         )
 
     def _check_user_codes(self, user_codes: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,7 @@ def test_sampling_distribution_matches_moshi_sample_token(moshi_lm, stream, fiel
 
     generator = torch.Generator().manual_seed(3)
     logits = 2 * torch.randn(4, 40, generator=generator)
-    processors = build_logits_processor(MoshiUserPredGenerationConfig(**fields).stream_settings(stream))
+    processors = build_logits_processor(MoshiUserPredGenerationConfig(**fields), stream)
     scores = processors(torch.zeros(4, 1, dtype=torch.long), logits.clone())
     probs = torch.softmax(scores, dim=-1)
     expected = moshi_distribution(logits, temperature, top_k)
@@ -173,7 +173,7 @@ def test_sampling_distribution_matches_moshi_sample_token(moshi_lm, stream, fiel
         if top_k:
             assert (counts[expected == 0] == 0).all()  # never outside the top-k
     # greedy: no warpers, argmax
-    greedy = build_logits_processor(MoshiUserPredGenerationConfig(**GREEDY).stream_settings(stream))
+    greedy = build_logits_processor(MoshiUserPredGenerationConfig(**GREEDY), stream)
     assert len(greedy) == 0
     assert torch.equal(sample_from_scores(logits, None), logits.argmax(-1))
 
