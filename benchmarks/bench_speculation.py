@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
-    REPO,
     base_parser,
     demo_model_dir,
     parameter_count,
