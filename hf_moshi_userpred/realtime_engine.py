@@ -15,8 +15,12 @@ ticks every 80 ms (one Mimi frame). Each tick, in the engine's own thread:
    the last one would not fit in what is left of the tick: a skipped speculation only means a normal step next
    time), and each conversation gets its per-frame extras (user prediction confidence, speculation hit or miss,
    timings);
-5. a slot that has fallen behind (two or more frames waiting, e.g. after a network hiccup) catches up with extra
-   steps for it alone while the tick still has half its budget left.
+5. a slot that has fallen behind (more frames waiting than its jitter buffer, e.g. after a network hiccup) catches
+   up with extra steps for it alone while the tick still has half its budget left.
+
+A conversation starts once `jitter_frames` frames beyond its first have arrived (80 ms by default): client and
+server clocks drift and packets jitter, and without that buffer a frame arriving just after its tick would pause the
+slot and cost a catch-up step later (a whole batched step for one slot).
 
 The engine never waits on a client: audio comes in through [`Conversation.push_audio`] (any thread) and goes out
 through the conversation's `deliver` callback, so a slow or broken connection delays nobody else's frames.
@@ -43,6 +47,9 @@ from .mimi_streaming import MimiStreamingCodec
 logger = logging.getLogger(__name__)
 
 FRAME_PERIOD_S = 0.08  # one Mimi frame at 12.5 Hz
+# speculate only while the tick would still end within this share of the period: the rest absorbs the jitter of
+# arrivals and scheduling, so that a tick that speculates still ends before the next frames are due
+SPECULATION_BUDGET = 0.7
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Conversation:
     slot: int
     deliver: Callable[[FrameOutput], None]
     frame_size: int
+    jitter_frames: int = 0  # frames buffered before the first one is taken
     buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     frames_in: int = 0  # frames the model consumed (or gap-filled) so far
     gaps_in_a_row: int = 0
@@ -90,11 +98,13 @@ class Conversation:
             return len(self.buffer) // self.frame_size
 
     def take_frame(self) -> np.ndarray | None:
-        """The oldest whole frame, dropping the ones whose time passed while they were gap-filled."""
+        """The oldest whole frame, dropping the ones whose time passed while they were gap-filled; before the
+        conversation's first frame, None until `1 + jitter_frames` frames are there."""
         with self.lock:
             while self.to_drop and len(self.buffer) >= self.frame_size:
                 self.buffer, self.to_drop = self.buffer[self.frame_size :], self.to_drop - 1
-            if len(self.buffer) < self.frame_size:
+            needed = self.frame_size * (1 if self.frames_in else 1 + self.jitter_frames)
+            if len(self.buffer) < needed:
                 return None
             frame, self.buffer = self.buffer[: self.frame_size], self.buffer[self.frame_size :]
             return frame
@@ -112,6 +122,8 @@ class RealtimeEngine:
         gap_fill_threshold (`float`, *optional*): turns gap filling on: a late frame is replaced by the predicted
             user tokens whose probability reaches it (see the generation config); off: a late slot pauses.
         max_gap_frames (`int`): gap-fill at most this many frames in a row; a slot still silent after that pauses.
+        jitter_frames (`int`): frames a conversation buffers before its first step (80 ms each): a frame that
+            arrives up to that much later than its tick is not late, and the slot needs no catch-up step.
         seed (`int`, *optional*): sampling seed of the session.
         frame_period_s (`float`): the tick period (80 ms: real time).
         **generation_kwargs: other generation config fields (e.g. `do_sample=False`).
@@ -132,6 +144,7 @@ class RealtimeEngine:
         speculate_top_k: int = 4,
         gap_fill_threshold: float | None = None,
         max_gap_frames: int = 3,
+        jitter_frames: int = 1,
         seed: int | None = None,
         frame_period_s: float = FRAME_PERIOD_S,
         **generation_kwargs,
@@ -140,6 +153,8 @@ class RealtimeEngine:
             raise ValueError(f"max_sessions must be a positive integer, got {max_sessions!r}")
         if not isinstance(max_gap_frames, int) or max_gap_frames < 0:
             raise ValueError(f"max_gap_frames must be a non-negative integer, got {max_gap_frames!r}")
+        if not isinstance(jitter_frames, int) or jitter_frames < 0:
+            raise ValueError(f"jitter_frames must be a non-negative integer, got {jitter_frames!r}")
         if not frame_period_s > 0:
             raise ValueError(f"frame_period_s must be positive, got {frame_period_s!r}")
         c = model.config
@@ -151,7 +166,7 @@ class RealtimeEngine:
             raise ValueError(f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model's text vocabulary "
                              f"has {c.text_card_out} tokens: it is not the model's tokenizer")
         self.model, self.tokenizer, self.max_sessions = model, tokenizer, max_sessions
-        self.frame_period_s, self.max_gap_frames = frame_period_s, max_gap_frames
+        self.frame_period_s, self.max_gap_frames, self.jitter_frames = frame_period_s, max_gap_frames, jitter_frames
         self.gap_filling = gap_fill_threshold is not None
         self.codec = MimiStreamingCodec(mimi, max_sessions, num_codebooks=c.dep_q)
         self.frame_size = self.codec.frame_size
@@ -159,7 +174,7 @@ class RealtimeEngine:
         self._streaming = model.streaming(max_sessions, speculate_top_k=speculate_top_k,
                                           gap_fill_threshold=gap_fill_threshold, seed=seed, **generation_kwargs)
         self.session = self._streaming.__enter__()
-        self.predicts_user = c.predict_user_audio
+        self.predicts_user = self.session.predicts_user  # the model has a user branch and predict_user is on
         self.device = model.device
         self.threads = torch.get_num_threads()  # the engine's thread uses the constructing thread's setting
 
@@ -190,7 +205,7 @@ class RealtimeEngine:
         with self.lock:
             for slot, conversation in enumerate(self.conversations):
                 if conversation is None:
-                    conversation = Conversation(slot, deliver, self.frame_size)
+                    conversation = Conversation(slot, deliver, self.frame_size, self.jitter_frames)
                     self.conversations[slot] = conversation
                     self.joined.append(slot)
                     self.served += 1
@@ -267,7 +282,8 @@ class RealtimeEngine:
         self._step(slots, start, first=True)
         # catch up slots that fell behind, while half the budget is left
         while time.perf_counter() - start < self.frame_period_s / 2:
-            behind = [c if c is not None and c.waiting_frames() > 0 and not c.closed else None for c in slots]
+            behind = [c if c is not None and not c.closed and c.waiting_frames() > self.jitter_frames else None
+                      for c in slots]
             if not any(behind):
                 break
             self.catch_up_steps += 1
@@ -322,7 +338,7 @@ class RealtimeEngine:
             self.critical_ms.append(critical_ms)
 
         speculates = self.session.top_k > 0
-        fits = speculates and time.perf_counter() - start + self.speculate_s < 0.9 * self.frame_period_s
+        fits = speculates and time.perf_counter() - start + self.speculate_s < SPECULATION_BUDGET * self.frame_period_s
         self.skipped_speculations += speculates and not fits
         ahead = self.session.look_ahead(speculate=fits)  # off the critical path: the user Depformer, speculation
         if fits:

@@ -374,7 +374,8 @@ def test_engine_gap_fills_late_frames_and_drops_them_on_arrival(parts):
     """With gap filling on, a late frame is stepped on the prediction (flagged late and gap-filled) and the real
     frame, when it arrives after its tick, is dropped: the conversation stays in time."""
     audio = held_out_user_channels(1, 2.0)[0]
-    engine = RealtimeEngine(*parts, max_sessions=2, gap_fill_threshold=0.0, max_gap_frames=2, seed=0)
+    engine = RealtimeEngine(*parts, max_sessions=2, gap_fill_threshold=0.0, max_gap_frames=2, jitter_frames=0,
+                            seed=0)
     outputs = []
     conversation = engine.join(outputs.append)
     # frame 4 arrives one tick late, with frame 5; frames 7, 8 and 9 arrive with frame 10 (in order, as over TCP)
@@ -393,6 +394,20 @@ def test_engine_gap_fills_late_frames_and_drops_them_on_arrival(parts):
     assert 9 not in extras or not extras[9]["gap_filled"]  # ... then the slot pauses
     metrics = engine.metrics()
     assert metrics["gap_filled_frames"] == 3 and metrics["late_frames"] == 4
+
+
+def test_engine_without_the_user_branch(parts):
+    """`predict_user=False` (`serve --no-predict-user`): moshi's work only, the same system output as with the
+    branch (greedy), extras without a prediction and no speculation."""
+    audio = held_out_user_channels(1, 1.6)[0]
+    plan = {"a": (0, None, audio, set())}
+    with_branch = engine_run(parts, 1, plan, 20)["a"]
+    without = engine_run(parts, 1, plan, 20, predict_user=False)["a"]
+    assert_same_conversation(without, with_branch)
+    extras = [o.extras for o in without if o.extras is not None]
+    assert len(extras) == 20
+    assert all(e["user_prob"] is None and e["user_entropy"] is None and e["speculation"] == "not_tried"
+               for e in extras)
 
 
 def test_engine_rejects_bad_settings(parts):
