@@ -1,26 +1,88 @@
 """Kyutai's Moshi with a user-audio Depformer that predicts what the user is about to say, the Hugging Face way."""
 
-from transformers import AutoConfig, AutoModel
-
-from .configuration_moshi_userpred import MoshiUserPredConfig
-from .generation_moshi_config import MoshiUserPredGenerationConfig
-from .generation_moshi_streaming import MoshiStreamingSession, MoshiStreamStepOutput, SpeculationStats
-from .generation_moshi_userpred import MoshiGenerateOutput
-from .modeling_moshi_userpred import (
-    MoshiUserPredForConditionalGeneration,
-    MoshiUserPredOutput,
-    MoshiUserPredPreTrainedModel,
-    masked_cross_entropy,
-)
-
-AutoConfig.register(MoshiUserPredConfig.model_type, MoshiUserPredConfig, exist_ok=True)
-AutoModel.register(MoshiUserPredConfig, MoshiUserPredForConditionalGeneration, exist_ok=True)
-# save_pretrained then writes `auto_map` and copies the configuration/modeling files, so a saved model loads
-# with `trust_remote_code=True` where this package is not installed.
-MoshiUserPredConfig.register_for_auto_class()
-MoshiUserPredForConditionalGeneration.register_for_auto_class("AutoModel")
+import importlib
+import importlib.abc
+import sys
 
 __version__ = "0.1.0"
+
+# Every name is imported on first use, so `import hf_moshi_userpred` (and the command line's `--help`) does not pay
+# for torch and transformers. The config and model are registered with `AutoConfig`/`AutoModel` as soon as
+# transformers' auto classes are imported (or any name of this package is used), so
+# `import hf_moshi_userpred; AutoModel.from_pretrained(folder)` still finds them.
+_MODEL = {
+    "MoshiUserPredConfig": "configuration_moshi_userpred",
+    "MoshiUserPredGenerationConfig": "generation_moshi_config",
+    "MoshiStreamingSession": "generation_moshi_streaming",
+    "MoshiStreamStepOutput": "generation_moshi_streaming",
+    "SpeculationStats": "generation_moshi_streaming",
+    "MoshiGenerateOutput": "generation_moshi_userpred",
+    "MoshiUserPredForConditionalGeneration": "modeling_moshi_userpred",
+    "MoshiUserPredOutput": "modeling_moshi_userpred",
+    "MoshiUserPredPreTrainedModel": "modeling_moshi_userpred",
+    "masked_cross_entropy": "modeling_moshi_userpred",
+}
+_AUTO_MODULES = ("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto")
+_registered = False
+
+
+def _register() -> None:
+    """Registers the config and model with transformers' auto classes (once)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoModel
+
+    from .configuration_moshi_userpred import MoshiUserPredConfig
+    from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+    AutoConfig.register(MoshiUserPredConfig.model_type, MoshiUserPredConfig, exist_ok=True)
+    AutoModel.register(MoshiUserPredConfig, MoshiUserPredForConditionalGeneration, exist_ok=True)
+    # save_pretrained then writes `auto_map` and copies the configuration/modeling files, so a saved model loads
+    # with `trust_remote_code=True` where this package is not installed.
+    MoshiUserPredConfig.register_for_auto_class()
+    MoshiUserPredForConditionalGeneration.register_for_auto_class("AutoModel")
+    _registered = True
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _RegisterWithAutoClasses)]
+
+
+def _register_when_possible() -> None:
+    try:
+        _register()
+    except ImportError:  # transformers is still importing itself: the other auto module will try again
+        pass
+
+
+class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
+    """Runs `_register` right after transformers' auto-class modules are executed."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _AUTO_MODULES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is not None and hasattr(loader, "exec_module"):
+            original = loader.exec_module
+
+            def exec_module(module, original=original):
+                original(module)
+                _register_when_possible()
+
+            loader.exec_module = exec_module
+        return spec
+
+
+if any(name in sys.modules for name in _AUTO_MODULES):
+    _register()
+else:
+    sys.meta_path.insert(0, _RegisterWithAutoClasses())
 
 # Fine-tuning, data, evaluation, Hub and audio-streaming names, imported on first use: inference does not need the
 # Trainer stack, audio I/O, jinja or matplotlib.
@@ -51,23 +113,11 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    module = _MODEL.get(name) or _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _register()
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-__all__ = [
-    *_LAZY,
-    "MoshiGenerateOutput",
-    "MoshiStreamStepOutput",
-    "MoshiStreamingSession",
-    "MoshiUserPredConfig",
-    "MoshiUserPredGenerationConfig",
-    "MoshiUserPredForConditionalGeneration",
-    "MoshiUserPredOutput",
-    "MoshiUserPredPreTrainedModel",
-    "SpeculationStats",
-    "masked_cross_entropy",
-]
+__all__ = [*_LAZY, *_MODEL]

@@ -5,6 +5,7 @@ with one clear `ValueError` per bad input.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import sentencepiece
 import torch
 from transformers import MimiModel
+
+from .files import MIMI_FOLDER
 
 FRAME_RATE = 12.5  # Mimi frames per second that Moshi models are trained on
 
@@ -21,19 +24,68 @@ def load_mimi(name_or_path: str | os.PathLike | MimiModel, device: str | torch.d
 
     A `MimiModel` instance is moved to `device` and put in eval mode.
 
+    A local folder must hold a Mimi codec (`config.json` with model_type "mimi") whose weights match it exactly: no
+    missing, unexpected or mis-shaped tensor, so a wrong folder never encodes with a randomly initialised codec.
+
     Raises:
-        ValueError: if `name_or_path` cannot be loaded as a `MimiModel`.
+        ValueError: if `name_or_path` cannot be loaded as a `MimiModel`, naming the folder and what it holds instead.
     """
     if isinstance(name_or_path, MimiModel):
         mimi = name_or_path
     elif isinstance(name_or_path, (str, os.PathLike)):
-        try:
-            mimi = MimiModel.from_pretrained(name_or_path)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"could not load a Mimi model from {str(name_or_path)!r}: {error}") from error
+        mimi = _load_mimi_checked(os.fspath(name_or_path))
     else:
         raise ValueError(f"mimi must be a MimiModel, a local path or a Hub repo id, got {type(name_or_path).__name__}")
     return mimi.to(device).eval()
+
+
+def _mimi_folder_problem(folder: Path) -> str | None:
+    """None when `folder` holds a Transformers Mimi codec, else what it holds instead."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        if (folder / MIMI_FOLDER / "config.json").is_file():
+            return f"it has no config.json but a {MIMI_FOLDER}/ folder: pass {str(folder / MIMI_FOLDER)!r}"
+        return "it has no config.json (a Transformers Mimi folder, e.g. a download of kyutai/mimi, has one)"
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
+        return f"its config.json is not a JSON object ({error})"
+    if model_type != "mimi":
+        if model_type == "moshi_userpred":
+            where = (f": its codec is in {str(folder / MIMI_FOLDER)!r}" if (folder / MIMI_FOLDER).is_dir() else "")
+            return f"it is a hf_moshi_userpred model directory, not a Mimi codec{where}"
+        if model_type is None and "moshi_name" in json.loads(config_file.read_text(encoding="utf-8")):
+            return ("it is a kyutai moshi checkpoint (kyutai's Mimi is in its own format): use the Transformers "
+                    "Mimi, e.g. kyutai/mimi")
+        return f"its config.json has model_type={model_type!r}, expected 'mimi'"
+    return None
+
+
+def _load_mimi_checked(name: str) -> MimiModel:
+    """`MimiModel.from_pretrained(name)`, refusing anything but a complete Mimi codec (see `load_mimi`)."""
+    from safetensors import SafetensorError
+
+    folder = Path(name)
+    if folder.is_dir():
+        problem = _mimi_folder_problem(folder)
+        if problem is not None:
+            raise ValueError(f"{name!r} is not a Mimi codec folder: {problem}")
+    elif folder.exists():
+        raise ValueError(f"{name!r} is a file, not a Mimi codec folder")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or "/" in name and Path(name.split("/")[0]).is_dir():
+        raise ValueError(f"Mimi folder {name!r} does not exist")
+    try:
+        mimi, info = MimiModel.from_pretrained(name, output_loading_info=True)
+    except (OSError, ValueError, SafetensorError) as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"could not load a Mimi model from {name!r}: {first}") from error
+    bad = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        counts = ", ".join(f"{len(keys)} {kind.split('_')[0]}" for kind, keys in bad.items() if keys)
+        examples = ", ".join(str(key if isinstance(key, str) else key[0]) for keys in bad.values() for key in keys[:2])
+        raise ValueError(f"the Mimi weights in {name!r} do not match its config ({counts} tensors, e.g. {examples}): "
+                         "refusing to encode with a partly random codec")
+    return mimi
 
 
 def check_mimi(mimi: MimiModel, config) -> None:

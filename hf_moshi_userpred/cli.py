@@ -33,7 +33,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Defaults appended to the help, except where the help already says its default (`(default: all)`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        return help if "default:" in help or "%(default)" in help else super()._get_help_string(action)
 
 
 def _dtype(name: str | None):
@@ -49,12 +53,34 @@ def _existing_path(value: str) -> Path:
     return path
 
 
+def _check_device(name: str) -> str:
+    """`name` if torch can put tensors there, else a ValueError saying why (misspelled, no CUDA build, no GPU)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from error
+    if device.type == "cuda":
+        if torch.version.cuda is None or not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name!r}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name!r}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu" and not getattr(getattr(torch, device.type, None), "is_available", lambda: False)():
+        raise ValueError(f"--device {name!r}: {device.type} is not available here; use --device cpu")
+    return name
+
+
 def _load_model(path: str, dtype: str | None = None, device: str = "cpu"):
+    """The model directory at `path` (refused unless it is a complete model of this package), on `device`."""
     from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
+    _check_device(device)
     folder = _existing_path(path)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{path!r} is not a model directory (no config.json); convert or train one first")
     model = MoshiUserPredForConditionalGeneration.from_pretrained(folder, dtype=_dtype(dtype))
     return model.to(device).eval()
 
@@ -80,9 +106,10 @@ def _convert(args: argparse.Namespace) -> None:
 def _encode(args: argparse.Namespace) -> None:
     from .encoding import encode_dataset
 
+    _check_device(args.device)
     summary = encode_dataset(args.manifest, args.output, mimi=args.mimi, tokenizer=args.tokenizer,
                              num_codebooks=args.num_codebooks, main_speaker=args.main_speaker, device=args.device,
-                             progress=not args.quiet)
+                             progress=not args.quiet, max_dropped_fraction=args.max_dropped_fraction)
     print(summary)
     if not summary.encoded and not summary.skipped:
         raise ValueError(f"no dialogue of {args.manifest} could be encoded "
@@ -106,6 +133,36 @@ def _evaluate(args: argparse.Namespace) -> None:
     write_json(out / METRICS_NAME, record)
     print(report.to_markdown())
     print(f"\nwrote {out / METRICS_NAME}" + "".join(f", {path}" for path in report.plots.values()))
+    if args.turn_taking:
+        _evaluate_turn_taking(args, model, dataset, out)
+
+
+def _evaluate_turn_taking(args: argparse.Namespace, model, dataset, out: Path) -> None:
+    """`evaluate --turn-taking`: the turn-taking signal's statistics from MODEL/turn_taking_statistics.json, else
+    fitted on --reference; shift/hold, anticipation and backchannel metrics on DATA's alignments."""
+    from .encoding import EncodedDialogues
+    from .files import write_json
+    from .turn_taking import (STATISTICS_NAME, TurnTakingStatistics, dialogue_alignments, evaluate_turn_taking,
+                              fit_turn_taking_statistics)
+
+    saved = Path(args.model) / STATISTICS_NAME
+    if saved.is_file() and args.horizon is None:
+        statistics = TurnTakingStatistics.load(saved)
+    elif args.reference:
+        statistics = fit_turn_taking_statistics(EncodedDialogues(args.reference), dialogue_alignments(args.reference),
+                                                model.config, **({} if args.horizon is None else {
+                                                    "horizon": args.horizon,
+                                                    "turn_end_frames": max(args.horizon // 2, 1)}))
+    else:
+        raise ValueError(f"--turn-taking needs --reference (encoded training dialogues with alignments) to fit the "
+                         f"signal's statistics, or {saved}")
+    report = evaluate_turn_taking(model, dataset, dialogue_alignments(args.data), statistics,
+                                  threshold=args.threshold, window=args.window,
+                                  plot_dir=None if args.no_plots else out / "plots")
+    path = out / "turn_taking_metrics.json"
+    write_json(path, {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": str(args.data)})
+    print("\n" + report.to_markdown())
+    print(f"\nwrote {path}" + "".join(f", {plot}" for plot in report.plots.values()))
 
 
 def _stream(args: argparse.Namespace) -> None:
@@ -168,6 +225,8 @@ def _serve(args: argparse.Namespace) -> None:
             raise ValueError(f"{model_dir} has no {needed}: serve needs the model's Mimi and tokenizer beside it")
     torch.set_num_threads(args.threads)
     sampling = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
+    if args.no_predict_user:
+        sampling["predict_user"] = False  # also turns speculation off
     engine = RealtimeEngine(model, load_mimi(folder / MIMI_FOLDER, args.device), load_tokenizer(folder / TOKENIZER_NAME),
                             max_sessions=args.max_sessions, speculate_top_k=args.speculate_top_k,
                             gap_fill_threshold=args.gap_fill_threshold, seed=args.seed, **sampling)
@@ -234,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tokenizer", required=True, help="sentencepiece .model of the text stream")
     sub.add_argument("--num-codebooks", type=int, required=True, help="Mimi codebooks per speaker (moshiko: 8)")
     sub.add_argument("--main-speaker", default="SPEAKER_MAIN", help="alignment speaker label of the system")
+    sub.add_argument("--max-dropped-fraction", type=float, default=0.1,
+                     help="fail a file when more than this fraction of its words do not fit before the end of its "
+                          "audio (fewer are dropped or truncated, and counted in index.json)")
     sub.add_argument("--device", default="cpu", help="device for Mimi")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -255,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracies")
     sub.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sub.add_argument("--device", default="cpu", help="device for the model")
+    sub.add_argument("--turn-taking", action="store_true",
+                     help="also evaluate the turn-taking signal (shift/hold, anticipation, backchannels) on DATA's "
+                          "word alignments against silence timers; writes turn_taking_metrics.json")
+    sub.add_argument("--threshold", type=float, default=0.5, help="turn-taking: P(turn end) threshold")
+    sub.add_argument("--horizon", type=int, default=None,
+                     help="turn-taking: frames the signal looks ahead, its second half the turn-end window "
+                          "(default: the saved statistics', else 10)")
 
     sub = command("stream", _stream, "stream a user recording through the model frame by frame, with speculation",
                   "Encode a user recording (mono, any sample rate) with Mimi and run the real-time streaming step "
@@ -290,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(off: a late slot pauses)")
     sub.add_argument("--idle-timeout", type=float, default=10.0, help="close a client silent for this many seconds")
     sub.add_argument("--greedy", action="store_true", help="greedy text and audio instead of the generation config")
+    sub.add_argument("--no-predict-user", action="store_true",
+                     help="switch the user branch off: moshi's tokens and cost, no speculation, no prediction extras")
     sub.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     sub.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the engine")
     sub.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as saved)")

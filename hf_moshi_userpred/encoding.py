@@ -31,9 +31,10 @@ from transformers import MimiModel
 from transformers.utils import logging
 
 from .audio import load_mimi, load_stereo, load_tokenizer
-from .files import atomic_write, write_json
+from .files import atomic_write, read_json_object, write_json
 from .modeling_moshi_codes import check_codes
-from .text_alignment import interleave_text, validate_alignments
+from .text_alignment import (DEFAULT_MAX_DROPPED_FRACTION, check_max_dropped_fraction, check_usable, place_words,
+                             validate_alignments)
 
 logger = logging.get_logger(__name__)
 
@@ -48,9 +49,16 @@ class EncodeSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # source -> reason
     output_dir: Path | None = None
+    # source -> (dropped, truncated) words at the end of the dialogue, for the files that lost any
+    lost_words: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         line = f"encoded {len(self.encoded)}, skipped {len(self.skipped)} already encoded, failed {len(self.failed)}"
+        if self.lost_words:
+            dropped = sum(d for d, _ in self.lost_words.values())
+            truncated = sum(t for _, t in self.lost_words.values())
+            line += (f"; {dropped} word(s) dropped and {truncated} truncated at the end of "
+                     f"{len(self.lost_words)} file(s) (per file in index.json)")
         if self.failed:
             shown = [f"{source} ({reason})" for source, reason in list(self.failed.items())[:10]]
             more = f"; and {len(self.failed) - 10} more (see index.json)" if len(self.failed) > 10 else ""
@@ -70,6 +78,7 @@ def encode_dataset(
     text_end_padding_id: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    max_dropped_fraction: float = DEFAULT_MAX_DROPPED_FRACTION,
 ) -> EncodeSummary:
     """Encodes a moshi-finetune dataset into one `codes` shard per dialogue; resumable.
 
@@ -80,9 +89,11 @@ def encode_dataset(
     fingerprint is skipped, so an interrupted run continues where it stopped and a changed file is re-encoded.
     Shards and `output_dir/index.json` are written atomically; the sources are only read.
 
-    A file that cannot be encoded (not stereo, empty or unreadable audio, missing or malformed alignment json, words
-    that do not fit in the audio, a missing file, a malformed manifest line) is recorded in the summary and in
-    index.json, and the other files are still encoded.
+    Words that do not fit before the end of the audio are dropped or truncated (see `text_alignment`), counted per
+    file in index.json (`words`, `dropped_words`, `truncated_words`) and in the summary. A file that cannot be
+    encoded (not stereo, empty or unreadable audio, missing or malformed alignment json, more than
+    `max_dropped_fraction` of its words dropped or truncated, a missing file, a malformed manifest line) is recorded
+    in the summary and in index.json, and the other files are still encoded.
 
     Args:
         manifest: the `.jsonl`; relative paths in it are relative to its folder.
@@ -94,6 +105,8 @@ def encode_dataset(
         text_padding_id, text_end_padding_id (`int`): the LM's text padding and end-of-padding ids (moshiko: 3, 0).
         device: where Mimi runs.
         progress (`bool`): show a progress bar.
+        max_dropped_fraction (`float`): the largest fraction of a file's words that may be dropped or truncated
+            at its end before the file fails (its alignment then does not match its audio).
 
     Returns:
         [`EncodeSummary`]: the sources encoded, skipped (already encoded) and failed (with the reason).
@@ -103,6 +116,7 @@ def encode_dataset(
     """
     manifest = Path(manifest)
     output_dir = Path(output_dir)
+    check_max_dropped_fraction(max_dropped_fraction)
     try:  # before loading Mimi: a wrong path fails at once
         lines = manifest.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -134,7 +148,7 @@ def encode_dataset(
             continue
         first_line[source] = number
         try:
-            shard, num_frames, skipped = _encode_file(
+            shard, num_frames, skipped, words = _encode_file(
                 manifest.parent / source,
                 source,
                 codes_dir,
@@ -145,12 +159,15 @@ def encode_dataset(
                 main_speaker=main_speaker,
                 text_padding_id=text_padding_id,
                 text_end_padding_id=text_end_padding_id,
+                max_dropped_fraction=max_dropped_fraction,
             )
         except ValueError as error:
             summary.failed[source] = str(error)
             continue
         (summary.skipped if skipped else summary.encoded).append(source)
-        shards.append({"source": source, "file": f"codes/{shard.name}", "num_frames": num_frames})
+        shards.append({"source": source, "file": f"codes/{shard.name}", "num_frames": num_frames, **words})
+        if words["dropped_words"] or words["truncated_words"]:
+            summary.lost_words[source] = (len(words["dropped_words"]), len(words["truncated_words"]))
 
     index = {
         "manifest": str(manifest),
@@ -179,8 +196,16 @@ class EncodedDialogues(torch.utils.data.Dataset):
     def __init__(self, output_dir: str | os.PathLike):
         output_dir = Path(output_dir)
         index = output_dir / "index.json"
+        if not output_dir.is_dir():
+            raise ValueError(f"no encoded dialogues in {output_dir}: " + (
+                "no such directory (run `encode` first)" if not output_dir.exists() else "it is a file, not a directory"))
         if index.is_file():
-            files = [output_dir / shard["file"] for shard in json.loads(index.read_text())["shards"]]
+            shards = read_json_object(index, "encoding index").get("shards")
+            if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                                       for s in shards):
+                raise ValueError(f"{index} is not an index written by `encode`: it needs a list 'shards' of "
+                                 "{'file': ...} entries (re-run `encode` into this folder)")
+            files = [output_dir / shard["file"] for shard in shards]
         else:
             files = sorted((output_dir / "codes").glob("*.safetensors"))
         if not files:
@@ -293,8 +318,14 @@ def _encode_file(
     main_speaker: str,
     text_padding_id: int,
     text_end_padding_id: int,
-) -> tuple[Path, int, bool]:
-    """Encodes one dialogue unless an up-to-date shard exists. Returns (shard, num_frames, skipped)."""
+    max_dropped_fraction: float,
+) -> tuple[Path, int, bool, dict]:
+    """Encodes one dialogue unless an up-to-date shard exists.
+
+    Returns:
+        (shard, num_frames, skipped, words): `words` is `{"words": int, "dropped_words": [str], "truncated_words":
+        [str]}`, the main speaker's words and those that did not fit (kept in the shard's metadata for reruns).
+    """
     alignment_path = audio_path.with_suffix(".json")
     if not audio_path.is_file():
         raise ValueError(f"audio file {audio_path} not found")
@@ -312,7 +343,14 @@ def _encode_file(
     shard = codes_dir / _shard_name(source)
     existing = _read_metadata(shard)
     if existing is not None and all(existing.get(key) == value for key, value in identity.items()):
-        return shard, int(existing["num_frames"]), True
+        words = json.loads(existing.get("words", "{}"))  # shards written before word counts: nothing was lost
+        words = {"words": words.get("words"), "dropped_words": words.get("dropped_words", []),
+                 "truncated_words": words.get("truncated_words", [])}
+        if len(words["dropped_words"]) + len(words["truncated_words"]) > max_dropped_fraction * (words["words"] or 0):
+            raise ValueError(f"{source}: {len(words['dropped_words'])} dropped and {len(words['truncated_words'])} "
+                             f"truncated of {words['words']} words, more than max_dropped_fraction="
+                             f"{max_dropped_fraction:g}")
+        return shard, int(existing["num_frames"]), True, words
 
     try:
         data = json.loads(alignment_path.read_text(encoding="utf-8"))
@@ -331,19 +369,14 @@ def _encode_file(
     with torch.no_grad():  # the two channels as a batch of two mono signals: [2, 1, N] -> [2, num_codebooks, T]
         audio_codes = mimi.encode(audio[:, None].to(mimi.device, mimi.dtype), num_quantizers=num_codebooks).audio_codes
     num_frames = audio_codes.shape[-1]
+    placed = place_words(alignments, tokenizer, num_frames, frame_rate=mimi.config.frame_rate,
+                         main_speaker=main_speaker, padding_id=text_padding_id, end_padding_id=text_end_padding_id)
     try:
-        text = interleave_text(
-            alignments,
-            tokenizer,
-            num_frames,
-            frame_rate=mimi.config.frame_rate,
-            main_speaker=main_speaker,
-            padding_id=text_padding_id,
-            end_padding_id=text_end_padding_id,
-        )
+        check_usable(placed, num_frames, mimi.config.frame_rate, max_dropped_fraction)
     except ValueError as error:
         raise ValueError(f"alignment file {alignment_path}: {error}") from error
-    codes = torch.cat([text[None], audio_codes[0].cpu(), audio_codes[1].cpu()]).to(torch.int32)
+    words = {"words": placed.num_words, "dropped_words": placed.dropped, "truncated_words": placed.truncated}
+    codes = torch.cat([placed.tokens[None], audio_codes[0].cpu(), audio_codes[1].cpu()]).to(torch.int32)
     metadata = {
         **identity,
         "duration": f"{audio.shape[-1] / mimi.config.sampling_rate:.6f}",
@@ -352,9 +385,10 @@ def _encode_file(
         "mimi": str(mimi.name_or_path),
         "text_padding_id": str(text_padding_id),
         "text_end_padding_id": str(text_end_padding_id),
+        "words": json.dumps(words),
     }
     atomic_write(shard, lambda path: save_file({"codes": codes}, path, metadata=metadata))
-    return shard, num_frames, False
+    return shard, num_frames, False, words
 
 
 def _read_metadata(shard: Path) -> dict[str, str] | None:

@@ -173,7 +173,7 @@ def evaluate_user_prediction(
         dataset: dialogues, each codes `torch.LongTensor` `[1 + n_q, T]` or a dict holding them as `"codes"`.
         batch_size: windows per forward pass.
         window: frames per window (default: `config.streaming_window`).
-        top_k: k of the top-k accuracies (clamped to `card`).
+        top_k: k of the top-k accuracies, at most `card` (the audio vocabulary).
         num_bins: equal-width confidence bins of the reliability curves.
         reference: dialogues like `dataset` to count the unigram baseline on.
         plot_dir: if given, write `per_codebook_accuracy.png` and `reliability.png` there (needs matplotlib).
@@ -182,8 +182,8 @@ def evaluate_user_prediction(
         [`UserPredictionReport`].
 
     Raises:
-        ValueError: the model has no user branch, the dataset is empty or has no scored position, or codes are
-            malformed (`check_codes`).
+        ValueError: the model has no user branch, `top_k` exceeds `card`, the dataset is empty or has no scored
+            position, or codes are malformed (`check_codes`).
     """
     if not model.config.predict_user_audio:
         raise ValueError("evaluate_user_prediction: the model has no user branch (predict_user_audio=False)")
@@ -192,7 +192,9 @@ def evaluate_user_prediction(
             raise ValueError(f"evaluate_user_prediction: {name} must be >= 1, got {value}")
     if window is None:
         window = model.config.streaming_window
-    top_k = min(top_k, model.config.card)
+    if top_k > model.config.card:
+        raise ValueError(f"evaluate_user_prediction: top_k={top_k} exceeds the audio vocabulary (card="
+                         f"{model.config.card}): every token would count as a hit")
     ranking = _unigram_ranking(model, dataset if reference is None else reference, window)
     was_training = model.training
     model.eval()

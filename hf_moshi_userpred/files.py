@@ -93,6 +93,20 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: Pat
     return output
 
 
+def _umask_modes(folder: Path) -> None:
+    """Gives the files and folders under `folder` the modes the umask gives new ones (libraries such as safetensors
+    write their files 0600), keeping execute bits where they were set."""
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames:
+            os.chmod(Path(dirpath) / name, 0o777 & ~mask)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_directory(output_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Writes a directory all at once: yields an empty staging directory next to `output_dir`, renamed to `output_dir`
@@ -119,6 +133,7 @@ def atomic_directory(output_dir: str | os.PathLike, *, overwrite: bool = False) 
     staging.mkdir()
     try:
         yield staging
+        _umask_modes(staging)
         if not output.exists():
             os.replace(staging, output)
             return

@@ -117,6 +117,10 @@ class MoshiUserPredGenerationConfig(GenerationConfig):
         gap_fill_fallback_token (`int`, defaults to -1): token used for rows below the threshold (-1: zero token).
         repetition_history (`int`, defaults to 250): how many past text tokens the text processors see as
             `input_ids` (a fixed window keeps memory flat; entries before the conversation started hold the padding id).
+        predict_user (`bool`, defaults to True): run the user branch. False switches it off at run time: the
+            session never runs the user Depformer, so it neither predicts, speculates (`speculate_top_k` is then
+            ignored) nor gap-fills from predictions (a missing frame gets `gap_fill_fallback_token`); the text and
+            system audio are those of moshi's `LMGen`.
 
     Raises:
         ValueError: a field that neither Transformers' `GenerationConfig` nor this class defines, or a standard field
@@ -137,6 +141,7 @@ class MoshiUserPredGenerationConfig(GenerationConfig):
         self.gap_fill_threshold = kwargs.pop("gap_fill_threshold", None)
         self.gap_fill_fallback_token = kwargs.pop("gap_fill_fallback_token", -1)
         self.repetition_history = kwargs.pop("repetition_history", 250)
+        self.predict_user = kwargs.pop("predict_user", True)
         super().__init__(**kwargs)
         unknown = sorted(set(vars(self)) - _known_fields())
         if unknown:
@@ -161,6 +166,8 @@ class MoshiUserPredGenerationConfig(GenerationConfig):
             raise ValueError(f"gap_fill_threshold={self.gap_fill_threshold!r}: must be a probability in [0, 1]")
         if not isinstance(self.repetition_history, int) or self.repetition_history < 1:
             raise ValueError(f"repetition_history={self.repetition_history!r}: must be an integer >= 1")
+        if not isinstance(self.predict_user, bool):
+            raise ValueError(f"predict_user={self.predict_user!r}: must be True or False")
 
     def stream_settings(self, stream: str) -> dict:
         """The sampling fields of `stream` ("text", "audio" or "user") without prefix."""
@@ -170,7 +177,7 @@ class MoshiUserPredGenerationConfig(GenerationConfig):
 
 def _known_fields() -> set[str]:
     own = {p + n for p in ("audio_", "user_") for n in SAMPLING_FIELDS}
-    own |= {"speculate_top_k", "gap_fill_threshold", "gap_fill_fallback_token", "repetition_history"}
+    own |= {"speculate_top_k", "gap_fill_threshold", "gap_fill_fallback_token", "repetition_history", "predict_user"}
     return set(vars(GenerationConfig())) | own | {"transformers_version", "_from_model_config", "_commit_hash"}
 
 

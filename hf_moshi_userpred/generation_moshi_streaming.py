@@ -135,14 +135,15 @@ class MoshiStreamingSession:
         self.max_delay = max(c.delays)
         self.user_offset = 1 + c.dep_q
         self.num_user_rows = c.n_q - c.dep_q
-        self.predicts_user = c.predict_user_audio
+        # `predict_user=False` switches the user branch off at run time: no user Depformer, no speculation.
+        self.predicts_user = c.predict_user_audio and generation_config.predict_user
         self.initial = torch.tensor(model.initial_tokens(), device=device)
         # moshi's token ring: what call o reads lives at o % ring, user rows are written `delay` calls ahead.
         self.ring = self.max_delay + 2
         self.tokens = torch.full((batch_size, c.num_codebooks, self.ring), UNGENERATED_TOKEN_ID, device=device)
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.exec_mask = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.top_k = generation_config.speculate_top_k
+        self.top_k = generation_config.speculate_top_k if self.predicts_user else 0
         self.caches = model.make_streaming_caches(batch_size, self.top_k)
         self.kv = self.caches.transformer
         self.text_history = torch.full((batch_size, generation_config.repetition_history),

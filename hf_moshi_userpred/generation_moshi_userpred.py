@@ -67,7 +67,7 @@ class MoshiUserPredGenerationMixin:
         if c.text_card_out > c.text_card:
             raise ValueError(f"text_card_out={c.text_card_out} > text_card={c.text_card}: sampled text tokens could "
                              "not be fed back to the model, so it cannot stream")
-        if config.speculate_top_k:
+        if config.speculate_top_k and config.predict_user:  # without user prediction there is nothing to speculate on
             if not c.predict_user_audio or c.user_prediction_lookahead != 1:
                 raise ValueError(f"speculate_top_k={config.speculate_top_k} needs a user branch with "
                                  f"user_prediction_lookahead=1 (predict_user_audio={c.predict_user_audio}, "

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_imports
 
@@ -195,7 +196,8 @@ def push_to_hub(
 
     Raises:
         ValueError: `repo_id` is invalid, `model_dir` or its config.json is missing, the weights are not
-            safetensors or incomplete, a remote-code file is missing, or `card` comes with `card_kwargs`.
+            safetensors or incomplete, a remote-code file is missing, `card` comes with `card_kwargs`, there is no
+            token (with the default `api`), or the Hub cannot be reached or refuses the push.
     """
     validate_repo_id(repo_id)
     if card is not None and card_kwargs:
@@ -208,13 +210,33 @@ def push_to_hub(
     contents["README.md"] = str(card).encode("utf-8")
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=contents[name]) for name in sorted(contents)]
 
-    api = HfApi() if api is None else api
-    repo_id = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token).repo_id
-    if revision is not None and not revision.startswith("refs/pr/"):  # a commit to a missing branch fails
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True, token=token)
-    commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision,
-                               token=token)
+    if api is None:
+        if token is None and get_token() is None:
+            raise ValueError(f"no Hub token to push {repo_id!r} with: pass --token, set HF_TOKEN or run "
+                             "`hf auth login`")
+        api = HfApi()
+    try:
+        repo_id = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token).repo_id
+        if revision is not None and not revision.startswith("refs/pr/"):  # a commit to a missing branch fails
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True, token=token)
+        commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision,
+                                   token=token)
+    except Exception as error:
+        if not _is_hub_failure(error):
+            raise
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"push to {repo_id!r} failed ({type(error).__name__}: {first}); check the network, "
+                         "HF_HUB_OFFLINE and that the token may write to the repository") from error
     return PushResult(repo_id=repo_id, commit_url=commit.commit_url, files=sorted(contents))
+
+
+def _is_hub_failure(error: Exception) -> bool:
+    """An HTTP answer, a refused or failed connection, offline mode: what a push meets outside this machine."""
+    if isinstance(error, (HfHubHTTPError, OSError)):
+        return True
+    # The HTTP client's transport errors (httpx or its fork) are not OSErrors.
+    return any(cls.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+               for cls in type(error).__mro__)
 
 
 def _files_to_upload(model_dir: Path) -> dict[str, Path]:

@@ -14,9 +14,11 @@ prediction exists (delay tails, filled with NaN) or the target is the zero token
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -178,6 +180,88 @@ class MoshiUserPredPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MoshiTransformerLayer"]
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that only ever returns a complete model of this package.
+
+        Before loading, a local folder is checked to be a model directory of this package (`config.json` with
+        `model_type="moshi_userpred"`); after loading, every checkpoint tensor must have matched a parameter (no
+        missing, unexpected or mis-shaped tensor), so a kyutai checkpoint, a Mimi codec, a LoRA adapter or a
+        truncated file is refused instead of yielding a randomly initialised model. A path that does not exist is
+        refused as such rather than looked up on the Hub. `ignore_mismatched_sizes=True` lets mis-shaped tensors
+        through (they are then re-initialised, as in Transformers).
+
+        Raises:
+            ValueError: naming the folder (or repo id) and what it holds instead.
+        """
+        name = None if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path)
+        if name is None or kwargs.get("state_dict") is not None or kwargs.get("gguf_file") is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        local = os.path.isdir(name)
+        if local:
+            problem = describe_model_folder(os.path.join(name, kwargs.get("subfolder") or ""),
+                                            check_config=kwargs.get("config") is None)
+            if problem is not None:
+                raise ValueError(f"{name!r} is not a model directory of hf_moshi_userpred: {problem}")
+        elif os.path.exists(name):
+            raise ValueError(f"{name!r} is a file, not a model directory (a folder with config.json and "
+                             "model.safetensors)")
+        elif _looks_like_a_path(name):
+            raise ValueError(f"model directory {name!r} does not exist")
+        want_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        where = f"{name!r}" if local else f"the Hub repository {name!r}"
+        # Mis-shaped tensors are let through and reported below with their shapes; Transformers' multi-line load
+        # report is dropped (every case it reports is refused here, in one line).
+        report_logger = logging.get_logger("transformers.modeling_utils")
+        report_filter = _DropLoadReport()
+        report_logger.addFilter(report_filter)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                  output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        except OSError as error:
+            if local:
+                raise ValueError(f"cannot load the model in {name!r}: {_first_line(error)}") from error
+            raise ValueError(f"{name!r} is neither a local model directory nor a Hub repository that can be "
+                             f"loaded: {_first_line(error)}") from error
+        except RuntimeError as error:
+            if "size mismatch" in str(error) or "ignore_mismatched_sizes" in str(error):
+                raise ValueError(f"the weights in {where} do not have the shapes its config.json describes (was "
+                                 f"config.json edited or copied from another model?): {_first_line(error)}") from error
+            raise
+        except Exception as error:  # safetensors' own error type (not importable from remote code)
+            if type(error).__name__ == "SafetensorError":
+                raise ValueError(f"the weights in {where} are truncated or corrupt ({error}): re-download or "
+                                 "re-save the model") from error
+            raise
+        finally:
+            report_logger.removeFilter(report_filter)
+        bad = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if ignore_mismatched:
+            bad["mismatched_keys"] = []
+        if any(bad.values()):
+            counts = ", ".join(f"{len(keys)} {kind.split('_')[0]}" for kind, keys in bad.items() if keys)
+            examples = ", ".join(key if isinstance(key, str) else f"{key[0]}: checkpoint {tuple(key[1])} vs config {tuple(key[2])}"
+                                 for keys in bad.values() for key in keys[:2])
+            hint = (" (kyutai layout: run `hf-moshi-userpred convert` on it first)"
+                    if any(_is_kyutai_key(str(key)) for key in bad["unexpected_keys"]) else "")
+            raise ValueError(f"the weights in {where} do not match its config ({counts} tensors, e.g. {examples})"
+                             f"{hint}: refusing to run a partly random model")
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the weight files given the permissions the umask gives new files
+        (safetensors writes them 0600, unlike config.json), so a saved model is as readable as the rest of its folder."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        mask = os.umask(0)
+        os.umask(mask)
+        if os.path.isdir(save_directory):
+            for name in os.listdir(save_directory):
+                path = os.path.join(save_directory, name)
+                if name.endswith((".safetensors", ".bin")) and os.path.isfile(path) and not os.path.islink(path):
+                    os.chmod(path, 0o666 & ~mask)
+        return result
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # moshi: truncated normal on embeddings, the main transformer's linears and the output heads;
@@ -203,6 +287,90 @@ class MoshiUserPredPreTrainedModel(PreTrainedModel):
             init.ones_(module.alpha)
         elif isinstance(module, MoshiLayerScale):
             init.constant_(module.scale, module.init_value)
+
+
+class _DropLoadReport(logging.logging.Filter):
+    """Drops Transformers' multi-line weight-loading report (`from_pretrained` raises one line instead)."""
+
+    def filter(self, record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_KYUTAI_ONLY_KEYS = re.compile(r"^(linears\.\d+\.|depformer_in\.|depformer_emb\.|depformer_text_emb\.|"
+                               r"depformer_norms\.|depformer\.layers\.|.*\.self_attn\.(in_proj_weight|out_proj\.))")
+
+
+def _is_kyutai_key(key: str) -> bool:
+    """A tensor name only kyutai's moshi layout uses (ours groups the system Depformer under `depformer.`)."""
+    return bool(_KYUTAI_ONLY_KEYS.match(key))
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """True when `name` cannot be a Hub repo id (`name` or `namespace/name`) and so must be a local path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or name.endswith("/") or "/" in name and os.path.isdir(name.split("/")[0]))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _safetensors_keys(path: str) -> list[str] | None:
+    """The tensor names in a safetensors file's header (standard library only), None if it is not readable."""
+    try:
+        with open(path, "rb") as file:
+            (size,) = struct.unpack("<Q", file.read(8))
+            if size > 100_000_000:
+                return None
+            header = json.loads(file.read(size))
+    except (OSError, ValueError, struct.error):
+        return None
+    return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else None
+
+
+def describe_model_folder(folder: str | os.PathLike, check_config: bool = True) -> str | None:
+    """None when `folder` looks like a model directory of this package, else what it holds instead (one phrase).
+
+    Only `config.json`'s `model_type` and the file names (plus, for a folder without config, the tensor names in
+    the safetensors header) are read: cheap, and before any model is built.
+    """
+    folder = os.fspath(folder)
+    config_file = os.path.join(folder, "config.json")
+    files = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    if not os.path.isfile(config_file):
+        if "adapter_config.json" in files:
+            return ("it holds a LoRA adapter (adapter_config.json) without its base model: load the base model and "
+                    "the adapter with peft, or train with merge_lora")
+        weights = [name for name in sorted(files) if name.endswith(".safetensors")]
+        if weights:
+            keys = _safetensors_keys(os.path.join(folder, weights[0])) or []
+            if any(_is_kyutai_key(key) for key in keys) or "text_emb.weight" in keys:
+                return (f"no config.json, and {weights[0]} is a moshi checkpoint (kyutai layout): run "
+                        "`hf-moshi-userpred convert` on it first")
+            return f"no config.json beside its weights ({', '.join(weights)}); it cannot be loaded without one"
+        return "no config.json in it (convert a kyutai checkpoint or train a model first)"
+    if check_config:
+        try:
+            with open(config_file, encoding="utf-8") as file:
+                config = json.load(file)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            return f"its config.json cannot be read as JSON ({error})"
+        if not isinstance(config, dict):
+            return f"its config.json holds a {type(config).__name__}, not a JSON object"
+        model_type = config.get("model_type")
+        if model_type != MoshiUserPredConfig.model_type:
+            if model_type is None and ("moshi_name" in config or {"dep_q", "n_q", "card"} <= set(config)):
+                return ("it is in kyutai's moshi layout (config.json of moshi LM kwargs, as `convert --to-moshi` "
+                        "writes): run `hf-moshi-userpred convert` on it first")
+            if model_type == "mimi":
+                return "it holds a Mimi codec (model_type 'mimi'), not a Moshi model"
+            return (f"its config.json has model_type={model_type!r}, expected {MoshiUserPredConfig.model_type!r}")
+    if not files & set(_WEIGHT_FILES):
+        return f"no weights beside its config.json (expected one of {', '.join(_WEIGHT_FILES)})"
+    return None
 
 
 def _build_depformer(config: MoshiUserPredConfig, user: bool) -> MoshiDepformer:
@@ -292,6 +460,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
         codes: torch.Tensor,
         return_loss: bool = False,
         user_loss_weight: float | None = None,
+        predict_user: bool = True,
         **kwargs,
     ) -> MoshiUserPredOutput:
         r"""Teacher-forced logits of every stream (and losses with `return_loss`).
@@ -301,6 +470,8 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
                 -1 marks "no token" (zero embedding, no loss).
             return_loss (`bool`): also compute `loss`, `text_loss`, `audio_loss`, `user_loss`.
             user_loss_weight (`float`, *optional*): weight of the user loss in `loss` (default: the config's).
+            predict_user (`bool`): run the user Depformer; False skips it (no forward, no backward: `user_logits`,
+                `user_mask` and `user_loss` are None), e.g. while a curriculum gives the user loss weight 0.
 
         Returns:
             [`MoshiUserPredOutput`].
@@ -321,7 +492,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             delays[system_rows],
         )
         user_logits = user_mask = None
-        if self.user_depformer is not None:
+        if self.user_depformer is not None and predict_user:
             rows, lookahead = self.user_rows, c.user_prediction_lookahead
             # Position s predicts the delayed user tokens of position s + lookahead; past the end: zero tokens.
             future, _ = shift_time(delayed[:, rows], [lookahead] * c.user_dep_q, T, ZERO_TOKEN_ID)

@@ -32,11 +32,15 @@ from pathlib import Path
 import sentencepiece
 import torch
 from transformers import MimiModel
+from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .audio import FRAME_RATE, check_mimi, load_mimi, load_mono, load_tokenizer, padding_ids, text_piece
 from .files import atomic_write, write_json
 from .generation_moshi_config import STREAMS
+
+logger = logging.get_logger(__name__)
+FRAME_PERIOD_S = 1 / FRAME_RATE  # a live microphone's 80 ms between frames (`realtime=True` paces frames by it)
 
 OUTPUT_FILES = {
     "system_audio": "system.wav",
@@ -230,9 +234,18 @@ def stream_user_audio(
     with model.streaming(1, speculate_top_k=speculate_top_k, seed=seed, **generation_kwargs) as session:
         sampling = {stream: session.config.stream_settings(stream) for stream in STREAMS}
         start = time.perf_counter()
+        late, max_lag = 0, 0.0  # realtime: frames handed over more than a frame period after their slot
         for t in tqdm(range(user_codes.shape[1]), desc="streaming", unit="frame", disable=not progress):
             if realtime:
-                time.sleep(max(0.0, start + t / FRAME_RATE - time.perf_counter()))
+                lag = time.perf_counter() - (start + t * FRAME_PERIOD_S)
+                if lag < 0:
+                    time.sleep(-lag)
+                elif lag > FRAME_PERIOD_S:  # the previous steps took longer than their frames: the backlog grows
+                    late, max_lag = late + 1, max(max_lag, lag)
+                    if late == 1:
+                        logger.warning(f"realtime: frame {t} is handed over {1000 * lag:.0f} ms after it arrived: the "
+                                       f"steps cannot keep up with {1000 * FRAME_PERIOD_S:.0f} ms frames on this "
+                                       "machine (fewer threads in use elsewhere, a GPU, or speculation off may help)")
             out = session.step(user_codes[None, :, t : t + 1])
             text_token = None
             if out.tokens is not None:
@@ -251,6 +264,10 @@ def stream_user_audio(
             previous = out
         wall_s = time.perf_counter() - start
         stats = session.stats
+    if late:
+        logger.warning(f"realtime: {late} of {user_codes.shape[1]} frames were handed over more than "
+                       f"{1000 * FRAME_PERIOD_S:.0f} ms late (at worst {1000 * max_lag:.0f} ms): this machine did not "
+                       f"stream in real time ({wall_s:.1f} s for {user_codes.shape[1] * FRAME_PERIOD_S:.1f} s of audio)")
 
     text_tokens = torch.tensor(texts, dtype=torch.long)
     audio_codes = torch.stack(audios, dim=1) if audios else torch.empty(c.dep_q, 0, dtype=torch.long)

@@ -14,7 +14,10 @@ its `train.py` builds it (`keep_main_only=True`, no BOS/EOS, no audio delay):
 Where it departs, so that no word is lost silently:
 - a word whose start frame is still taken by the previous word's tokens is written from the next free frame
   (moshi-finetune's `keep_and_shift=True`; its default drops the rest of the previous word instead);
-- a word that cannot be written before `num_frames` raises (moshi-finetune drops it);
+- shifting only ever moves words later, so the one collision that cannot shift is the end of the dialogue: a word
+  whose tokens run past `num_frames` keeps the tokens that fit (truncated), and a word with no frame left is dropped
+  (moshi-finetune drops both silently); both are counted in the returned [`InterleavedText`], and the dialogue is
+  refused only when more than `max_dropped_fraction` of its words were dropped or truncated;
 - zero-duration words (`start == end`) are kept (moshi-finetune drops them).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -80,6 +84,73 @@ def validate_alignments(alignments: Any) -> list[tuple[str, tuple[float, float],
     return [(word, (float(start), float(end)), speaker) for word, (start, end), speaker in alignments]
 
 
+DEFAULT_MAX_DROPPED_FRACTION = 0.1  # of a dialogue's words that may be dropped or truncated at its end
+
+
+@dataclass
+class InterleavedText:
+    """The text row of a dialogue and what did not fit in it.
+
+    Args:
+        tokens (`torch.LongTensor` `[num_frames]`): the text row.
+        num_words (`int`): words of the main speaker that tokenize to something (those that are placed).
+        dropped (`list[str]`): words with no frame left before the end of the dialogue (not written).
+        truncated (`list[str]`): words whose last tokens ran past the end (only the first ones are written).
+    """
+
+    tokens: torch.LongTensor
+    num_words: int = 0
+    dropped: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+
+    @property
+    def damaged_fraction(self) -> float:
+        """Fraction of the words dropped or truncated (0 without words)."""
+        return (len(self.dropped) + len(self.truncated)) / self.num_words if self.num_words else 0.0
+
+
+def place_words(
+    alignments: Sequence[Sequence[Any]],
+    tokenizer: TextTokenizer,
+    num_frames: int,
+    *,
+    frame_rate: float = 12.5,
+    main_speaker: str = "SPEAKER_MAIN",
+    padding_id: int = 3,
+    end_padding_id: int = 0,
+) -> InterleavedText:
+    """The text row of a dialogue (see the module docstring for the rules) with the words dropped or truncated at
+    its end. Arguments as [`interleave_text`]; never refuses a dialogue for words that do not fit.
+
+    Raises:
+        ValueError: on a malformed alignment entry or a negative `num_frames`.
+    """
+    if num_frames < 0:
+        raise ValueError(f"num_frames must be non-negative, got {num_frames}")
+    words = [entry for entry in validate_alignments(alignments) if entry[2] == main_speaker]
+    words.sort(key=lambda entry: entry[1][0])  # stable: simultaneous words keep their order
+    result = InterleavedText(torch.full((num_frames,), padding_id, dtype=torch.long))
+    next_free = 0  # frames before it hold tokens, padding or end-of-padding; frames from it are padding
+    for word, (start, _), _ in words:
+        tokens = tokenizer.encode(word.strip())
+        if not tokens:
+            continue
+        result.num_words += 1
+        first = max(math.floor(start * frame_rate), next_free)
+        room = num_frames - first
+        if room <= 0:
+            result.dropped.append(word)
+            continue
+        if len(tokens) > room:
+            result.truncated.append(word)
+            tokens = tokens[:room]
+        if first > next_free:  # the frame before is padding: mark the end of the padding run
+            result.tokens[first - 1] = end_padding_id
+        result.tokens[first : first + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        next_free = first + len(tokens)
+    return result
+
+
 def interleave_text(
     alignments: Sequence[Sequence[Any]],
     tokenizer: TextTokenizer,
@@ -89,6 +160,7 @@ def interleave_text(
     main_speaker: str = "SPEAKER_MAIN",
     padding_id: int = 3,
     end_padding_id: int = 0,
+    max_dropped_fraction: float = DEFAULT_MAX_DROPPED_FRACTION,
 ) -> torch.LongTensor:
     """Builds the text row of a dialogue from its word alignments (see the module docstring for the rules).
 
@@ -101,34 +173,40 @@ def interleave_text(
         main_speaker (`str`): speaker label of the system.
         padding_id (`int`): id of frames without a token (moshiko: 3).
         end_padding_id (`int`): id of the padding frame just before a word (moshiko: 0).
+        max_dropped_fraction (`float`): the largest fraction of the words that may be dropped or truncated at the
+            end of the dialogue before the text counts as unusable.
 
     Returns:
         `torch.LongTensor` of shape `[num_frames]`.
 
     Raises:
-        ValueError: on a malformed alignment entry, or a word whose tokens do not fit before `num_frames`.
+        ValueError: on a malformed alignment entry, or more than `max_dropped_fraction` of the words dropped or
+            truncated (naming them).
     """
-    if num_frames < 0:
-        raise ValueError(f"num_frames must be non-negative, got {num_frames}")
-    words = [entry for entry in validate_alignments(alignments) if entry[2] == main_speaker]
-    words.sort(key=lambda entry: entry[1][0])  # stable: simultaneous words keep their order
-    text = torch.full((num_frames,), padding_id, dtype=torch.long)
-    next_free = 0  # frames before it hold tokens, padding or end-of-padding; frames from it are padding
-    for word, (start, _), _ in words:
-        tokens = tokenizer.encode(word.strip())
-        if not tokens:
-            continue
-        first = max(math.floor(start * frame_rate), next_free)
-        if first + len(tokens) > num_frames:
-            raise ValueError(
-                f"word {word!r} starting at {start:.3f}s needs frames {first} to {first + len(tokens) - 1} for its "
-                f"{len(tokens)} token(s), but the dialogue has {num_frames} frames ({num_frames / frame_rate:.3f}s)"
-            )
-        if first > next_free:  # the frame before is padding: mark the end of the padding run
-            text[first - 1] = end_padding_id
-        text[first : first + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        next_free = first + len(tokens)
-    return text
+    check_max_dropped_fraction(max_dropped_fraction)
+    result = place_words(alignments, tokenizer, num_frames, frame_rate=frame_rate, main_speaker=main_speaker,
+                         padding_id=padding_id, end_padding_id=end_padding_id)
+    check_usable(result, num_frames, frame_rate, max_dropped_fraction)
+    return result.tokens
 
 
-__all__ = ["TextTokenizer", "interleave_text", "validate_alignments"]
+def check_max_dropped_fraction(value: float) -> None:
+    """Raises a ValueError naming `value` unless it is a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"max_dropped_fraction={value!r}: must be a fraction of the words, in [0, 1]")
+
+
+def check_usable(result: InterleavedText, num_frames: int, frame_rate: float, max_dropped_fraction: float) -> None:
+    """Raises a ValueError when more than `max_dropped_fraction` of the words of `result` were dropped or truncated."""
+    if result.damaged_fraction > max_dropped_fraction:
+        lost = [*result.dropped, *result.truncated]
+        shown = ", ".join(repr(word) for word in lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+        raise ValueError(
+            f"{len(result.dropped)} dropped and {len(result.truncated)} truncated of {result.num_words} words "
+            f"({shown}) do not fit in the dialogue's {num_frames} frames ({num_frames / frame_rate:.3f}s): more than "
+            f"max_dropped_fraction={max_dropped_fraction:g} of its words; the alignment does not match the audio"
+        )
+
+
+__all__ = ["DEFAULT_MAX_DROPPED_FRACTION", "InterleavedText", "TextTokenizer", "check_max_dropped_fraction",
+           "check_usable", "interleave_text", "place_words", "validate_alignments"]

@@ -11,6 +11,8 @@ Flags are the fields of [`MoshiUserPredModelArguments`], [`MoshiUserPredDataArgu
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -83,11 +85,55 @@ def parse_arguments(
                     "YAML/JSON file holding the same fields (e.g. `train config.yaml`).",
     )
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        if not Path(argv[0]).is_file():
-            raise ValueError(f"training config {argv[0]!r} does not exist")
-        read = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return read(argv[0], allow_extra_keys=False)
+        return _parse_config_file(parser, argv[0])
     return parser.parse_args_into_dataclasses(argv)
+
+
+def _parse_config_file(parser: HfArgumentParser, path: str) -> tuple:
+    """The dataclasses of a YAML or JSON training config.
+
+    Raises:
+        ValueError: naming the file when it is missing, not YAML/JSON, not a mapping, or has unknown or mistyped
+            fields.
+    """
+    import yaml
+
+    if not Path(path).is_file():
+        raise ValueError(f"training config {path!r} does not exist" + (" (it is a directory)" if Path(path).exists()
+                                                                        else ""))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        content = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the training config {path!r}: {error}") from error
+    except (ValueError, yaml.YAMLError) as error:
+        kind = "JSON" if path.endswith(".json") else "YAML"
+        where = " ".join(str(error).split())
+        raise ValueError(f"the training config {path!r} is not valid {kind}: {where}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"the training config {path!r} must hold a mapping of field: value, got "
+                         f"{type(content).__name__}")
+    try:
+        return parser.parse_dict(content, allow_extra_keys=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the training config {path!r}: {error}") from error
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """`output_dir` must be a directory this process can write (created if missing).
+
+    Raises:
+        ValueError: naming it when it is a file or cannot be created or written.
+    """
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {output_dir!r} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create output_dir {output_dir!r}: {error.strerror or error}") from error
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {output_dir!r} is not writable: pick another --output_dir")
 
 
 def train(
@@ -99,6 +145,7 @@ def train(
     set_seed(training_args.seed)
     train_dataset = EncodedDialogues(data_args.train_data)  # data first: its mistakes show before a long model load
     eval_dataset = EncodedDialogues(data_args.eval_data) if data_args.eval_data else None
+    _check_output_dir(training_args.output_dir)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
     lora = {}
     if model_args.training_mode == "lora":
@@ -157,8 +204,10 @@ def write_training_config(
 def main(argv: Sequence[str] | None = None, prog: str = "hf_moshi_userpred.train") -> int:
     try:
         train(*parse_arguments(argv, prog=prog))
-    except ValueError as error:  # a user mistake: one line, no traceback
-        print(f"{prog}: error: {error}", file=sys.stderr)
+    except (ValueError, ImportError, OSError) as error:  # user mistakes, missing files and extras: one line
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        print(f"{prog}: error: {' '.join(lines[:2])}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""),
+              file=sys.stderr)
         return 2
     return 0
 

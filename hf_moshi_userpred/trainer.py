@@ -4,7 +4,8 @@
 
 `w_user` follows [`UserLossCurriculum`] (by default 0, then half, then all of the model config's `user_loss_weight`,
 by epoch): the user branch starts once the shared model has adapted to the data, so early, noisy user gradients do
-not disturb it.
+not disturb it; while the weight is 0 the branch is not run. When only the user branch trains the default is all of
+the weight from the start, and a run whose weight would stay 0 throughout is refused.
 """
 
 from __future__ import annotations
@@ -29,10 +30,29 @@ logger = logging.get_logger(__name__)
 CURRICULUM_UNITS = ("step", "epoch")
 
 
-def default_stages(user_loss_weight: float) -> str:
-    """The default curriculum, in epochs: no user loss in the first, half of `user_loss_weight` in the second, then
-    all of it."""
+def default_stages(user_loss_weight: float, user_branch_only: bool = False) -> str:
+    """The default curriculum, in epochs.
+
+    With the shared model training too: no user loss in the first epoch (the shared model adapts to the data
+    first; the user branch is not even run), half of `user_loss_weight` in the second, then all of it. When only the
+    user branch trains (`training_mode="user_branch"`) nothing else would learn in a zero stage: all of
+    `user_loss_weight` from the start.
+    """
+    if user_branch_only:
+        return f"0:{user_loss_weight:g}"
     return f"0:0.0,1:{user_loss_weight / 2:g},2:{user_loss_weight:g}"
+
+
+def trains_only_the_user_branch(model: nn.Module) -> bool:
+    """True when every trainable parameter of `model` (a PEFT wrapper included) belongs to the user Depformer.
+
+    Raises:
+        ValueError: `model` has no trainable parameter at all.
+    """
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameter: nothing would train (see training_mode)")
+    return all("user_depformer." in name for name in trainable)
 
 
 def parse_stages(spec: str | Sequence[Sequence[float]]) -> list[tuple[float, float]]:
@@ -141,7 +161,8 @@ class MoshiUserPredTrainingArguments(TrainingArguments):
 
 
 # Running sums recorded by `compute_loss`; means and accuracies are taken when logged.
-_STATS = ("batches", "text", "audio", "user", "user_correct", "user_count", "delay0_correct", "delay0_count")
+_STATS = ("batches", "text", "audio", "user", "user_correct", "user_count", "delay0_correct", "delay0_count",
+          "user_batches")
 
 
 class MoshiUserPredTrainer(Trainer):
@@ -169,8 +190,9 @@ class MoshiUserPredTrainer(Trainer):
             args = MoshiUserPredTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, MoshiUserPredTrainingArguments):
             raise ValueError(f"args must be MoshiUserPredTrainingArguments, got {type(args).__name__}")
+        self._user_branch_only = trains_only_the_user_branch(model)
         if args.user_loss_stages is None:  # recorded as it is used (training_config.json, the model card)
-            args.user_loss_stages = default_stages(model.config.user_loss_weight)
+            args.user_loss_stages = default_stages(model.config.user_loss_weight, self._user_branch_only)
         if data_collator is None:
             data_collator = MoshiSegmentCollator(args.segment_frames, config=model.config)
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -188,6 +210,33 @@ class MoshiUserPredTrainer(Trainer):
         """The curriculum callback in use."""
         return next(c for c in self.callback_handler.callbacks if isinstance(c, UserLossCurriculum))
 
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, refusing a run in which the user-loss weight never leaves 0 while only the user branch
+        trains (nothing would learn), and warning when the user branch never trains in a run that trains more."""
+        self._check_the_user_branch_trains()
+        return super().train(*args, **kwargs)
+
+    def _check_the_user_branch_trains(self) -> None:
+        if self.train_dataset is None or self.model.config.predict_user_audio is False:
+            return
+        a = self.args
+        per_step = a.train_batch_size * max(a.world_size, 1)
+        steps_per_epoch = max(math.ceil(len(self.train_dataset) / per_step) // max(a.gradient_accumulation_steps, 1),
+                              1)
+        total = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
+        curriculum = self.curriculum
+        # Where the last step of the run starts, in the curriculum's unit.
+        last = (total - 1) if curriculum.unit == "step" else (total - 1) / steps_per_epoch
+        if any(weight > 0 and start <= last + 1e-6 for start, weight in curriculum.stages):
+            return
+        problem = (f"the user-loss weight is 0 for all {total} steps of this run (user_loss_stages "
+                   f"{a.user_loss_stages!r} in {curriculum.unit}s, {steps_per_epoch} steps per epoch)")
+        if self._user_branch_only:
+            raise ValueError(f"{problem} and only the user branch is trainable (training_mode='user_branch'): nothing "
+                             "would train. Give the user loss a weight from the start (e.g. --user_loss_stages 0:0.1) "
+                             "or train for longer")
+        logger.warning(f"{problem}: the user branch will not train in this run")
+
     # ------------------------------------------------------------------------------------------- loss
     def compute_loss(
         self,
@@ -197,7 +246,11 @@ class MoshiUserPredTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, MoshiUserPredOutput]:
         codes = inputs["codes"]
-        outputs = model(codes=codes, return_loss=True, user_loss_weight=self.curriculum.weight)
+        weight = self.curriculum.weight
+        # A zero-weight user loss trains nothing: in training the user branch is then not run at all (evaluation
+        # still measures it).
+        outputs = model(codes=codes, return_loss=True, user_loss_weight=weight,
+                        predict_user=not (model.training and weight == 0))
         self._record("train" if model.training else "eval", outputs, codes)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -212,7 +265,8 @@ class MoshiUserPredTrainer(Trainer):
             mask = outputs.user_mask
             correct = (outputs.user_logits.argmax(-1) == codes[:, self._user_rows]) & mask
             delay0 = self._delay0.to(codes.device)[None, :, None]
-            stats[4:] = torch.stack([correct.sum(), mask.sum(), (correct & delay0).sum(), (mask & delay0).sum()])
+            stats[4:8] = torch.stack([correct.sum(), mask.sum(), (correct & delay0).sum(), (mask & delay0).sum()])
+            stats[8] = 1
         previous = self._stats[split]
         self._stats[split] = stats if previous is None else previous + stats
 
@@ -226,8 +280,9 @@ class MoshiUserPredTrainer(Trainer):
         batches = max(stats["batches"], 1)
         summary = {"loss/text": stats["text"] / batches, "loss/audio": stats["audio"] / batches}
         if self._user_rows.stop > self._user_rows.start:
-            summary["loss/user"] = stats["user"] / batches
             summary["user_weight"] = self.curriculum.weight
+        if stats["user_batches"]:  # the user branch ran (it does not while its training weight is 0)
+            summary["loss/user"] = stats["user"] / stats["user_batches"]
             summary["user_accuracy"] = stats["user_correct"] / max(stats["user_count"], 1)
             if stats["delay0_count"]:
                 summary["user_delay0_accuracy"] = stats["delay0_correct"] / stats["delay0_count"]
@@ -277,5 +332,7 @@ __all__ = [
     "MoshiUserPredTrainer",
     "MoshiUserPredTrainingArguments",
     "UserLossCurriculum",
+    "default_stages",
     "parse_stages",
+    "trains_only_the_user_branch",
 ]

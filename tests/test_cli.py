@@ -118,7 +118,8 @@ def test_push_command_uploads_to_a_stand_in_hub(demo, tmp_path, monkeypatch, cap
     from helpers import LocalHub
 
     monkeypatch.setattr(hub, "HfApi", lambda *args, **kwargs: LocalHub(tmp_path / "hub"))
-    assert main(["push", str(demo / "model"), "you/moshi-userpred-demo", "--dataset", "espeak-dialogues"]) == 0
+    assert main(["push", str(demo / "model"), "you/moshi-userpred-demo", "--dataset", "espeak-dialogues",
+                 "--token", "hf_stand_in"]) == 0
     repo = tmp_path / "hub" / "you" / "moshi-userpred-demo"
     uploaded = sorted(str(path.relative_to(repo)) for path in repo.rglob("*") if path.is_file())
     assert "README.md" in uploaded and "model.safetensors" in uploaded and "mimi/model.safetensors" in uploaded
@@ -131,7 +132,7 @@ def test_push_command_uploads_to_a_stand_in_hub(demo, tmp_path, monkeypatch, cap
 def test_every_command_documents_every_option():
     parser = build_parser()
     commands = next(action for action in parser._actions if action.dest == "command").choices
-    assert set(commands) == {"demo", "convert", "encode", "train", "evaluate", "stream", "push"}
+    assert set(commands) == {"demo", "convert", "encode", "train", "evaluate", "stream", "serve", "push"}
     for name, sub in commands.items():
         if name == "train":
             continue

@@ -23,7 +23,7 @@ from transformers.testing_utils import CaptureLogger
 from hf_moshi_userpred import encoding
 from hf_moshi_userpred.audio import load_mimi, load_stereo
 from hf_moshi_userpred.encoding import EncodedDialogues, encode_dataset
-from hf_moshi_userpred.text_alignment import interleave_text
+from hf_moshi_userpred.text_alignment import interleave_text, place_words
 
 RATE = 24_000
 NUM_CODEBOOKS = 3  # of the tiny Mimi's 4: encoding must truncate the residual stack
@@ -174,11 +174,30 @@ def test_interleave_text_matches_moshi_finetune_frame_loop(tokenizer):
         assert interleave_text(alignments, tokenizer, 200).tolist() == expected
 
 
-def test_interleave_text_raises_when_a_word_does_not_fit():
-    with pytest.raises(ValueError, match=r"word 'late' starting at 0\.850s needs frames 10 to 12 .* 12 frames"):
-        interleave_text([["hello", [0.1, 0.2], MAIN], ["late", [0.85, 0.9], MAIN]], WordTokenizer(), 12)
-    with pytest.raises(ValueError, match=r"word 'late' starting at 0\.000s needs frames 2 to 4"):  # pushed back
-        interleave_text([["world", [0.0, 0.1], MAIN], ["late", [0.0, 0.1], MAIN]], WordTokenizer(), 4)
+def test_words_that_do_not_fit_at_the_end_are_truncated_or_dropped_and_counted():
+    # "late" (3 tokens) from frame 10 of 12: its first two tokens are kept; "a" has no frame left.
+    alignments = [["hello", [0.1, 0.2], MAIN], ["late", [0.85, 0.9], MAIN], ["a", [0.9, 0.95], MAIN]]
+    placed = place_words(alignments, WordTokenizer(), 12)
+    assert placed.tokens.tolist() == [0, 10, 3, 3, 3, 3, 3, 3, 3, 0, 14, 15]
+    assert placed.num_words == 3 and placed.dropped == ["a"] and placed.truncated == ["late"]
+    # Pushed back by the previous word (the collision that cannot shift any further): truncated, not refused.
+    placed = place_words([["world", [0.0, 0.1], MAIN], ["late", [0.0, 0.1], MAIN]], WordTokenizer(), 4)
+    assert placed.tokens.tolist() == [11, 12, 14, 15] and placed.truncated == ["late"] and not placed.dropped
+    # interleave_text keeps the dialogue while few enough words are lost.
+    many = [[w, [0.08 * i, 0.08 * i + 0.05], MAIN] for i, w in enumerate(["hello", "a"] * 5)]
+    text = interleave_text([*many, ["late", [0.85, 0.9], MAIN]], WordTokenizer(), 12, max_dropped_fraction=0.1)
+    assert text[-2:].tolist() == [14, 15]
+
+
+def test_interleave_text_refuses_unusable_text():
+    alignments = [["hello", [0.1, 0.2], MAIN], ["late", [0.85, 0.9], MAIN], ["a", [0.9, 0.95], MAIN]]
+    with pytest.raises(ValueError, match=r"1 dropped and 1 truncated of 3 words \('a', 'late'\) do not fit in the "
+                                         r"dialogue's 12 frames .*max_dropped_fraction=0.5"):
+        interleave_text(alignments, WordTokenizer(), 12, max_dropped_fraction=0.5)
+    assert interleave_text(alignments, WordTokenizer(), 12, max_dropped_fraction=1.0)[-1] == 15
+    for bad in (-0.1, 1.5, "0.1", True):
+        with pytest.raises(ValueError, match=rf"max_dropped_fraction={bad!r}"):
+            interleave_text(alignments, WordTokenizer(), 12, max_dropped_fraction=bad)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +266,7 @@ def test_load_stereo_reports_soundfile_reason(tmp_path):
 
 def test_load_mimi(tmp_path, mimi):
     assert load_mimi(mimi) is mimi and not mimi.training
-    with pytest.raises(ValueError, match=r"could not load a Mimi model from '.*no-such-mimi'"):
+    with pytest.raises(ValueError, match=r"Mimi folder '.*no-such-mimi' does not exist"):
         load_mimi(str(tmp_path / "no-such-mimi"))
     with pytest.raises(ValueError, match=r"mimi must be a MimiModel, a local path or a Hub repo id, got int"):
         load_mimi(3)
@@ -395,7 +414,7 @@ def test_encode_dataset_reports_bad_files_and_encodes_the_good_ones(tmp_path, mi
         "badentry.wav": r"badentry\.json: alignment entry 0 .*start is after end",
         "empty.wav": r"empty\.wav has no samples",
         "corrupt.wav": r"cannot read audio file .*corrupt\.wav",
-        "nofit.wav": r"nofit\.json: word 'xyz' starting at 0\.990s needs frames 12 to",
+        "nofit.wav": r"nofit\.json: 0 dropped and 1 truncated of 1 words \('xyz'\) do not fit",
         "missing.wav": r"audio file .*missing\.wav not found",
         "data.jsonl:11": r"line 11 of .*data\.jsonl: not valid JSON",
         "data.jsonl:12": r'line 12 of .*data\.jsonl: expected \{"path"',
@@ -410,6 +429,31 @@ def test_encode_dataset_reports_bad_files_and_encodes_the_good_ones(tmp_path, mi
     assert [s["source"] for s in index["shards"]] == ["good.wav"] and index["failed"] == summary.failed
     assert [p.name for p in (tmp_path / "out" / "codes").iterdir()] == [index["shards"][0]["file"][len("codes/"):]]
     assert not leftovers(tmp_path)
+
+
+def test_encode_keeps_a_dialogue_whose_last_word_does_not_fit_and_counts_it(tmp_path, mimi, tokenizer):
+    """A 1 s dialogue (13 frames) whose last word starts in its last frame: truncated, the dialogue kept; the count
+    is in index.json, in the shard (a rerun reports it too) and in the summary line."""
+    words = [["hello", [0.05 * i, 0.05 * i + 0.04], MAIN] for i in range(10)] + [["xyz", [0.99, 1.0], MAIN]]
+    manifest = write_manifest(tmp_path, [write_dialogue(tmp_path, "long", alignments=words),
+                                         write_dialogue(tmp_path, "fine")])
+    summary = encode(manifest, tmp_path / "out", mimi, tokenizer)
+    assert summary.encoded == ["long.wav", "fine.wav"] and not summary.failed
+    assert summary.lost_words == {"long.wav": (0, 1)}
+    assert "; 0 word(s) dropped and 1 truncated at the end of 1 file(s)" in str(summary)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    long, fine = index["shards"]
+    assert long["words"] == 11 and long["dropped_words"] == [] and long["truncated_words"] == ["xyz"]
+    assert fine["dropped_words"] == fine["truncated_words"] == []
+    codes, _ = read_shard(tmp_path / "out", "long.wav")
+    assert codes[0, -1].item() == tokenizer.encode("xyz")[0]  # the first token of the truncated word is kept
+
+    rerun = encode(manifest, tmp_path / "out", mimi, tokenizer)
+    assert rerun.skipped == ["long.wav", "fine.wav"] and rerun.lost_words == summary.lost_words
+    strict = encode(manifest, tmp_path / "out", mimi, tokenizer, max_dropped_fraction=0.0)
+    assert sorted(strict.failed) == ["long.wav"] and "max_dropped_fraction=0" in strict.failed["long.wav"]
+    with pytest.raises(ValueError, match=r"max_dropped_fraction=2"):
+        encode(manifest, tmp_path / "out", mimi, tokenizer, max_dropped_fraction=2)
 
 
 def test_encode_dataset_global_errors(tmp_path, mimi, tokenizer):

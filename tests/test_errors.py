@@ -149,3 +149,97 @@ def test_bad_checkpoint_paths_and_user_init(tmp_path):
         MoshiUserPredForConditionalGeneration.from_moshi(tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"user_init='copy'"):
         MoshiUserPredForConditionalGeneration.from_moshi({}, user_init="copy")
+
+
+# ---------------------------------------------------------------------------- loading a folder that is not a model
+@pytest.fixture(scope="module")
+def saved_folders(tmp_path_factory):
+    """A saved tiny model, its kyutai export, the export's weights alone, the model's weights under an edited
+    config, a LoRA adapter folder and the sample's Mimi."""
+    import json
+    import shutil
+
+    from hf_moshi_userpred.conversion import export_to_moshi
+    from hf_moshi_userpred.sample import SAMPLE_MIMI
+
+    root = tmp_path_factory.mktemp("folders")
+    torch.manual_seed(0)
+    MoshiUserPredForConditionalGeneration(MoshiUserPredConfig.from_moshi_lm_kwargs(
+        PARITY_CONFIGS["moshiko_small"])).save_pretrained(root / "model")
+    export_to_moshi(root / "model", root / "kyutai", progress=False)
+    (root / "weights_only").mkdir()
+    shutil.copyfile(root / "kyutai" / "model.safetensors", root / "weights_only" / "model.safetensors")
+    shutil.copytree(root / "kyutai", root / "kyutai_with_our_config")
+    shutil.copyfile(root / "model" / "config.json", root / "kyutai_with_our_config" / "config.json")
+    shutil.copytree(root / "model", root / "reshaped")
+    config = json.loads((root / "reshaped" / "config.json").read_text())
+    (root / "reshaped" / "config.json").write_text(json.dumps({**config, "text_card": 60}))
+    shutil.copytree(root / "model", root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    (root / "adapter").mkdir()
+    (root / "adapter" / "adapter_config.json").write_text("{}")
+    (root / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    return {"root": root, "mimi": SAMPLE_MIMI}
+
+
+@pytest.mark.parametrize(
+    "folder, message",
+    [
+        ("kyutai", r"kyutai's moshi layout .* run `hf-moshi-userpred convert`"),
+        ("weights_only", r"no config.json, and model.safetensors is a moshi checkpoint \(kyutai layout\)"),
+        ("kyutai_with_our_config", r"do not match its config \(\d+ missing, \d+ unexpected .*kyutai layout"),
+        ("reshaped", r"3 mismatched tensors, e.g. .*text_emb.weight: checkpoint \(51, 64\) vs config \(61, 64\)"),
+        ("truncated", r"truncated or corrupt"),
+        ("adapter", r"LoRA adapter"),
+        ("mimi", r"holds a Mimi codec \(model_type 'mimi'\)"),
+        ("missing/model", r"model directory '.*missing/model' does not exist"),
+    ],
+)
+def test_from_pretrained_refuses_what_is_not_a_complete_model(saved_folders, folder, message):
+    path = saved_folders["mimi"] if folder == "mimi" else saved_folders["root"] / folder
+    with pytest.raises(ValueError, match=message) as error:
+        MoshiUserPredForConditionalGeneration.from_pretrained(path)
+    assert str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_from_pretrained_still_loads_a_model_and_reports_clean_loading_info(saved_folders):
+    model, info = MoshiUserPredForConditionalGeneration.from_pretrained(saved_folders["root"] / "model",
+                                                                        output_loading_info=True)
+    assert isinstance(model, MoshiUserPredForConditionalGeneration)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    # Opting in to Transformers' re-initialisation of mis-shaped tensors still works.
+    model = MoshiUserPredForConditionalGeneration.from_pretrained(saved_folders["root"] / "reshaped",
+                                                                  ignore_mismatched_sizes=True)
+    assert model.text_emb.weight.shape == (61, 64)
+
+
+@pytest.mark.parametrize(
+    "folder, message",
+    [
+        ("model", r"is not a Mimi codec folder: it is a hf_moshi_userpred model directory"),
+        ("kyutai", r"kyutai moshi checkpoint"),
+        ("weights_only", r"no config.json"),
+        ("missing/mimi", r"does not exist"),
+    ],
+)
+def test_load_mimi_refuses_other_folders(saved_folders, folder, message):
+    from hf_moshi_userpred.audio import load_mimi
+
+    with pytest.raises(ValueError, match=message):
+        load_mimi(saved_folders["root"] / folder)
+    assert load_mimi(saved_folders["mimi"]).config.model_type == "mimi"
+
+
+def test_load_mimi_refuses_weights_that_do_not_match(saved_folders, tmp_path):
+    import json
+    import shutil
+
+    from hf_moshi_userpred.audio import load_mimi
+
+    shutil.copytree(saved_folders["mimi"], tmp_path / "mimi")
+    config = json.loads((tmp_path / "mimi" / "config.json").read_text())
+    (tmp_path / "mimi" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 9}))
+    with pytest.raises(ValueError, match=r"Mimi weights in .* do not match its config \(\d+ missing"):
+        load_mimi(tmp_path / "mimi")

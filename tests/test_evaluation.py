@@ -229,3 +229,15 @@ def test_errors(model):
     with pytest.raises(ValueError, match="top_k"):
         evaluate_user_prediction(model, dialogues(model, [6]), top_k=0)
     assert isinstance(evaluate_user_prediction(model, dialogues(model, [3]), window=64), UserPredictionReport)
+
+
+def test_top_k_above_the_vocabulary_is_refused():
+    from helpers import tiny_model
+    from hf_moshi_userpred.evaluation import evaluate_user_prediction
+    from helpers import random_codes
+
+    model = tiny_model()
+    dataset = [random_codes(model.config, batch=1, frames=6)[0]]
+    with pytest.raises(ValueError, match=r"top_k=41 exceeds the audio vocabulary \(card=40\)"):
+        evaluate_user_prediction(model, dataset, top_k=41)
+    assert evaluate_user_prediction(model, dataset, top_k=40).top_k == 40

@@ -71,3 +71,24 @@ def test_read_json_object_names_the_file_and_the_problem(tmp_path, content, mess
         path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_json_object(path, "metrics file")
+
+
+def test_files_written_inside_an_atomic_directory_and_saved_weights_respect_the_umask(tmp_path):
+    from helpers import tiny_model
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as staging:
+            (staging / "private").write_text("x")
+            os.chmod(staging / "private", 0o600)  # how safetensors leaves its files
+            (staging / "tool").write_text("#!/bin/sh\n")
+            os.chmod(staging / "tool", 0o700)
+            (staging / "sub").mkdir(mode=0o700)
+        assert stat.S_IMODE((tmp_path / "out" / "private").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "out" / "tool").stat().st_mode) == 0o755
+        assert stat.S_IMODE((tmp_path / "out" / "sub").stat().st_mode) == 0o755
+        tiny_model().save_pretrained(tmp_path / "model")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()}
+        assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+    finally:
+        os.umask(previous)

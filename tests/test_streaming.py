@@ -107,6 +107,38 @@ def test_greedy_streaming_matches_moshi_lmgen(moshi_lm, lm_gen, name, user_branc
     assert all((o.user_prediction is None) != user_branch for o in outs)
 
 
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_predict_user_false_switches_the_branch_off_and_matches_moshi_lmgen(moshi_lm, lm_gen, name):
+    """`predict_user=False` in the generation config: a model with a user branch streams moshi's `LMGen` tokens
+    without ever running the user Depformer or speculating, even with speculate_top_k and gap filling set."""
+    model = load(moshi_lm, name)
+    if name not in _MOSHI_OUTPUTS:
+        user = user_stream(model.config, batch=2, frames=100, seed=11)
+        _MOSHI_OUTPUTS[name] = user, run_moshi(lm_gen, reference(moshi_lm, name), user)
+    user, expected = _MOSHI_OUTPUTS[name]
+    calls = []
+    hook = model.user_depformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    original_user_step = model.user_step
+    model.user_step = lambda *args, **kwargs: calls.append(2) or original_user_step(*args, **kwargs)
+    try:
+        outs = run_ours(model, user, predict_user=False, speculate_top_k=2, **GREEDY)
+        with model.streaming(2, predict_user=False, speculate_top_k=2, **GREEDY) as stream:
+            stats = stream.stats
+            assert stream.caches.speculative_depformer is None  # no speculation scratch space either
+    finally:
+        hook.remove()
+        del model.user_step
+    assert calls == []  # no user-branch work in any step
+    assert_same_tokens([o.tokens for o in outs], expected)
+    assert all(o.user_prediction is None and o.speculative in (None, ["not_tried"] * 2) for o in outs)
+    assert stats.top_k == 0 and stats.hits == stats.misses == 0
+    generated = model.generate(user, progress=False, predict_user=False, **GREEDY)
+    assert generated.user_prediction is None
+    assert torch.equal(generated.text_tokens, torch.stack([e[:, 0, 0] for e in expected if e is not None], 1))
+    with pytest.raises(ValueError, match=r"predict_user='no': must be True or False"):
+        model.generation_config.__class__(predict_user="no").validate()
+
+
 def test_greedy_speculative_streaming_matches_moshi_lmgen(moshi_lm, lm_gen):
     """Speculation on: stream 0's user repeats the model's own prediction (every speculation hits), stream 1's
     user is random (speculation mostly misses): a mix of committed, partial and normal steps."""

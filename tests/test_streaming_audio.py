@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import time
 
@@ -246,3 +247,21 @@ def test_stream_rejects_a_tokenizer_smaller_than_the_text_vocabulary(mimi, user_
     with pytest.raises(ValueError, match=r"the tokenizer has 200 pieces but the model's text vocabulary has 300"):
         stream_user_audio(model, user_wav, tmp_path, mimi=mimi, tokenizer=SAMPLE_DIR / "tokenizer.model",
                           progress=False)
+
+
+def test_realtime_warns_when_steps_cannot_keep_up(model, mimi, user_wav, tmp_path, monkeypatch):
+    """Frames 10 us apart: no step keeps up, and the run says so (once while streaming, once at the end)."""
+    from transformers.testing_utils import CaptureLogger
+
+    import hf_moshi_userpred.streaming_audio as streaming_audio
+
+    monkeypatch.setattr(streaming_audio, "FRAME_PERIOD_S", 1e-5)
+    with CaptureLogger(streaming_audio.logger) as captured:
+        stream_user_audio(model, user_wav, tmp_path, mimi=mimi, max_frames=8, realtime=True, progress=False, **GREEDY)
+    assert "the steps cannot keep up with 0 ms frames" in captured.out
+    assert re.search(r"realtime: \d of 8 frames were handed over more than 0 ms late", captured.out), captured.out
+    monkeypatch.setattr(streaming_audio, "FRAME_PERIOD_S", 0.2)  # a slow microphone: every step keeps up
+    with CaptureLogger(streaming_audio.logger) as captured:
+        stream_user_audio(model, user_wav, tmp_path / "b", mimi=mimi, max_frames=3, realtime=True, progress=False,
+                          **GREEDY)
+    assert "realtime" not in captured.out

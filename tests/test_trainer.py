@@ -86,9 +86,77 @@ def test_curriculum_stages_follow_steps_or_epochs(tmp_path, unit):
     expected = [0.0, 0.0, 0.05, 0.05, 0.1, 0.1] if unit == "step" else [0.0, 0.0, 0.0, 0.05, 0.05, 0.1]
     assert weights == expected
     for log in step_logs(trainer):
-        for key in ("loss/text", "loss/audio", "loss/user", "user_accuracy", "user_delay0_accuracy"):
+        for key in ("loss/text", "loss/audio"):
+            assert math.isfinite(log[key]), key
+        user_keys = ("loss/user", "user_accuracy", "user_delay0_accuracy")
+        if log["user_weight"] == 0:  # the user branch is not run while its weight is 0
+            assert not any(key in log for key in user_keys), log
+            continue
+        for key in user_keys:
             assert math.isfinite(log[key]), key
         assert 0 <= log["user_accuracy"] <= 1
+
+
+def test_the_user_branch_is_not_run_while_its_weight_is_0(tmp_path):
+    model = tiny_model(base=TINY)
+    calls = []
+    model.user_depformer.register_forward_hook(lambda *_: calls.append(model.training))
+    before = {name: p.detach().clone() for name, p in model.user_depformer.named_parameters()}
+    args = training_args(tmp_path, max_steps=2, user_loss_stages="0:0.0,2:0.1", user_loss_stage_unit="step",
+                         weight_decay=0.1)
+    trainer = MoshiUserPredTrainer(model=model, args=args, train_dataset=dialogues())
+    trainer.train()
+    assert calls == []  # neither forward nor backward in the zero stage
+    for name, param in model.user_depformer.named_parameters():
+        assert torch.equal(param, before[name]), name  # not even weight decay touched it
+    assert trainer.evaluate(dialogues(2))["eval_loss/user"] > 0  # evaluation still measures the branch
+    assert calls == [False]
+
+
+def test_default_curriculum_fits_the_training_mode(tmp_path):
+    full = MoshiUserPredTrainer(model=tiny_model(base=TINY, user_loss_weight=0.2), args=training_args(tmp_path))
+    assert full.args.user_loss_stages == "0:0.0,1:0.1,2:0.2"
+    model = prepare_model_for_training(tiny_model(base=TINY, user_loss_weight=0.2), "user_branch")
+    branch = MoshiUserPredTrainer(model=model, args=training_args(tmp_path / "b", max_steps=1),
+                                  train_dataset=dialogues())
+    assert branch.args.user_loss_stages == "0:0.2"  # no zero stage where nothing else learns
+    branch.train()
+    assert step_logs(branch)[0]["user_weight"] == 0.2 and "loss/user" in step_logs(branch)[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(max_steps=2, user_loss_stages="0:0.0,1:0.1"), r"weight is 0 for all 2 steps .* 3 steps per epoch"),
+        (dict(max_steps=-1, num_train_epochs=1, user_loss_stages="0:0.0,1:0.1"), r"weight is 0 for all 3 steps"),
+        (dict(max_steps=4, user_loss_stages="0:0.0,5:0.1", user_loss_stage_unit="step"), r"for all 4 steps"),
+        (dict(max_steps=4, user_loss_stages="0:0.0"), r"for all 4 steps"),
+    ],
+)
+def test_a_user_branch_run_that_would_train_nothing_is_refused(tmp_path, overrides, message):
+    model = prepare_model_for_training(tiny_model(base=TINY), "user_branch")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = MoshiUserPredTrainer(model=model, args=training_args(tmp_path, **overrides), train_dataset=dialogues())
+    with pytest.raises(ValueError, match=message + r".*only the user branch is trainable"):
+        trainer.train()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_a_full_run_whose_user_weight_stays_0_warns(tmp_path, monkeypatch):
+    import hf_moshi_userpred.trainer as trainer_module
+
+    warnings = []
+    monkeypatch.setattr(trainer_module.logger, "warning", warnings.append)
+    trainer = MoshiUserPredTrainer(model=tiny_model(base=TINY), args=training_args(tmp_path, max_steps=2),
+                                   train_dataset=dialogues())
+    trainer.train()  # the shared model trains: allowed, but said
+    assert any("the user branch will not train in this run" in str(w) for w in warnings), warnings
+
+
+def test_a_model_with_nothing_trainable_is_refused(tmp_path):
+    model = tiny_model(base=TINY).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        MoshiUserPredTrainer(model=model, args=training_args(tmp_path))
 
 
 def test_logged_loss_is_the_combination_of_its_parts(tmp_path):

@@ -1,0 +1,295 @@
+"""The turn-taking signal and its evaluation: metrics on hand-made timelines with known answers, the signal's
+tables and shapes, and the whole evaluation (library and `evaluate --turn-taking`) on a briefly trained sample
+model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_moshi_userpred.sample import sample_model_config
+from hf_moshi_userpred.turn_taking import (
+    Pause,
+    TurnTakingStatistics,
+    anticipation_frames,
+    auc,
+    binary_metrics,
+    dialogue_alignments,
+    evaluate_turn_taking,
+    find_events,
+    fit_turn_taking_statistics,
+    fit_voice_activity_head,
+    future_silence_targets,
+    timer_frames,
+    turn_taking_signal,
+    voice_activity,
+)
+
+
+def activity(T: int, *spans: tuple[int, int]) -> torch.Tensor:
+    """Bool [T], True on the inclusive frame spans."""
+    out = torch.zeros(T, dtype=torch.bool)
+    for first, last in spans:
+        out[first : last + 1] = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------- activity and events
+def test_voice_activity_marks_every_frame_a_word_overlaps():
+    words = [["hi", [0.0, 0.1], "SPEAKER_USER"], ["there", [0.16, 0.4], "SPEAKER_USER"],
+             ["yes", [0.5, 0.5], "SPEAKER_USER"], ["ok", [0.33, 0.41], "SPEAKER_MAIN"]]
+    # frames of 80 ms: hi 0-1 ([0, 0.08), [0.08, 0.16)), there 2-4 (0.4 is the end of frame 4), yes (instant) 6
+    assert voice_activity(words, 10, user=True).nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 6]
+    assert voice_activity(words, 10, user=False).nonzero().flatten().tolist() == [4, 5]
+    assert voice_activity(words, 5, user=True).tolist() == [True] * 5  # cut at the last frame
+
+
+def test_events_of_a_hand_made_dialogue():
+    T = 60
+    user = activity(T, (0, 4), (7, 10), (16, 17), (30, 40), (45, 50))
+    system = activity(T, (14, 25), (29, 33), (53, 58))
+    events = find_events(user, system, min_pause_frames=2, max_backchannel_frames=12, context_frames=3)
+    # 0-4 then 2 silent frames then the user again: hold; 7-10 then the system at 14: shift (silence 5 frames);
+    # 16-17 inside the system's 14-25: a backchannel, ends while the system speaks (no pause);
+    # 30-40 starts while the system speaks (29-33): a barge-in; it ends with the system silent, the user resumes
+    # at 45: hold; 45-50 then the system at 53: shift with no later user speech.
+    assert [(p.start_frame, p.end_frame, p.shift, p.silence_frames, p.system_onset) for p in events.pauses] == [
+        (0, 4, False, 2, None), (7, 10, True, 5, 14), (30, 40, False, 4, None), (45, 50, True, None, 53)]
+    assert [(o.start_frame, o.end_frame, o.backchannel) for o in events.onsets] == [(16, 17, True), (30, 40, False)]
+    assert len(events.shifts) == 2 and len(events.holds) == 2
+
+
+def test_short_gaps_merge_into_one_unit():
+    user = activity(20, (0, 3), (5, 8))  # one silent frame: no pause with min_pause_frames=2
+    system = activity(20, (12, 18))
+    events = find_events(user, system, min_pause_frames=2)
+    assert [(p.start_frame, p.end_frame, p.shift) for p in events.pauses] == [(0, 8, True)]
+    assert [(p.start_frame, p.end_frame) for p in find_events(user, system, min_pause_frames=1).pauses] == [
+        (0, 3), (5, 8)]
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def test_binary_metrics_known_values():
+    scores = [0.9, 0.8, 0.4, 0.7, 0.2, 0.1]
+    labels = [True, True, True, False, False, False]
+    m = binary_metrics(scores, labels, threshold=0.5)
+    # predicted positive: 0.9, 0.8, 0.7 -> tp 2, fp 1, fn 1, tn 2
+    assert m.recall == pytest.approx(2 / 3) and m.specificity == pytest.approx(2 / 3)
+    assert m.balanced_accuracy == pytest.approx(2 / 3)
+    assert m.f1 == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    # pairs (pos > neg): 0.9 and 0.8 beat all 3, 0.4 beats 0.2 and 0.1 -> 8 of 9
+    assert m.auc == pytest.approx(8 / 9) and m.count == 6
+    assert auc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == 0.5  # a tie counts half
+    assert binary_metrics([1.0, 0.0], [True, True]).balanced_accuracy is None  # one class only
+    assert binary_metrics([1.0, 0.0], [True, True]).auc is None
+    perfect = binary_metrics([1.0, 0.0, 1.0], [True, False, True])
+    assert (perfect.balanced_accuracy, perfect.f1, perfect.auc) == (1.0, 1.0, 1.0)
+
+
+def test_anticipation_frames_known_values():
+    pause = Pause(start_frame=2, end_frame=9, shift=True, silence_frames=None, system_onset=15)
+    signal = torch.zeros(20)
+    signal[7:] = 0.9  # above the threshold from boundary 7; the turn ends at boundary 10 -> 3 frames early
+    assert anticipation_frames(signal, pause, 0.5) == 3
+    signal[8] = 0.1  # dips at 8: the crossing that sticks is 9 -> 1 frame early
+    assert anticipation_frames(signal, pause, 0.5) == 1
+    late = torch.zeros(20)
+    late[12:] = 0.9  # only from boundary 12: 2 frames late
+    assert anticipation_frames(late, pause, 0.5) == -2
+    always = torch.ones(20)  # bounded by the start of the user's last unit (boundary start + 1)
+    assert anticipation_frames(always, pause, 0.5) == 10 - 3
+    never = torch.zeros(20)
+    never[16:] = 1.0  # after the system's onset at 15: missed
+    assert anticipation_frames(never, pause, 0.5) is None
+
+
+def test_timer_frames():
+    assert [timer_frames(ms) for ms in (80, 200, 500, 700)] == [1, 3, 7, 9]
+
+
+def test_future_silence_targets_known_values():
+    silent = torch.tensor([False, True, True, False, True, True])
+    targets, valid = future_silence_targets(silent, horizon=3, turn_end_frames=2)
+    # row t: silent at t, t+1, t+2, then silent at both t+1 and t+2
+    assert targets[0].tolist() == [False, True, True, True]
+    assert targets[1].tolist() == [True, True, False, False]
+    assert targets[3].tolist() == [False, True, True, True]
+    assert valid[3].tolist() == [True, True, True, True]
+    assert valid[4].tolist() == [True, True, False, False]  # t+2 is past the end
+
+
+# ---------------------------------------------------------------------------------------------------- the signal
+def _toy_dialogues(config, n: int = 4, T: int = 40):
+    """Codes whose user semantic token is 7 on silent frames, 20 + (position in the word run) on speech; alignments
+    with the user speaking frames 5-14 and 25-29, the system 17-22."""
+    words = [["a", [5 * 0.08, 15 * 0.08], "SPEAKER_USER"], ["b", [25 * 0.08, 30 * 0.08], "SPEAKER_USER"],
+             ["c", [17 * 0.08, 23 * 0.08], "SPEAKER_MAIN"]]
+    row = 1 + config.dep_q
+    items = []
+    for i in range(n):
+        torch.manual_seed(i)
+        codes = torch.randint(0, config.card, (1 + config.n_q, T))
+        codes[0] = torch.randint(0, config.text_card, (T,))
+        user = voice_activity(words, T, user=True)
+        semantic = torch.full((T,), 7)
+        semantic[5:15] = 20 + torch.arange(10)
+        semantic[25:30] = 40 + torch.arange(5)
+        codes[row] = torch.where(user, semantic, 7)
+        items.append({"codes": codes, "name": f"toy{i}"})
+    return items, [words] * n
+
+
+def test_statistics_learn_the_silence_token_and_what_follows():
+    config = sample_model_config(dim=32, num_layers=1)
+    items, alignments = _toy_dialogues(config)
+    stats = fit_turn_taking_statistics(items, alignments, config, horizon=4, turn_end_frames=2, prior_weight=1e-6)
+    assert stats.silence_tokens() == [7]
+    assert stats.codebook == 0 and stats.num_frames == 4 * 40
+    # token 29 is the last speech frame of the first unit: then 2 silent frames, then the system's... the user is
+    # silent at t+1, t+2, t+3 (frames 15-17) -> row [speech, silent, silent, silent, silent over the last 2]
+    assert stats.token_table[29].tolist() == pytest.approx([0, 1, 1, 1, 1], abs=1e-4)
+    assert stats.token_table[20].tolist() == pytest.approx([0, 0, 0, 0, 0], abs=1e-4)
+    # a one-hot prediction reads its token's row; the table's rows are probabilities
+    logits = torch.full((2, 3, config.card), -1e4)
+    logits[..., 29] = 0
+    silence, turn_end = turn_taking_signal(logits, stats.table("token"))
+    assert silence.shape == (2, 3, 4) and turn_end.shape == (2, 3)
+    assert silence[0, 0].tolist() == pytest.approx([0, 1, 1, 1], abs=1e-3)
+    assert turn_end.min() > 0.99
+    uniform_silence, uniform_end = turn_taking_signal(torch.zeros(5, config.card), stats.table("two_state"))
+    assert ((uniform_silence >= 0) & (uniform_silence <= 1)).all() and ((uniform_end >= 0) & (uniform_end <= 1)).all()
+    assert stats.table("two_state")[7].tolist() == stats.two_state_table[1].tolist()  # the silence token's state
+    with pytest.raises(ValueError, match="kind"):
+        stats.table("nope")
+
+
+def test_statistics_round_trip_through_json(tmp_path):
+    config = sample_model_config(dim=32, num_layers=1)
+    items, alignments = _toy_dialogues(config, n=2)
+    stats = fit_turn_taking_statistics(items, alignments, config, horizon=5, turn_end_frames=3)
+    path = stats.save(tmp_path)
+    loaded = TurnTakingStatistics.load(tmp_path)
+    assert path.name == "turn_taking_statistics.json"
+    assert torch.equal(loaded.token_table, stats.token_table) and torch.equal(loaded.token_counts, stats.token_counts)
+    assert (loaded.horizon, loaded.turn_end_frames, loaded.silence_tokens()) == (5, 3, stats.silence_tokens())
+    with pytest.raises(ValueError, match="turn_end_frames"):
+        fit_turn_taking_statistics(items, alignments, config, horizon=3, turn_end_frames=4)
+
+
+def test_evaluation_on_a_random_model_and_toy_dialogues(tmp_path):
+    """Plumbing with known events: 4 dialogues, each with one shift (the user's unit 5-14, the system from 17) and
+    one barge-in (the user's unit 25-29 starts 3 frames after the system's last frame, 22); the second unit ends
+    the dialogue's speech, so it is no pause."""
+    config = sample_model_config(dim=32, num_layers=1)
+    torch.manual_seed(0)
+    from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+    model = MoshiUserPredForConditionalGeneration(config).eval()
+    items, alignments = _toy_dialogues(config)
+    stats = fit_turn_taking_statistics(items, alignments, config)
+    report = evaluate_turn_taking(model, items, alignments, stats, plot_dir=tmp_path)
+    assert (report.num_shifts, report.num_holds, report.num_dialogues) == (4, 0, 4)
+    assert (report.num_backchannels, report.num_barge_ins) == (0, 4)
+    assert set(report.predictors) == {"model", "repeat_last", "unigram", "timer_200ms", "timer_500ms", "timer_700ms"}
+    # every shift's silence (10 frames, to the next user unit) outlasts every timer: all detected, at the timer
+    for name, frames in (("timer_200ms", 3), ("timer_500ms", 7), ("timer_700ms", 9)):
+        assert report.predictors[name].shift_hold.recall == 1.0
+        assert report.predictors[name].median_anticipation_ms == pytest.approx(-frames * 80)
+    # repeat-last reads the table row of the last token seen: token 20 + i is at frame 5 + i, and the user is
+    # silent over frames j + 5 .. j + 9 after frame j from token 25 (frame 10) on; seen at boundary 11, the turn
+    # ends at boundary 15: 4 frames early. Token 24 (frame 9) is followed by speech at frame 14.
+    assert report.predictors["repeat_last"].shift_hold.recall == 1.0
+    assert report.predictors["repeat_last"].median_anticipation_ms == pytest.approx(4 * 80)
+    turn_end = report.timeline["turn_end"]["model"]
+    assert turn_end.shape == (40,) and ((turn_end >= 0) & (turn_end <= 1)).all()
+    assert report.timeline["silence"].shape == (40, stats.horizon)
+    metrics = report.to_dict()
+    assert metrics["turn_taking/num_shifts"] == 4 and "turn_taking/timer_500ms/recall" in metrics
+    assert all(v is not None for v in metrics.values())
+    assert "| model |" in report.to_markdown() and "timer_700ms" in report.to_markdown()
+    assert set(report.plots) == {"turn_taking_roc", "turn_taking_timeline"}
+    assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in report.plots)
+
+
+def test_voice_activity_head_fits_the_toy_pattern_and_joins_the_evaluation():
+    """The linear probe on a random model's hidden state and user logits learns what the toy dialogues repeat:
+    the user's silence in the next frames (the hidden state carries the input tokens)."""
+    from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+    config = sample_model_config(dim=32, num_layers=1)
+    torch.manual_seed(0)
+    model = MoshiUserPredForConditionalGeneration(config).eval()
+    items, alignments = _toy_dialogues(config)
+    head = fit_voice_activity_head(model, items, alignments, horizon=4, turn_end_frames=2, max_iter=100)
+    assert head.weight.shape == (config.dim + config.card, 5) and head.bias.shape == (5,)
+    with torch.no_grad():
+        out = model(items[0]["codes"][None])
+    silence, turn_end = head(out.last_hidden_state[0], out.user_logits[0, 0])
+    assert silence.shape == (40, 4) and turn_end.shape == (40,)
+    silent = ~voice_activity(alignments[0], 40, user=True)
+    targets, valid = future_silence_targets(silent, 4, 2)
+    silent_next, speech_next = targets[:, 1] & valid[:, 1], ~targets[:, 1] & valid[:, 1]
+    assert silence[silent_next, 1].mean() > silence[speech_next, 1].mean() + 0.2
+    stats = fit_turn_taking_statistics(items, alignments, config, horizon=4, turn_end_frames=2)
+    report = evaluate_turn_taking(model, items, alignments, stats, head=head)
+    assert list(report.predictors)[:4] == ["model", "vap_probe", "repeat_last", "unigram"]
+    assert report.predictors["vap_probe"].shift_hold.recall == 1.0  # each shift's silence follows the same frames
+
+
+# ------------------------------------------------------------------------------- a trained sample model (plumbing)
+def test_signal_and_evaluation_on_the_trained_sample_model(demo_model_dir, tmp_path):
+    from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
+    from hf_moshi_userpred.encoding import EncodedDialogues
+
+    encoded = demo_model_dir.parent / "encoded"
+    model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir).eval()
+    train, held_out = EncodedDialogues(encoded / "train"), EncodedDialogues(encoded / "eval")
+    train_alignments, eval_alignments = dialogue_alignments(encoded / "train"), dialogue_alignments(encoded / "eval")
+    assert len(train_alignments) == 23 and len(eval_alignments) == 5
+    stats = fit_turn_taking_statistics(train, train_alignments, model.config)
+    # the sample's silence is one dominant semantic token (its README: silence stability 0.98)
+    assert 1 <= len(stats.silence_tokens()) <= 8
+    assert stats.silence_prob[stats.token_counts.argmax()] > 0.9
+    # a silence token's row: silence persists (the two-state table orders the states the same way)
+    assert (stats.two_state_table[1] > stats.two_state_table[0]).all()
+    codes = held_out[0]["codes"]
+    with torch.no_grad():
+        logits = model(codes[None]).user_logits[0, stats.codebook]
+    silence, turn_end = turn_taking_signal(logits, stats.table())
+    assert silence.shape == (codes.shape[1], stats.horizon) and turn_end.shape == (codes.shape[1],)
+    assert torch.isfinite(turn_end).all() and (turn_end >= 0).all() and (turn_end <= 1).all()
+    # where the user speaks now and next frame, the model's P(silent next frame) is low on average
+    user = voice_activity(eval_alignments[0], codes.shape[1], user=True)
+    speaking = user & torch.roll(user, -1)
+    speaking[-1] = False
+    assert silence[speaking, 0].mean() < silence[~user, 0].mean()
+
+    report = evaluate_turn_taking(model, held_out, eval_alignments, stats)
+    assert report.num_shifts + report.num_holds >= 5 and report.num_shifts >= 1 and report.num_holds >= 1
+    for name in ("timer_500ms", "timer_700ms"):  # the sample's in-turn pauses are shorter than 500 ms
+        assert report.predictors[name].shift_hold.balanced_accuracy == 1.0
+    assert report.predictors["unigram"].shift_hold.auc == 0.5  # a constant signal
+    for m in report.predictors.values():
+        assert 0 <= m.shift_hold.balanced_accuracy <= 1
+
+
+def test_evaluate_turn_taking_command(demo_model_dir, tmp_path, capsys):
+    from hf_moshi_userpred.cli import main
+
+    encoded = demo_model_dir.parent / "encoded"
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(demo_model_dir), str(encoded / "eval"), "--reference", str(encoded / "train"),
+                 "--out", str(out), "--turn-taking", "--horizon", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "timer_500ms" in printed and "shifts" in printed
+    record = json.loads((out / "turn_taking_metrics.json").read_text())
+    assert record["metrics"]["turn_taking/horizon"] == 8 and record["metrics"]["turn_taking/turn_end_frames"] == 4
+    assert (out / "plots" / "turn_taking_timeline.png").is_file()
+    assert (out / "user_prediction_metrics.json").is_file()  # the plain evaluation still runs
+    # without a reference (and no statistics saved with the model) the command says what it needs
+    assert main(["evaluate", str(demo_model_dir), str(encoded / "eval"), "--out", str(out), "--turn-taking",
+                 "--no-plots"]) == 2
+    assert "--reference" in capsys.readouterr().err
+
