@@ -209,6 +209,8 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.max_message_bytes < 1024:
+        raise ValueError(f"--max-message-bytes must be at least 1024, got {args.max_message_bytes}")
     model_dir = args.model
     if model_dir is None:
         model_dir = DEMO_MODEL
@@ -230,7 +232,8 @@ def _serve(args: argparse.Namespace) -> None:
     engine = RealtimeEngine(model, load_mimi(folder / MIMI_FOLDER, args.device), load_tokenizer(folder / TOKENIZER_NAME),
                             max_sessions=args.max_sessions, speculate_top_k=args.speculate_top_k,
                             gap_fill_threshold=args.gap_fill_threshold, seed=args.seed, **sampling)
-    run_server(MoshiServer(engine, idle_timeout_s=args.idle_timeout), host=args.host, port=args.port)
+    server = MoshiServer(engine, idle_timeout_s=args.idle_timeout, max_message_bytes=args.max_message_bytes)
+    run_server(server, host=args.host, port=args.port)
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -358,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fill a late user frame with the predicted tokens of at least this probability "
                           "(off: a late slot pauses)")
     sub.add_argument("--idle-timeout", type=float, default=10.0, help="close a client silent for this many seconds")
+    sub.add_argument("--max-message-bytes", type=int, default=1 << 20,
+                     help="close a client that sends a larger message (an 80 ms Opus page is a few hundred bytes)")
     sub.add_argument("--greedy", action="store_true", help="greedy text and audio instead of the generation config")
     sub.add_argument("--no-predict-user", action="store_true",
                      help="switch the user branch off: moshi's tokens and cost, no speculation, no prediction extras")
