@@ -312,14 +312,15 @@ class RealtimeEngine:
             return
         run_mask = torch.tensor(run, device=self.device)
         missing_mask = torch.tensor(missing, device=self.device)
-        self.session.set_exec_mask(run_mask | missing_mask)
+        stepping = run_mask | missing_mask
+        self.session.set_exec_mask(stepping)
         codes = self.codec.encode(torch.from_numpy(audio).to(self.codec.device, self.codec.dtype), run_mask)
         codes = codes.long().masked_fill(~run_mask[:, None, None], -1)
         out = self.session.step(codes, missing=missing_mask if any(missing) else None, look_ahead=False)
         outputs = [None] * B
         if out.tokens is not None:
             tokens = out.tokens.to(self.codec.device)
-            valid = (tokens[:, 1, 0] >= 0) & (run_mask | missing_mask)
+            valid = (tokens[:, 1, 0] >= 0) & stepping
             if bool(valid.any()):
                 pcm = self.codec.decode(tokens[:, 1:], valid).float().cpu().numpy()
                 texts = tokens[:, 0, 0].tolist()
