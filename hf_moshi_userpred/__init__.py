@@ -15,6 +15,7 @@ _MODEL = {
     "MoshiUserPredGenerationConfig": "generation_moshi_config",
     "MoshiStreamingSession": "generation_moshi_streaming",
     "MoshiStreamStepOutput": "generation_moshi_streaming",
+    "MoshiUserTurnOutput": "generation_moshi_streaming",
     "SpeculationStats": "generation_moshi_streaming",
     "MoshiGenerateOutput": "generation_moshi_userpred",
     "MoshiUserPredForConditionalGeneration": "modeling_moshi_userpred",
@@ -23,6 +24,10 @@ _MODEL = {
     "masked_cross_entropy": "modeling_moshi_userpred",
 }
 _AUTO_MODULES = ("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto")
+# Also watched: this package's model module. When transformers' auto modules run while transformers itself is still
+# importing (some optional backends, e.g. torchao, import them from inside `import transformers`), registering fails
+# there; once the model module has run, transformers is complete and it succeeds.
+_WATCHED_MODULES = (*_AUTO_MODULES, f"{__name__}.modeling_moshi_userpred")
 _registered = False
 
 
@@ -57,7 +62,7 @@ class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
     """Runs `_register` right after transformers' auto-class modules are executed."""
 
     def find_spec(self, name, path, target=None):
-        if name not in _AUTO_MODULES:
+        if name not in _WATCHED_MODULES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

@@ -4,7 +4,7 @@ Every command parses its arguments here and calls the package's function for it;
 value, incompatible files) is one line on stderr and exit code 2, never a traceback.
 
     hf-moshi-userpred demo                                   # the whole pipeline on the shipped sample, offline
-    hf-moshi-userpred convert KYUTAI_DIR OUT [--user-init copy_system|random] [--to-moshi]
+    hf-moshi-userpred convert KYUTAI_DIR OUT [--user-init copy_system|random] [--to-moshi] [--quantize int8|int4]
     hf-moshi-userpred encode MANIFEST.jsonl OUT --mimi MIMI --tokenizer TOKENIZER --num-codebooks N
     hf-moshi-userpred train CONFIG.yaml | --flag value ...   (also under `accelerate launch -m hf_moshi_userpred`)
     hf-moshi-userpred evaluate MODEL ENCODED [--reference ENCODED_TRAIN] [--out DIR]
@@ -77,26 +77,40 @@ def _check_device(name: str) -> str:
 
 def _load_model(path: str, dtype: str | None = None, device: str = "cpu"):
     """The model directory at `path` (refused unless it is a complete model of this package), on `device`."""
+    import torch
+
+    from .cpu_threads import set_torch_threads
     from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
     _check_device(device)
     folder = _existing_path(path)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(folder, dtype=_dtype(dtype))
+    if torch.device(device).type == "cpu":  # logged at debug: the long jobs (demo, train) say it at info
+        set_torch_threads(model.num_parameters(), logging.DEBUG)
     return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- commands
 def _convert(args: argparse.Namespace) -> None:
-    from .conversion import convert_kyutai_checkpoint, export_to_moshi
+    from .conversion import convert_kyutai_checkpoint, export_to_moshi, quantize_model_directory
+    from .modeling_moshi_userpred import describe_model_folder
 
+    _check_device(args.device)
+    if args.to_moshi and args.quantize:
+        raise ValueError(f"--quantize {args.quantize} with --to-moshi: kyutai's layout has no quantized weights; "
+                         "quantize a model directory of this package instead")
     if args.to_moshi:
         result = export_to_moshi(args.source, args.output, dtype=_dtype(args.dtype), overwrite=args.overwrite,
                                  progress=not args.quiet)
+    elif args.quantize and Path(args.source).is_dir() and describe_model_folder(args.source) is None:
+        result = quantize_model_directory(args.source, args.output, args.quantize, device=args.device,
+                                          overwrite=args.overwrite, progress=not args.quiet)
     else:
         overrides = {} if args.user_dep_q is None else {"user_dep_q": args.user_dep_q}
         result = convert_kyutai_checkpoint(args.source, args.output, user_init=args.user_init, config_path=args.config,
                                            dtype=_dtype(args.dtype), overwrite=args.overwrite,
-                                           progress=not args.quiet, **overrides)
+                                           progress=not args.quiet, quantize=args.quantize, device=args.device,
+                                           **overrides)
     for note in result.notes:
         print(note)
     print(f"wrote {result.output_dir}: {result.num_tensors} tensors, {result.num_parameters / 1e6:.1f} M parameters "
@@ -126,10 +140,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     model = _load_model(args.model, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    calibration = _calibrate(args, model, dataset) if args.calibrate else None
     report = evaluate_user_prediction(model, dataset, batch_size=args.batch_size, window=args.window,
                                       top_k=args.top_k, reference=reference,
                                       plot_dir=None if args.no_plots else out / "plots")
     record = {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": str(args.data)}
+    if calibration is not None:
+        record["calibration"] = calibration.to_dict()
+        print(calibration.to_markdown() + "\n")
     write_json(out / METRICS_NAME, record)
     print(report.to_markdown())
     print(f"\nwrote {out / METRICS_NAME}" + "".join(f", {path}" for path in report.plots.values()))
@@ -137,14 +155,34 @@ def _evaluate(args: argparse.Namespace) -> None:
         _evaluate_turn_taking(args, model, dataset, out)
 
 
+def _calibrate(args: argparse.Namespace, model, dataset):
+    """`evaluate --calibrate`: fit the user branch's temperatures on DATA, apply them to `model` and write them into
+    MODEL/config.json (that one key; the file is replaced atomically)."""
+    from .evaluation import calibrate_user_prediction
+    from .files import read_json_object, write_json
+
+    calibration = calibrate_user_prediction(model, dataset, batch_size=args.batch_size, window=args.window)
+    model.config.user_logit_temperature = calibration.temperature
+    config_path = Path(args.model) / "config.json"
+    config = read_json_object(config_path, "model config")
+    config["user_logit_temperature"] = calibration.temperature
+    write_json(config_path, config)
+    logging.getLogger(__name__).info(f"wrote user_logit_temperature={[round(t, 3) for t in calibration.temperature]} into {config_path}")
+    return calibration
+
+
 def _evaluate_turn_taking(args: argparse.Namespace, model, dataset, out: Path) -> None:
     """`evaluate --turn-taking`: the turn-taking signal's statistics from MODEL/turn_taking_statistics.json, else
-    fitted on --reference; shift/hold, anticipation and backchannel metrics on DATA's alignments."""
+    fitted on --reference; shift/hold, anticipation and backchannel metrics on DATA's alignments; the system's
+    dialogue behaviour streaming DATA without and with the turn hold at --threshold; turn_taking_report.md."""
+    from .dialogue_behaviour import evaluate_dialogue_behaviour
     from .encoding import EncodedDialogues
-    from .files import write_json
+    from .files import atomic_write, write_json
     from .turn_taking import (STATISTICS_NAME, TurnTakingStatistics, dialogue_alignments, evaluate_turn_taking,
                               fit_turn_taking_statistics)
 
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
     saved = Path(args.model) / STATISTICS_NAME
     if saved.is_file() and args.horizon is None:
         statistics = TurnTakingStatistics.load(saved)
@@ -156,13 +194,23 @@ def _evaluate_turn_taking(args: argparse.Namespace, model, dataset, out: Path) -
     else:
         raise ValueError(f"--turn-taking needs --reference (encoded training dialogues with alignments) to fit the "
                          f"signal's statistics, or {saved}")
-    report = evaluate_turn_taking(model, dataset, dialogue_alignments(args.data), statistics,
-                                  threshold=args.threshold, window=args.window,
-                                  plot_dir=None if args.no_plots else out / "plots")
+    alignments = dialogue_alignments(args.data)
+    plot_dir = None if args.no_plots else out / "plots"
+    report = evaluate_turn_taking(model, dataset, alignments, statistics, threshold=args.threshold,
+                                  window=args.window, plot_dir=plot_dir)
+    behaviour = evaluate_dialogue_behaviour(model, dataset, alignments, statistics,
+                                            hold_thresholds=(None, args.threshold), seed=args.seed, plot_dir=plot_dir)
     path = out / "turn_taking_metrics.json"
-    write_json(path, {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": str(args.data)})
-    print("\n" + report.to_markdown())
-    print(f"\nwrote {path}" + "".join(f", {plot}" for plot in report.plots.values()))
+    write_json(path, {"metrics": {**report.to_dict(), **behaviour.to_dict()}, "markdown": report.to_markdown(),
+                      "dialogue_behaviour_markdown": behaviour.to_markdown(), "dataset": str(args.data)})
+    plots = {**report.plots, **behaviour.plots}
+    images = "\n".join(f"![{name}](plots/{Path(plot).name})" for name, plot in plots.items())
+    markdown = (f"# Turn taking on {args.data}\n\n## The signal: shift vs hold, backchannel vs barge-in\n\n"
+                f"{report.to_markdown()}\n\n## The system's dialogue behaviour, without and with the turn hold\n\n"
+                f"{behaviour.to_markdown()}\n\n{images}\n")
+    atomic_write(out / "turn_taking_report.md", lambda target: target.write_text(markdown, encoding="utf-8"))
+    print("\n" + report.to_markdown() + "\n\n" + behaviour.to_markdown())
+    print(f"\nwrote {path}, {out / 'turn_taking_report.md'}" + "".join(f", {plot}" for plot in plots.values()))
 
 
 def _stream(args: argparse.Namespace) -> None:
@@ -198,10 +246,11 @@ DEMO_MODEL = Path("outputs/demo/model")  # where `demo` (the README's main job) 
 
 
 def _serve(args: argparse.Namespace) -> None:
+    import functools
+
     import torch
 
-    from .audio import load_mimi, load_tokenizer
-    from .files import MIMI_FOLDER, TOKENIZER_NAME
+    from .engine_process import EngineProcess
     from .realtime_engine import RealtimeEngine
     from .server import MoshiServer, run_server
 
@@ -211,6 +260,7 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.max_message_bytes < 1024:
         raise ValueError(f"--max-message-bytes must be at least 1024, got {args.max_message_bytes}")
+    _check_device(args.device)
     model_dir = args.model
     if model_dir is None:
         model_dir = DEMO_MODEL
@@ -220,18 +270,16 @@ def _serve(args: argparse.Namespace) -> None:
             logging.getLogger(__name__).info("no model given and no demo model in %s: training it once (the demo)",
                                              DEMO_MODEL)
             run_demo(DEMO_MODEL.parent, progress=not args.quiet)
-    model = _load_model(str(model_dir), dtype=args.dtype, device=args.device)
-    folder = Path(model_dir)
-    for needed in (MIMI_FOLDER, TOKENIZER_NAME):
-        if not (folder / needed).exists():
-            raise ValueError(f"{model_dir} has no {needed}: serve needs the model's Mimi and tokenizer beside it")
+    _existing_path(str(model_dir))
     torch.set_num_threads(args.threads)
     sampling = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
     if args.no_predict_user:
         sampling["predict_user"] = False  # also turns speculation off
-    engine = RealtimeEngine(model, load_mimi(folder / MIMI_FOLDER, args.device), load_tokenizer(folder / TOKENIZER_NAME),
-                            max_sessions=args.max_sessions, speculate_top_k=args.speculate_top_k,
-                            gap_fill_threshold=args.gap_fill_threshold, seed=args.seed, **sampling)
+    build = functools.partial(RealtimeEngine.from_pretrained, str(model_dir), dtype=_dtype(args.dtype),
+                              device=args.device, max_sessions=args.max_sessions,
+                              speculate_top_k=args.speculate_top_k, gap_fill_threshold=args.gap_fill_threshold,
+                              seed=args.seed, threads=args.threads, **sampling)
+    engine = build() if args.in_process else EngineProcess(build)
     server = MoshiServer(engine, idle_timeout_s=args.idle_timeout, max_message_bytes=args.max_message_bytes)
     run_server(server, host=args.host, port=args.port)
 
@@ -284,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--config", default=None, help="kyutai config json (default: SOURCE/config.json, else moshiko)")
     sub.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the checkpoint's)")
     sub.add_argument("--to-moshi", action="store_true", help="export SOURCE (a model directory) to kyutai's layout")
+    sub.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                     help="write torchao weight-only quantized weights (needs the `quant` extra); SOURCE may also be "
+                          "a model directory of this package (default: not quantized)")
+    sub.add_argument("--device", default="cpu",
+                     help="device that quantizes (int4 is packed two weights per byte only on cuda)")
     sub.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -322,8 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device", default="cpu", help="device for the model")
     sub.add_argument("--turn-taking", action="store_true",
                      help="also evaluate the turn-taking signal (shift/hold, anticipation, backchannels) on DATA's "
-                          "word alignments against silence timers; writes turn_taking_metrics.json")
-    sub.add_argument("--threshold", type=float, default=0.5, help="turn-taking: P(turn end) threshold")
+                          "word alignments against silence timers, and the system's dialogue behaviour (takeovers, "
+                          "response and stop latency) streaming DATA without and with the turn hold; writes "
+                          "turn_taking_metrics.json and turn_taking_report.md")
+    sub.add_argument("--calibrate", action="store_true",
+                     help="fit the user branch's temperature scaling on DATA (held-out dialogues) and write it into "
+                          "MODEL/config.json; the metrics are then the calibrated model's")
+    sub.add_argument("--threshold", type=float, default=0.5,
+                     help="turn-taking: P(turn end) threshold, also the turn hold of the dialogue-behaviour run")
+    sub.add_argument("--seed", type=int, default=0, help="turn-taking: sampling seed of the dialogue-behaviour runs")
     sub.add_argument("--horizon", type=int, default=None,
                      help="turn-taking: frames the signal looks ahead, its second half the turn-end window "
                           "(default: the saved statistics', else 10)")
@@ -368,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="switch the user branch off: moshi's tokens and cost, no speculation, no prediction extras")
     sub.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     sub.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the engine")
+    sub.add_argument("--in-process", action="store_true",
+                     help="run the engine in the server's process (default: a process of its own, so that the "
+                          "WebSocket and Opus work and the model steps run on different cores)")
     sub.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as saved)")
     sub.add_argument("--device", default="cpu", help="device for the model and Mimi")
     sub.add_argument("--quiet", action="store_true", help="no progress bars or connection log")
@@ -422,6 +485,11 @@ def _show_progress_messages(quiet: bool) -> None:
         package_logger.addHandler(handler)
         package_logger.propagate = False
     package_logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    # torchao (the `quant` extra, imported by Transformers' quantizers) warns at import that its CUDA-only extensions
+    # do not load on a CPU build, and torch that torchao registers its enums needlessly: lines on every command's
+    # stderr that say nothing about the command.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

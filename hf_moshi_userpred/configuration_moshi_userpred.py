@@ -89,6 +89,11 @@ class MoshiUserPredConfig(PreTrainedConfig):
         user_prediction_lookahead (`int`): L >= 1; the branch at step s predicts the delayed user tokens of step s + L.
         user_init (`str`): how the constructor initialises the user branch: `random` (moshi's scheme) or
             `copy_system` (the system Depformer's weights where shapes match). `from_moshi` records what it used.
+        user_logit_temperature (`list[float]`, *optional*): post-hoc calibration of the user branch, one temperature
+            per user codebook, fitted on held-out dialogues (`evaluate --calibrate`, Guo et al. 2017's temperature
+            scaling): `user_logits` (forward and streaming) are the raw scores divided by it, which leaves every
+            argmax unchanged and makes the branch's confidence (gap filling, speculation candidates' probabilities,
+            the turn-taking signal) match its accuracy. None: uncalibrated. Training resets it (see the Trainer).
 
     Loss defaults (moshi-finetune's knobs):
         user_loss_weight (`float`): weight of the user loss in `loss` when `forward` is given none; the Trainer's
@@ -153,6 +158,7 @@ class MoshiUserPredConfig(PreTrainedConfig):
     user_depformer_low_rank_embeddings: int | None = None
     user_prediction_lookahead: int = 1
     user_init: str = "random"
+    user_logit_temperature: list[float] | None = None
 
     user_loss_weight: float = 0.1
     first_codebook_weight_multiplier: float = 1.0
@@ -278,6 +284,12 @@ class MoshiUserPredConfig(PreTrainedConfig):
                 fail("user_dep_q", f"must be in 1..n_q - dep_q = {user_rows}")
             if self.user_prediction_lookahead < 1:
                 fail("user_prediction_lookahead", "must be >= 1 frame")
+            temperature = self.user_logit_temperature
+            if temperature is not None and (
+                    not isinstance(temperature, list) or len(temperature) != self.user_dep_q
+                    or not all(isinstance(t, (int, float)) and 0 < t < float("inf") for t in temperature)):
+                fail("user_logit_temperature", f"needs one positive finite temperature per user codebook "
+                                               f"({self.user_dep_q})")
         if self.user_loss_weight < 0:
             fail("user_loss_weight", "must be >= 0")
 

@@ -14,7 +14,10 @@ A kyutai checkpoint directory (the files of a repo such as `kyutai/moshiko-pytor
 `tokenizer.model`, and `mimi/` when the source holds a transformers Mimi folder). Transformers ships no converter for
 Mimi's moshi format, so that file is left where it is (streaming then takes a transformers Mimi, e.g. `kyutai/mimi`).
 [`export_to_moshi`] writes a model directory back as `model.safetensors` + `config.json` in kyutai's released layout,
-without the user branch, which moshi's loaders read.
+without the user branch, which moshi's loaders read. With `quantize="int8"` or `"int4"`, [`convert_kyutai_checkpoint`]
+and [`quantize_model_directory`] write torchao weight-only quantized weights ([`quantization_config`]): safetensors
+that `from_pretrained` (and `AutoModel` with `trust_remote_code`) load back quantized, with the scheme in
+`config.json`'s `quantization_config`.
 
 Both write through [`atomic_directory`]: a staging directory next to the output, renamed into place once complete, so
 a failure leaves no partial output and an existing output is replaced only by a complete new one.
@@ -23,6 +26,7 @@ a failure leaves no partial output and an existing output is replaced only by a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -34,11 +38,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
+from transformers import TorchAoConfig
 from transformers.utils import logging
 
 from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
 from .files import MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, check_output_dir, read_json_object
-from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, describe_model_folder
 
 # moshi's defaults for a checkpoint directory (moshi.models.loaders: MOSHI_NAME, MIMI_NAME, TEXT_TOKENIZER_NAME).
 KYUTAI_WEIGHTS_NAME = "model.safetensors"
@@ -46,6 +52,9 @@ KYUTAI_WEIGHTS_NAMES = (KYUTAI_WEIGHTS_NAME, "model.sft")  # looked for, in orde
 KYUTAI_MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 KYUTAI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 WEIGHTS_SUFFIXES = (".safetensors", ".sft", ".sfts")  # what moshi reads as safetensors
+QUANTIZATION_SCHEMES = ("int8", "int4")  # `convert --quantize`
+INT4_GROUP_SIZES = (128, 64, 32, 16)  # tried in order: the first that divides every linear layer's input size
+TINYGEMM_GROUP_SIZES = (128, 64, 32)  # the same on CUDA, within what torchao's int4 kernel accepts (16 is not)
 
 
 @dataclass
@@ -156,6 +165,8 @@ def convert_kyutai_checkpoint(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    quantize: str | None = None,
+    device: str | torch.device = "cpu",
     **config_overrides: Any,
 ) -> ConversionResult:
     """Converts a kyutai Moshi checkpoint directory into a model directory of this package.
@@ -174,22 +185,28 @@ def convert_kyutai_checkpoint(
         dtype (`torch.dtype`, *optional*): parameter dtype (default: the checkpoint's).
         overwrite (`bool`): replace a non-empty `output_dir`.
         progress (`bool`): show progress bars.
+        quantize (`str`, *optional*): `"int8"` or `"int4"`: write torchao weight-only quantized weights
+            (see [`quantization_config`]).
+        device: where the weights are quantized (`"cuda"` for int4 packed two weights per byte).
         **config_overrides: fields of [`MoshiUserPredConfig`] (e.g. `user_dep_q=1`).
 
     Returns:
         [`ConversionResult`].
 
     Raises:
-        ValueError: bad `user_init`, a missing source or weights file, a config json that is not JSON or sets an
-            unsupported option, weights that do not match the config (every bad key is listed), or an output that
-            exists and is not empty without `overwrite`.
+        ValueError: bad `user_init` or `quantize`, a missing source or weights file, a config json that is not JSON
+            or sets an unsupported option, weights that do not match the config (every bad key is listed), or an
+            output that exists and is not empty without `overwrite`.
     """
     if user_init not in USER_INITS:
         raise ValueError(f"user_init={user_init!r}: must be one of {USER_INITS}")
     checkpoint = find_kyutai_checkpoint(source_dir, config_path)
     output = check_output_dir(output_dir, overwrite, source=Path(source_dir))
-    # Fail on a bad config before reading gigabytes of weights (from_moshi then builds the same config).
-    checkpoint.config(user_init=user_init, **config_overrides)
+    # Fail on a bad config (or a scheme it cannot take) before reading gigabytes of weights (from_moshi then builds
+    # the same config).
+    config = checkpoint.config(user_init=user_init, **config_overrides)
+    if quantize is not None:
+        quantization_config(quantize, config, device)
 
     with progress_bars(progress):
         state_dict = _read_weights(checkpoint.weights, dtype, progress)
@@ -199,7 +216,15 @@ def convert_kyutai_checkpoint(
         notes = _user_branch_notes(model, user_init)
 
         with atomic_directory(output, overwrite=overwrite) as staging:
-            model.save_pretrained(staging)
+            if quantize is None:
+                model.save_pretrained(staging)
+            else:
+                # Transformers quantizes while loading: the plain weights pass through the staging directory once.
+                plain = staging / ".unquantized"
+                model.save_pretrained(plain)
+                del model
+                _save_quantized(plain, staging, quantize, device)
+                shutil.rmtree(plain)
             if checkpoint.tokenizer is not None:
                 shutil.copyfile(checkpoint.tokenizer, staging / TOKENIZER_NAME)
             if checkpoint.mimi_folder is not None:
@@ -215,8 +240,123 @@ def convert_kyutai_checkpoint(
                      f"pass --mimi kyutai/mimi to stream")
     else:
         notes.append("no Mimi in the source: pass --mimi kyutai/mimi (or a transformers Mimi folder) to stream")
-    state = model.state_dict()
-    return ConversionResult(output, len(state), sum(t.numel() for t in state.values()), _files(output), notes)
+    if quantize is not None:
+        notes.append(_quantization_note(output, quantize))
+    return ConversionResult(output, *_count_weights(output), _files(output), notes)
+
+
+def quantization_config(scheme: str, config: MoshiUserPredConfig, device: str | torch.device = "cpu") -> TorchAoConfig:
+    """The torchao weight-only scheme `scheme` for a model of `config`, as the `TorchAoConfig` that
+    `from_pretrained(..., quantization_config=...)` takes.
+
+    Every `nn.Linear` weight is quantized except the one Transformers keeps for the model's last parameter (the last
+    user head); embeddings, norms and biases keep the model's dtype, and activations stay floating point.
+
+    - `"int8"`: `Int8WeightOnlyConfig()`, one int8 per weight and one scale per output channel.
+    - `"int4"`: groups of `g` input weights share a scale and a zero point, `g` the first of `INT4_GROUP_SIZES`
+      (`TINYGEMM_GROUP_SIZES` on CUDA) that divides every linear layer's input size (128 for moshiko). On CUDA, `Int4WeightOnlyConfig` in torchao's
+      tinygemm layout (two weights per byte; the model must be bfloat16). On CPU, where torchao 0.18 has no int4
+      kernel, `IntxWeightOnlyConfig(torch.int4, PerGroup(g))` with the same asymmetric grid, each int4 value held in
+      one byte: int4's accuracy at int8's size.
+
+    Raises:
+        ValueError: an unknown `scheme`, torchao missing, or no group size that fits the model's layers.
+    """
+    if scheme not in QUANTIZATION_SCHEMES:
+        raise ValueError(f"quantize={scheme!r}: must be one of {', '.join(QUANTIZATION_SCHEMES)}")
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType
+        from torchao.quantization.granularity import PerGroup
+    except ImportError as error:
+        raise ValueError(f"quantize={scheme!r} needs torchao: pip install 'hf_moshi_userpred[quant]' "
+                         f"({error})") from error
+    if scheme == "int8":
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    with torch.device("meta"):
+        sizes = {module.in_features for module in MoshiUserPredForConditionalGeneration(config).modules()
+                 if isinstance(module, nn.Linear)}
+    on_cuda = torch.device(device).type == "cuda"
+    candidates = TINYGEMM_GROUP_SIZES if on_cuda else INT4_GROUP_SIZES
+    group_size = next((size for size in candidates if all(n % size == 0 for n in sizes)), None)
+    if group_size is None:
+        raise ValueError(f"quantize='int4': the linear layers' input sizes {sorted(sizes)} share no group size of "
+                         f"{', '.join(map(str, candidates))} on {device}; use quantize='int8'")
+    if on_cuda:
+        return TorchAoConfig(Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"))
+    return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size),
+                                              mapping_type=MappingType.ASYMMETRIC))
+
+
+def quantize_model_directory(
+    model_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    scheme: str,
+    *,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionResult:
+    """Writes a torchao weight-only quantized copy of a model directory of this package ([`quantization_config`]).
+
+    The output holds what `save_pretrained` writes (quantized safetensors, `config.json` with its
+    `quantization_config`, the remote code), plus the source's `tokenizer.model` and `mimi/`. The source is only read.
+
+    Args:
+        model_dir: a directory written by `save_pretrained` (or [`convert_kyutai_checkpoint`]), not quantized.
+        output_dir: the directory to write; it must not exist or be empty unless `overwrite`.
+        scheme (`str`): `"int8"` or `"int4"`.
+        device: where the weights are quantized (`"cuda"` for int4 packed two weights per byte).
+        overwrite (`bool`): replace a non-empty `output_dir`.
+        progress (`bool`): show progress bars.
+
+    Raises:
+        ValueError: `model_dir` is not a model directory of this package or is quantized already, a bad `scheme`, or
+            an output that exists and is not empty without `overwrite`.
+    """
+    source = Path(model_dir)
+    problem = describe_model_folder(source)
+    if problem is not None:
+        raise ValueError(f"{str(model_dir)!r} is not a model directory of hf_moshi_userpred: {problem}")
+    config = MoshiUserPredConfig.from_pretrained(source)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"{str(model_dir)!r} is quantized already ({config.quantization_config.get('quant_method')}):"
+                         " quantize the unquantized model")
+    quantization_config(scheme, config, device)
+    output = check_output_dir(output_dir, overwrite, source=source)
+    with progress_bars(progress), atomic_directory(output, overwrite=overwrite) as staging:
+        _save_quantized(source, staging, scheme, device)
+        if (source / TOKENIZER_NAME).is_file():
+            shutil.copyfile(source / TOKENIZER_NAME, staging / TOKENIZER_NAME)
+        if (source / MIMI_FOLDER).is_dir():
+            shutil.copytree(source / MIMI_FOLDER, staging / MIMI_FOLDER)
+    return ConversionResult(output, *_count_weights(output), _files(output), [_quantization_note(output, scheme)])
+
+
+def _save_quantized(source: Path, staging: Path, scheme: str, device: str | torch.device) -> None:
+    """Loads the model directory `source` quantized by `scheme` on `device` and saves it into `staging`."""
+    config = MoshiUserPredConfig.from_pretrained(source)
+    # torchao's CUDA int4 kernel takes bfloat16 only.
+    dtype = torch.bfloat16 if scheme == "int4" and torch.device(device).type == "cuda" else None
+    model = MoshiUserPredForConditionalGeneration.from_pretrained(
+        source, quantization_config=quantization_config(scheme, config, device), device_map=str(device),
+        **({} if dtype is None else {"dtype": dtype}))
+    model.save_pretrained(staging)
+
+
+def _count_weights(folder: Path) -> tuple[int, int]:
+    """Tensors and their elements in the safetensors files of `folder` (a quantized tensor counts as its parts)."""
+    shapes = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as weights:
+            shapes += [weights.get_slice(key).get_shape() for key in weights.keys()]
+    return len(shapes), sum(math.prod(shape) for shape in shapes)
+
+
+def _quantization_note(folder: Path, scheme: str) -> str:
+    quant_type = json.loads((folder / "config.json").read_text())["quantization_config"]["quant_type"]["default"]
+    size = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    return (f"weights quantized {scheme} with torchao {quant_type['_type']} ({size / 1e6:.1f} MB); "
+            "from_pretrained loads them quantized (torchao needed)")
 
 
 def export_to_moshi(
@@ -347,5 +487,6 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-__all__ = ["ConversionResult", "KyutaiCheckpoint", "convert_kyutai_checkpoint", "export_to_moshi",
-           "find_kyutai_checkpoint", "progress_bars"]
+__all__ = ["INT4_GROUP_SIZES", "QUANTIZATION_SCHEMES", "TINYGEMM_GROUP_SIZES", "ConversionResult", "KyutaiCheckpoint",
+           "convert_kyutai_checkpoint", "export_to_moshi", "find_kyutai_checkpoint", "progress_bars",
+           "quantization_config", "quantize_model_directory"]

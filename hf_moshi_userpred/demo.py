@@ -2,7 +2,9 @@
 
 1. encode the shipped dialogue sample (28 espeak-ng dialogues) with its small Mimi and tokenizer;
 2. train a tiny model from scratch with the user-loss curriculum (no Moshi weights: nothing is downloaded);
-3. evaluate user prediction on the 5 held-out dialogues against repeating the last frame and the unigram;
+3. evaluate user prediction on the 5 held-out dialogues against repeating the last frame and the unigram, fit the
+   turn-taking signal's statistics on the training dialogues and measure the system's dialogue behaviour on the
+   held-out ones with and without the turn hold (`dialogue_behaviour.py`);
 4. stream a held-out dialogue's user channel with speculation (hit rate, critical path saved) and check the tokens
    equal plain streaming;
 5. save with `save_pretrained` (with the tokenizer, the Mimi and a model card) and reload through
@@ -30,6 +32,8 @@ from transformers.utils import logging
 
 from .audio import load_mimi, load_stereo
 from .conversion import progress_bars
+from .cpu_threads import set_torch_threads
+from .dialogue_behaviour import DialogueBehaviourReport, evaluate_dialogue_behaviour, setting_name
 from .encoding import EncodedDialogues, encode_dataset
 from .evaluation import UserPredictionReport, evaluate_user_prediction, save_figures
 from .files import METRICS_NAME, MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, atomic_write, write_json
@@ -46,8 +50,11 @@ from .sample import (
 from .streaming_audio import StreamResult, stream_user_audio
 from .train import write_training_config
 from .trainer import MoshiUserPredTrainer
+from .turn_taking import dialogue_alignments, fit_turn_taking_statistics
 
 logger = logging.get_logger(__name__)
+
+TURN_HOLD_THRESHOLD = 0.5  # the demo's turn hold: no new word while P(turn end) < 0.5
 
 @dataclass
 class DemoResult:
@@ -61,6 +68,7 @@ class DemoResult:
         reload_identical: the `trust_remote_code` reload gives identical logits.
         summary: the printed table's rows (name -> value) as numbers, also in `summary.json`.
         plots: name -> PNG path.
+        behaviour: the system's dialogue behaviour on the held-out dialogues, without and with the turn hold.
     """
 
     output_dir: Path
@@ -70,6 +78,7 @@ class DemoResult:
     reload_identical: bool
     summary: dict[str, float | int | bool | str] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
+    behaviour: DialogueBehaviourReport | None = None
 
     def describe(self) -> str:
         """The summary table and where the report and the model are."""
@@ -104,13 +113,20 @@ def run_demo(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not 1 <= speculate_top_k <= 64:
         raise ValueError(f"speculate_top_k must be within 1..64 (the sample's audio vocabulary), got {speculate_top_k}")
-    with progress_bars(progress):  # Transformers' own bars (loading, saving) follow `progress` too
-        return _run_demo(Path(output_dir), steps, speculate_top_k, seed, progress)
+    threads = torch.get_num_threads()
+    try:
+        with progress_bars(progress):  # Transformers' own bars (loading, saving) follow `progress` too
+            return _run_demo(Path(output_dir), steps, speculate_top_k, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: bool) -> DemoResult:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = MoshiUserPredForConditionalGeneration(sample_model_config())
+    set_torch_threads(model.num_parameters())  # the demo's model is tiny: one thread, however many cores
     mimi = load_mimi(SAMPLE_MIMI)
 
     _say("1/6 encoding the shipped dialogue sample")
@@ -125,8 +141,6 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     train, held_out = splits["train"], splits["eval"]
 
     _say(f"2/6 training a tiny model for {steps} steps with the user-loss curriculum")
-    torch.manual_seed(seed)
-    model = MoshiUserPredForConditionalGeneration(sample_model_config())
     args = sample_training_arguments(out / "training", steps, seed, progress)
     trainer = MoshiUserPredTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
     if not progress:
@@ -136,8 +150,12 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     train_s = time.perf_counter() - train_start
     model.eval()
 
-    _say("3/6 evaluating user prediction on the held-out dialogues")
+    _say("3/6 evaluating user prediction and dialogue behaviour on the held-out dialogues")
     report = evaluate_user_prediction(model, held_out, reference=train, plot_dir=out / "plots")
+    turn_statistics = fit_turn_taking_statistics(train, dialogue_alignments(out / "encoded" / "train"), model.config)
+    behaviour = evaluate_dialogue_behaviour(model, held_out, dialogue_alignments(out / "encoded" / "eval"),
+                                            turn_statistics, hold_thresholds=(None, TURN_HOLD_THRESHOLD), seed=seed,
+                                            plot_dir=out / "plots")
 
     dialogue = _manifest_paths(SAMPLE_DIR / "eval.jsonl")[0]
     _say(f"4/6 streaming held-out dialogue {dialogue.name} with speculation (k={speculate_top_k})")
@@ -162,6 +180,7 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
                                     "eval_data": "hf_moshi_userpred/sample/eval.jsonl (5 dialogues)"})
         record = {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": "shipped sample, held out"}
         write_json(staging / METRICS_NAME, record)
+        turn_statistics.save(staging)  # `serve` and `evaluate --turn-taking` read them from the model folder
         build_model_card(staging, "your-name/moshi-userpred-demo", base_model=None).save(staging / "README.md")
     window = held_out[0]["codes"][None, :, : model.config.context]
     with torch.no_grad():
@@ -170,11 +189,11 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     reload_identical = all(torch.equal(getattr(ours, name).nan_to_num(), theirs[name].nan_to_num()) for name in theirs)
 
     _say("6/6 writing the report")
-    plots = dict(report.plots)
+    plots = {**report.plots, **behaviour.plots}
     plots.update(plot_demo(trainer.state.log_history, stream, out / "plots"))
     summary = _summary(report, stream, plain_ms, speculate_top_k, lossless, reload_identical, train_s,
-                       time.perf_counter() - start, steps, model)
-    result = DemoResult(out, report, stream, lossless, reload_identical, summary, plots)
+                       time.perf_counter() - start, steps, model, behaviour)
+    result = DemoResult(out, report, stream, lossless, reload_identical, summary, plots, behaviour)
     write_json(out / "summary.json", summary)
     report_text = _report_markdown(result)
     atomic_write(out / "report.md", lambda path: path.write_text(report_text, encoding="utf-8"))
@@ -226,8 +245,9 @@ def _manifest_paths(manifest: Path) -> list[Path]:
 
 def _summary(report: UserPredictionReport, stream: StreamResult, plain_ms: float, k: int, lossless: bool,
              reload_identical: bool, train_s: float, total_s: float, steps: int,
-             model: MoshiUserPredForConditionalGeneration) -> dict:
+             model: MoshiUserPredForConditionalGeneration, behaviour: DialogueBehaviourReport) -> dict:
     m, last, uni = report.model, report.repeat_last, report.unigram
+    free, held = behaviour.settings["model"], behaviour.settings[setting_name(TURN_HOLD_THRESHOLD)]
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "training_steps": steps,
@@ -248,6 +268,11 @@ def _summary(report: UserPredictionReport, stream: StreamResult, plain_ms: float
         "critical_path_saved_fraction": 1 - stream.critical_ms_mean / plain_ms,
         "tokens_identical_to_plain_streaming": lossless,
         "trust_remote_code_reload_identical": reload_identical,
+        "turn_hold_threshold": TURN_HOLD_THRESHOLD,
+        "pause_takeover_rate": free.pause_takeover_rate,
+        "pause_takeover_rate_with_turn_hold": held.pause_takeover_rate,
+        "response_rate": free.response_rate,
+        "response_rate_with_turn_hold": held.response_rate,
         "total_s": round(total_s, 1),
     }
 
@@ -271,6 +296,9 @@ def _summary_table(s: dict) -> str:
         ("speculative tokens identical to plain streaming",
          "yes" if s["tokens_identical_to_plain_streaming"] else "NO"),
         ("trust_remote_code reload: identical logits", "yes" if s["trust_remote_code_reload_identical"] else "NO"),
+        (f"pause takeover / turn ends answered (hold {s['turn_hold_threshold']:g})",
+         f"{pct(s['pause_takeover_rate'])} / {pct(s['response_rate'])} without the turn hold, "
+         f"{pct(s['pause_takeover_rate_with_turn_hold'])} / {pct(s['response_rate_with_turn_hold'])} with it"),
         ("total time", f"{s['total_s']:.0f} s"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -313,8 +341,20 @@ the critical path. Tokens are identical to plain streaming: {"yes" if result.los
 
 {image("speculation", "speculation over time")}
 
+## Dialogue behaviour (Full-Duplex-Bench style)
+
+The held-out dialogues' user channels streamed through the model (sampling seed {result.behaviour.seed}), without and
+with the turn hold (the text held on padding while the user branch's P(turn end) is below
+{s['turn_hold_threshold']:g}), scored at the recording's user events; `recorded` is the recorded system measured the
+same way. Five short dialogues give a handful of events: a first look, not a result.
+
+{result.behaviour.to_markdown()}
+
+{image("dialogue_behaviour_timeline", "dialogue behaviour timeline")}
+
 Files: `model/` (loads with `AutoModel.from_pretrained(..., trust_remote_code=True)`; `model/README.md` is its model
-card), `stream/` (system.wav, dialogue.wav, text.txt, frames.jsonl), `encoded/`, `summary.json`.
+card; `model/turn_taking_statistics.json` the turn-taking signal's table), `stream/` (system.wav, dialogue.wav,
+text.txt, frames.jsonl), `encoded/`, `summary.json`.
 """
 
 

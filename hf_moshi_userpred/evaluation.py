@@ -340,6 +340,152 @@ def _report(
     )
 
 
+# Candidate temperatures of the calibration fit: 1.025 ** -121 .. 1.025 ** 121 (0.05 .. 20), neighbours 2.5 % apart
+# (a finer step changes the ECE by less than its sampling noise on any held-out set we have); index 121 is 1.0.
+CALIBRATION_TEMPERATURES = 1.025 ** torch.arange(-121, 122, dtype=torch.float64)
+_UNCALIBRATED = 121
+
+
+@dataclass
+class CalibrationReport:
+    """Result of [`calibrate_user_prediction`]: temperature scaling of the user branch (Guo et al. 2017).
+
+    Args:
+        temperature: one temperature per user codebook, fitted on all the given dialogues (what
+            `config.user_logit_temperature` takes).
+        nll_before, nll_after: mean negative log-likelihood (nats) per user codebook, raw and calibrated.
+        ece_before, ece_after, delay0_ece_before, delay0_ece_after: expected calibration error over all user
+            codebooks / the delay-0 ones, raw and with `temperature` (in-sample: fitted and measured on the same data).
+        cross_fitted_ece, cross_fitted_delay0_ece: the same out of sample: the dialogues split in two halves
+            (alternating), each half measured with the temperatures fitted on the other (None for one dialogue).
+        num_tokens: scored user tokens.
+    """
+
+    temperature: list[float]
+    nll_before: list[float]
+    nll_after: list[float]
+    ece_before: float
+    ece_after: float
+    delay0_ece_before: float | None
+    delay0_ece_after: float | None
+    cross_fitted_ece: float | None
+    cross_fitted_delay0_ece: float | None
+    num_tokens: int
+
+    def to_dict(self) -> dict[str, float | int | list[float]]:
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+    def to_markdown(self) -> str:
+        def number(value: float | None) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
+        lines = ["| calibration of the user branch | raw | temperature-scaled | out of sample (2-fold) |",
+                 "|---|---:|---:|---:|",
+                 f"| ECE, all user codebooks | {number(self.ece_before)} | {number(self.ece_after)} | "
+                 f"{number(self.cross_fitted_ece)} |",
+                 f"| ECE, delay-0 codebooks | {number(self.delay0_ece_before)} | {number(self.delay0_ece_after)} | "
+                 f"{number(self.cross_fitted_delay0_ece)} |"]
+        lines += [f"| NLL codebook {k} (T = {t:.3f}) | {before:.4f} | {after:.4f} | |"
+                  for k, (t, before, after) in enumerate(zip(self.temperature, self.nll_before, self.nll_after))]
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def calibrate_user_prediction(
+    model: MoshiUserPredForConditionalGeneration,
+    dataset: Sequence[Mapping | torch.Tensor],
+    *,
+    batch_size: int = 8,
+    window: int | None = None,
+    num_bins: int = 10,
+) -> CalibrationReport:
+    r"""Fit one temperature per user codebook on `dataset` (held-out dialogues) by minimising the negative
+    log-likelihood of the user targets (temperature scaling: argmaxes, hence accuracies, are unchanged), and measure
+    the expected calibration error before and after, in sample and cross-fitted over two halves of the dialogues.
+
+    The fit is one pass: the NLL of every candidate temperature (`CALIBRATION_TEMPERATURES`, 2.5 % apart) is
+    accumulated batch by batch, so memory does not grow with the dataset. The model's own
+    `config.user_logit_temperature` is ignored while fitting and left as it was: assign `report.temperature` to
+    apply the result (`evaluate --calibrate` does, and saves it).
+
+    Args:
+        model, dataset, batch_size, window, num_bins: as [`evaluate_user_prediction`].
+
+    Returns:
+        [`CalibrationReport`].
+
+    Raises:
+        ValueError: as [`evaluate_user_prediction`].
+    """
+    if not model.config.predict_user_audio:
+        raise ValueError("calibrate_user_prediction: the model has no user branch (predict_user_audio=False)")
+    window = model.config.streaming_window if window is None else window
+    dataset = list(dataset)
+    ranking = _unigram_ranking(model, dataset, window)
+    c, was_training, saved = model.config, model.training, model.config.user_logit_temperature
+    delay0 = torch.tensor([d == 0 for d in c.delays[model.user_rows]])
+    model.eval()
+    try:
+        c.user_logit_temperature = None
+        nll, tokens = _temperature_nll(model, dataset, window, batch_size)
+        best = nll.argmin(dim=1)
+        temperature = CALIBRATION_TEMPERATURES[best].tolist()
+        raw = _count_dataset(model, dataset, window, batch_size, ranking, 1, num_bins)
+        c.user_logit_temperature = temperature
+        scaled = _count_dataset(model, dataset, window, batch_size, ranking, 1, num_bins)
+        folds = [dataset[0::2], dataset[1::2]] if len(dataset) > 1 else []
+        crossed: dict[str, torch.Tensor] = {}
+        for fit_on, measure_on in zip(folds, folds[::-1]):
+            c.user_logit_temperature = None
+            fold_nll, _ = _temperature_nll(model, fit_on, window, batch_size)
+            c.user_logit_temperature = CALIBRATION_TEMPERATURES[fold_nll.argmin(dim=1)].tolist()
+            counts = _count_dataset(model, measure_on, window, batch_size, ranking, 1, num_bins)
+            crossed = {name: crossed[name] + value for name, value in counts.items()} if crossed else counts
+    finally:
+        c.user_logit_temperature = saved
+        model.train(was_training)
+    all_rows = torch.ones_like(delay0)
+    mean_nll = nll / tokens.clamp_min(1)[:, None]
+    return CalibrationReport(
+        temperature=temperature,
+        nll_before=mean_nll[:, _UNCALIBRATED].tolist(),
+        nll_after=mean_nll.gather(1, best[:, None])[:, 0].tolist(),
+        ece_before=_reliability(raw, all_rows)[1], ece_after=_reliability(scaled, all_rows)[1],
+        delay0_ece_before=_reliability(raw, delay0)[1], delay0_ece_after=_reliability(scaled, delay0)[1],
+        cross_fitted_ece=_reliability(crossed, all_rows)[1] if crossed else None,
+        cross_fitted_delay0_ece=_reliability(crossed, delay0)[1] if crossed else None,
+        num_tokens=int(tokens.sum()),
+    )
+
+
+def _temperature_nll(
+    model: MoshiUserPredForConditionalGeneration, dataset: Sequence, window: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the user targets at every candidate temperature `[user_dep_q, len(CALIBRATION_TEMPERATURES)]`
+    and the scored tokens per codebook `[user_dep_q]`."""
+    K = model.config.user_dep_q
+    temperatures = CALIBRATION_TEMPERATURES.to(model.device)
+    nll = torch.zeros(K, len(temperatures), dtype=torch.float64, device=model.device)
+    tokens = torch.zeros(K, dtype=torch.long, device=model.device)
+    for codes in _batches(_windows(model, dataset, window), batch_size):
+        out = model(codes=codes)
+        targets = codes[:, model.user_rows]
+        for k in range(K):
+            mask = out.user_mask[:, k]
+            logits, target = out.user_logits[:, k][mask].double(), targets[:, k][mask]
+            if not len(target):
+                continue
+            tokens[k] += len(target)
+            for start in range(0, len(temperatures), 16):  # [16, N, card] at a time: bounded memory
+                chunk = temperatures[start : start + 16]
+                log_probs = (logits[None] / chunk[:, None, None]).log_softmax(-1)
+                nll[k, start : start + len(chunk)] -= log_probs.gather(
+                    -1, target[None, :, None].expand(len(chunk), -1, 1))[..., 0].sum(-1)
+    if tokens.sum() == 0:
+        raise ValueError("calibrate_user_prediction: no user token to score (all zero tokens, or windows too short)")
+    return nll.cpu(), tokens.cpu()
+
+
 def plot_user_prediction(report: UserPredictionReport, plot_dir: str | os.PathLike) -> dict[str, str]:
     """Write `per_codebook_accuracy.png` (model / repeat_last / unigram per codebook, delay-0 codebooks shaded)
     and `reliability.png` (the model's reliability diagram with bin counts) to `plot_dir` (created if needed).
@@ -419,9 +565,12 @@ def _plot_reliability(report: UserPredictionReport, figure: Figure) -> Figure:
 
 
 __all__ = [
+    "CALIBRATION_TEMPERATURES",
+    "CalibrationReport",
     "PredictionMetrics",
     "ReliabilityBin",
     "UserPredictionReport",
+    "calibrate_user_prediction",
     "evaluate_user_prediction",
     "plot_user_prediction",
 ]

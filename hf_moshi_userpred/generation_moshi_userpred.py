@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,8 +13,9 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import ModelOutput
 from transformers.utils.logging import tqdm
 
-from .generation_moshi_config import SAMPLING_FIELDS, MoshiUserPredGenerationConfig
-from .generation_moshi_streaming import MoshiStreamingSession, SpeculationStats
+from .generation_moshi_config import SAMPLING_FIELDS, SEARCH_FIELDS, MoshiUserPredGenerationConfig
+from .generation_moshi_search import requests_search, search_generate
+from .generation_moshi_streaming import MoshiStreamingSession, SpeculationStats, WordTokenizer
 from .modeling_moshi_codes import check_codes
 
 
@@ -28,7 +29,15 @@ class MoshiGenerateOutput(ModelOutput):
         user_prediction (`torch.LongTensor` `[B, user_dep_q, T]`): at call `o`, the prediction for the position
             `o + L` (see [`MoshiStreamStepOutput`]).
         user_probs, user_entropy (`torch.FloatTensor` `[B, user_dep_q, T]`).
+        user_silence (`torch.FloatTensor` `[B, horizon, T]`, *optional*): at call `o`, the turn-taking signal's
+            P(the user is silent `n - 1` frames after the predicted frame) (see [`MoshiUserTurnOutput`]); None without
+            `turn_taking_table`.
+        user_turn_end (`torch.FloatTensor` `[B, T]`, *optional*): P(the user's turn ends within the horizon).
         speculation ([`SpeculationStats`]).
+        sequences_scores (`torch.FloatTensor` `[B * n]`, *optional*): beam and contrastive search only: the
+            hypothesis's summed text log-probabilities (with the diversity penalties) divided by
+            `T ** length_penalty`; with `num_return_sequences=n`, every field has the `n` best hypotheses of input `b`
+            in rows `b * n .. b * n + n - 1`.
     """
 
     text_tokens: torch.Tensor | None = None
@@ -36,7 +45,10 @@ class MoshiGenerateOutput(ModelOutput):
     user_prediction: torch.Tensor | None = None
     user_probs: torch.Tensor | None = None
     user_entropy: torch.Tensor | None = None
+    user_silence: torch.Tensor | None = None
+    user_turn_end: torch.Tensor | None = None
     speculation: SpeculationStats | None = None
+    sequences_scores: torch.Tensor | None = None
 
 
 class MoshiUserPredGenerationMixin:
@@ -93,6 +105,9 @@ class MoshiUserPredGenerationMixin:
         user_logits_processor: LogitsProcessorList | None = None,
         seed: int | None = None,
         cuda_graphs: bool | None = None,
+        turn_taking_table: torch.Tensor | None = None,
+        prompt_text: str | Sequence[Sequence[int]] | None = None,
+        tokenizer: WordTokenizer | None = None,
         **kwargs,
     ) -> Iterator[MoshiStreamingSession]:
         """Open `batch_size` real-time conversations ("slots"): `with model.streaming(B) as stream: out =
@@ -109,10 +124,24 @@ class MoshiUserPredGenerationMixin:
             seed: seeds the session's sampling generator (reproducible sampling).
             cuda_graphs: replay the critical-path step (main transformer, text sampling, system Depformer) as CUDA
                 graphs, one per shape; default: on for a CUDA model.
+            turn_taking_table (`torch.FloatTensor` `[card, horizon + 1]`, *optional*): `TurnTakingStatistics.table()`
+                (turn_taking.py): each step's output then carries `user_turn` (with the user branch), and the turn
+                settings (`max_turn_words`, `min_silence_frames`, `turn_hold_threshold`) read the user's voice activity
+                from it.
+            prompt_text: what every slot says first (`stream.say(prompt_text)` before the first step): a string
+                (needs `tokenizer`) or words as token ids.
+            tokenizer: the default tokenizer of `stream.say` (e.g. `load_tokenizer(folder / "tokenizer.model")`).
             **kwargs: generation config fields overriding `generation_config` (e.g. `speculate_top_k=4`).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        base = self.generation_config if generation_config is None else generation_config
+        searching = [f"{name}={value!r}" for name, neutral in SEARCH_FIELDS.items()
+                     if (value := kwargs.get(name, getattr(base, name, None))) not in (None, neutral)]
+        if searching:
+            raise ValueError(f"{', '.join(searching)}: beam and contrastive search run offline, in model.generate "
+                             "(num_beams > 1 or penalty_alpha > 0): a real-time stream cannot wait for a beam to "
+                             "finish")
         config = self._resolve_generation_config(generation_config, **kwargs)
         generator = torch.Generator(device=self.device)
         if seed is None:
@@ -124,7 +153,10 @@ class MoshiUserPredGenerationMixin:
         elif cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
         processors = {"text": text_logits_processor, "audio": audio_logits_processor, "user": user_logits_processor}
-        session = MoshiStreamingSession(self, batch_size, config, processors, generator, cuda_graphs)
+        session = MoshiStreamingSession(self, batch_size, config, processors, generator, cuda_graphs,
+                                        turn_taking_table=turn_taking_table, tokenizer=tokenizer)
+        if prompt_text is not None:
+            session.say(prompt_text)
         try:
             yield session
         finally:
@@ -138,14 +170,20 @@ class MoshiUserPredGenerationMixin:
         *,
         progress: bool = True,
         seed: int | None = None,
+        forced_text: Mapping[int, str | Sequence[Sequence[int]]] | None = None,
         **kwargs,
     ) -> MoshiGenerateOutput:
-        """Run the streaming loop over a whole user stream (offline convenience).
+        """Run the streaming loop over a whole user stream (offline convenience). With `num_beams > 1` or
+        `penalty_alpha > 0` (and `do_sample=False`), beam, diverse beam or contrastive search over the text stream
+        instead (`generation_moshi_search.search_generate`; the output then has `sequences_scores`).
 
         Args:
             user_codes: `[B, n_q - dep_q, T]` the user's Mimi tokens.
-            generation_config, seed, **kwargs: as for `streaming` (processors included).
+            generation_config, seed, **kwargs: as for `streaming` (processors, `turn_taking_table`, `prompt_text`
+                and `tokenizer` included).
             progress: show a progress bar.
+            forced_text: `{call: text}`: every slot says `text` from call `call` on (`stream.say(text)` before that
+                step; a string needs `tokenizer`).
 
         Returns:
             [`MoshiGenerateOutput`].
@@ -153,9 +191,18 @@ class MoshiUserPredGenerationMixin:
         c = self.config
         user_codes = check_codes(user_codes, c, name="user_codes", first_row=1 + c.dep_q)
         B, _, T = user_codes.shape
-        texts, audios, preds, probs, entropies = [], [], [], [], []
+        forced_text = dict(forced_text or {})
+        late = [call for call in forced_text if not isinstance(call, int) or not 0 <= call < T]
+        if late:
+            raise ValueError(f"forced_text calls {late} are not calls of this stream (0 .. {T - 1})")
+        if requests_search(self.generation_config if generation_config is None else generation_config, kwargs):
+            return search_generate(self, user_codes, generation_config, progress=progress, seed=seed,
+                                   forced_text=forced_text, **kwargs)
+        texts, audios, preds, probs, entropies, silences, turn_ends = [], [], [], [], [], [], []
         with self.streaming(B, generation_config, seed=seed, **kwargs) as stream:
             for t in tqdm(range(T), desc="streaming", unit="frame", disable=not progress):
+                if t in forced_text:
+                    stream.say(forced_text[t])
                 out = stream.step(user_codes[:, :, t : t + 1])
                 if out.tokens is not None:
                     texts.append(out.tokens[:, 0, 0])
@@ -164,6 +211,9 @@ class MoshiUserPredGenerationMixin:
                     preds.append(out.user_prediction[..., -1])
                     probs.append(out.user_probs[..., -1])
                     entropies.append(out.user_entropy[..., -1])
+                if out.user_turn is not None:
+                    silences.append(out.user_turn.silence)
+                    turn_ends.append(out.user_turn.turn_end)
             stats = stream.stats
         device = self.device
         return MoshiGenerateOutput(
@@ -173,6 +223,8 @@ class MoshiUserPredGenerationMixin:
             user_prediction=torch.stack(preds, dim=2) if preds else None,
             user_probs=torch.stack(probs, dim=2) if probs else None,
             user_entropy=torch.stack(entropies, dim=2) if entropies else None,
+            user_silence=torch.stack(silences, dim=2) if silences else None,
+            user_turn_end=torch.stack(turn_ends, dim=1) if turn_ends else None,
             speculation=stats,
         )
 

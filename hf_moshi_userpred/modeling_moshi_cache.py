@@ -131,6 +131,13 @@ class MoshiKVCache:
         new_position = position if mask is None else torch.where(mask, position, self.positions[b, cell])
         self.positions[b, cell] = new_position
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Make slot `b` hold what slot `index[b]` `[B]` held (beam search: a beam continues its parent's cache).
+        In place, so the buffers stay put for CUDA graphs."""
+        self.keys.copy_(self.keys[:, index])
+        self.values.copy_(self.values[:, index])
+        self.positions.copy_(self.positions[index])
+
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Empty the slots where `mask` `[B]` is True (all of them for None)."""
         if mask is None:

@@ -293,9 +293,11 @@ class MoshiTransformer(nn.Module):
     def make_cache(self, batch_size: int, capacity: int) -> MoshiKVCache:
         """An empty streaming cache of `capacity` positions per slot, on this transformer's device and dtype."""
         attn = self.layers[0].self_attn
-        weight = attn.in_projs[0].weight
+        # The dtype the layers compute in, read off a norm: a quantized projection's weight is no guide (torch.ao's
+        # dynamic int8 Linear has a `weight()` method instead of a tensor; torchao's hold integers in a subclass).
+        norm = next(self.layers[0].norm1.parameters())
         return MoshiKVCache(len(self.layers), batch_size, attn.num_kv_heads, attn.head_dim, capacity,
-                            weight.device, weight.dtype)
+                            norm.device, norm.dtype)
 
     def forward(
         self,

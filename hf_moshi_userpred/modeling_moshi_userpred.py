@@ -176,6 +176,9 @@ class MoshiUserPredPreTrainedModel(PreTrainedModel):
     config_class = MoshiUserPredConfig
     base_model_prefix = ""  # one model class, no base model inside a head
     main_input_name = "codes"
+    # The text embedding plays the language model's input embedding (Moshi sums one embedding per row): Transformers'
+    # quantizers (torchao) and embedding utilities look it up by this name.
+    _input_embed_layer = "text_emb"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoshiTransformerLayer"]
     _supports_sdpa = True
@@ -228,6 +231,14 @@ class MoshiUserPredPreTrainedModel(PreTrainedModel):
             if "size mismatch" in str(error) or "ignore_mismatched_sizes" in str(error):
                 raise ValueError(f"the weights in {where} do not have the shapes its config.json describes (was "
                                  f"config.json edited or copied from another model?): {_first_line(error)}") from error
+            if "automatic conversion of the weights" in str(error):  # e.g. a torchao layout with no kernel here
+                # The cause is in the load report dropped above: its first exception line.
+                cause = re.search(r"^\w+(?:Error|Exception): .+$", "\n".join(report_filter.dropped), re.MULTILINE)
+                quantization = kwargs.get("quantization_config")
+                scheme = getattr(quantization, "quant_type", quantization)
+                how = "" if quantization is None else f" with {type(scheme).__name__}"
+                raise ValueError(f"cannot convert the weights in {where}{how}: "
+                                 f"{cause[0] if cause else _first_line(error)}") from error
             raise
         except Exception as error:  # safetensors' own error type (not importable from remote code)
             if type(error).__name__ == "SafetensorError":
@@ -290,10 +301,18 @@ class MoshiUserPredPreTrainedModel(PreTrainedModel):
 
 
 class _DropLoadReport(logging.logging.Filter):
-    """Drops Transformers' multi-line weight-loading report (`from_pretrained` raises one line instead)."""
+    """Drops Transformers' multi-line weight-loading report (`from_pretrained` raises one line instead), keeping it in
+    `dropped` for that line."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped: list[str] = []
 
     def filter(self, record) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
+        if "LOAD REPORT" in str(record.msg):
+            self.dropped.append(str(record.msg))
+            return False
+        return True
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -500,6 +519,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
                 self.user_depformer(hidden, text_tokens, future[:, :-1]), codes[:, rows],
                 [d - (lookahead - 1) for d in delays[rows]],
             )
+            user_logits = self._calibrate_user_logits(user_logits, codebook_dim=1)
 
         output = MoshiUserPredOutput(
             text_logits=text_logits, text_mask=text_mask, audio_logits=audio_logits, audio_mask=audio_mask,
@@ -508,6 +528,15 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
         if return_loss:
             self._add_losses(output, codes, user_loss_weight)
         return output
+
+    def _calibrate_user_logits(self, logits: torch.Tensor, codebook_dim: int) -> torch.Tensor:
+        """`logits` of the user codebooks (along `codebook_dim`) divided by `config.user_logit_temperature`."""
+        temperature = self.config.user_logit_temperature
+        if temperature is None:
+            return logits
+        shape = [1] * logits.dim()
+        shape[codebook_dim] = len(temperature)
+        return logits / torch.tensor(temperature, dtype=logits.dtype, device=logits.device).view(shape)
 
     @staticmethod
     def _undelay(logits: torch.Tensor, targets: torch.Tensor, shifts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -601,14 +630,23 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             hidden: `[B, dim]` the committed `system_step` hidden state of every slot.
             text: `[B]` the committed text token.
             caches: from `make_streaming_caches`.
-            sample: as `sample_audio` of `system_step`, over the user codebooks.
+            sample: as `sample_audio` of `system_step`, over the user codebooks (it sees the calibrated logits).
 
         Returns:
-            tokens `[B, user_dep_q]` and logits `[B, user_dep_q, card]`.
+            tokens `[B, user_dep_q]` and logits `[B, user_dep_q, card]` (calibrated by
+            `config.user_logit_temperature` when set).
         """
         if self.user_depformer is None:
             raise ValueError("user_step: the model has no user branch (predict_user_audio=False)")
-        return self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample)
+        temperature = self.config.user_logit_temperature
+        if temperature is None:
+            return self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample)
+
+        def sample_calibrated(step: int, logits: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+            return sample(step, logits / temperature[step], sequence)
+
+        tokens, logits = self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample_calibrated)
+        return tokens, self._calibrate_user_logits(logits, codebook_dim=1)
 
     # ------------------------------------------------------------------------------- kyutai checkpoints
     @classmethod

@@ -13,8 +13,8 @@ ticks every 80 ms (one Mimi frame). Each tick, in the engine's own thread:
 4. then, off the critical path, the user Depformer and the speculative look-ahead for the next tick run in the time
    left before the next frames (`step(..., look_ahead=False)` then `look_ahead()`; the speculation is skipped when
    the last one would not fit in what is left of the tick: a skipped speculation only means a normal step next
-   time), and each conversation gets its per-frame extras (user prediction confidence, speculation hit or miss,
-   timings);
+   time), and each conversation gets its per-frame extras (user prediction confidence, the turn-taking signal,
+   speculation hit or miss, timings);
 5. a slot that has fallen behind (more frames waiting than its jitter buffer, e.g. after a network hiccup) catches
    up with extra steps for it alone while the tick still has half its budget left.
 
@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import sentencepiece
@@ -43,6 +44,7 @@ from transformers import MimiModel
 
 from .audio import check_mimi, text_piece
 from .mimi_streaming import MimiStreamingCodec
+from .turn_taking import STATISTICS_NAME, TurnTakingStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +128,19 @@ class RealtimeEngine:
             arrives up to that much later than its tick is not late, and the slot needs no catch-up step.
         seed (`int`, *optional*): sampling seed of the session.
         frame_period_s (`float`): the tick period (80 ms: real time).
-        **generation_kwargs: other generation config fields (e.g. `do_sample=False`).
+        turn_taking_statistics ([`TurnTakingStatistics`], *optional*): the turn-taking signal's table (its `token`
+            table goes to the session); default: `turn_taking_statistics.json` of the model's folder
+            (`model.name_or_path`, where `demo` and `from_pretrained` put it) when there is one, else no signal.
+        **generation_kwargs: other generation config fields (e.g. `do_sample=False`, or `turn_hold_threshold=0.5`
+            with the statistics).
 
     The per-frame extras (`FrameOutput.extras`): `frame`, `user_prob` and `user_entropy` (of the predicted next
-    delay-0 user token; None before the first prediction), `speculation` ("hit", "miss", "not_tried"),
-    `critical_ms` (the tick's critical path: encode, model step, decode), `tick_ms` (the whole tick so far),
-    `late` and `gap_filled` (this frame of the user was late; it was gap-filled).
+    delay-0 user token; None before the first prediction), `turn_end` (P(the user's turn ends within the signal's
+    horizon)) and `user_silence` (P(the user is silent in each of the next `horizon` frames), a list), both from
+    the prediction made once this frame was in and only with the turn-taking statistics and the user branch,
+    `speculation` ("hit", "miss", "not_tried"), `critical_ms` (the tick's critical path: encode, model step,
+    decode), `tick_ms` (the whole tick so far), `late` and `gap_filled` (this frame of the user was late; it was
+    gap-filled).
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class RealtimeEngine:
         jitter_frames: int = 1,
         seed: int | None = None,
         frame_period_s: float = FRAME_PERIOD_S,
+        turn_taking_statistics: TurnTakingStatistics | None = None,
         **generation_kwargs,
     ):
         if not isinstance(max_sessions, int) or max_sessions < 1:
@@ -171,8 +181,15 @@ class RealtimeEngine:
         self.codec = MimiStreamingCodec(mimi, max_sessions, num_codebooks=c.dep_q)
         self.frame_size = self.codec.frame_size
         self.sampling_rate = mimi.config.sampling_rate
+        if turn_taking_statistics is None and model.name_or_path:
+            saved = Path(model.name_or_path) / STATISTICS_NAME
+            if saved.is_file():
+                turn_taking_statistics = TurnTakingStatistics.load(saved)
+        self.turn_taking_statistics = turn_taking_statistics
+        table = None if turn_taking_statistics is None else turn_taking_statistics.table("token")
         self._streaming = model.streaming(max_sessions, speculate_top_k=speculate_top_k,
-                                          gap_fill_threshold=gap_fill_threshold, seed=seed, **generation_kwargs)
+                                          gap_fill_threshold=gap_fill_threshold, seed=seed,
+                                          turn_taking_table=table, **generation_kwargs)
         self.session = self._streaming.__enter__()
         self.predicts_user = self.session.predicts_user  # the model has a user branch and predict_user is on
         self.device = model.device
@@ -194,6 +211,30 @@ class RealtimeEngine:
         self.gap_filled_frames = 0
         self.served = 0
         self.error: BaseException | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu",
+                        threads: int | None = None, **engine_kwargs) -> RealtimeEngine:
+        """The engine of a model folder that holds its Mimi (`mimi/`) and tokenizer (`tokenizer.model`) beside the
+        weights, as `demo` and `convert` write it, with `threads` torch threads for its ticks (default: the calling
+        thread's setting).
+
+        Raises:
+            ValueError: the folder is not a complete model of this package, or lacks the Mimi or tokenizer.
+        """
+        from .audio import load_mimi, load_tokenizer
+        from .files import MIMI_FOLDER, TOKENIZER_NAME
+        from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        folder = Path(model_dir)
+        for needed in (MIMI_FOLDER, TOKENIZER_NAME):
+            if not (folder / needed).exists():
+                raise ValueError(f"{model_dir} has no {needed}: serving needs the model's Mimi and tokenizer beside it")
+        model = MoshiUserPredForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+        return cls(model, load_mimi(folder / MIMI_FOLDER, device), load_tokenizer(folder / TOKENIZER_NAME),
+                   **engine_kwargs)
 
     # ---------------------------------------------------------------------------------------- sessions
     def join(self, deliver: Callable[[FrameOutput], None]) -> Conversation | None:
@@ -344,15 +385,19 @@ class RealtimeEngine:
         ahead = self.session.look_ahead(speculate=fits)  # off the critical path: the user Depformer, speculation
         if fits:
             self.speculate_s = ahead.speculate_s
-        probs = entropy = None
+        probs = entropy = turn_end = silence = None
         if self.predicts_user:
             probs, entropy = ahead.user_probs[:, 0, 0].tolist(), ahead.user_entropy[:, 0, 0].tolist()
+        if ahead.user_turn is not None:
+            turn_end, silence = ahead.user_turn.turn_end.tolist(), ahead.user_turn.silence.tolist()
         tick_ms = 1000 * (time.perf_counter() - start)
         for slot, frame in frames.items():
             extras = {
                 "frame": frame,
                 "user_prob": _finite(probs[slot]) if probs else None,
                 "user_entropy": _finite(entropy[slot]) if entropy else None,
+                "turn_end": _finite(turn_end[slot]) if turn_end else None,
+                "user_silence": [_finite(p) for p in silence[slot]] if silence else None,
                 "speculation": out.speculative[slot],
                 "critical_ms": round(critical_ms, 3),
                 "tick_ms": round(tick_ms, 3),

@@ -22,6 +22,7 @@ from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .cpu_threads import set_torch_threads
 from .encoding import EncodedDialogues
 from .files import TRAINING_CONFIG_NAME, write_json
 from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
@@ -147,6 +148,8 @@ def train(
     eval_dataset = EncodedDialogues(data_args.eval_data) if data_args.eval_data else None
     _check_output_dir(training_args.output_dir)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+    if training_args.device.type == "cpu":
+        set_torch_threads(model.num_parameters())
     lora = {}
     if model_args.training_mode == "lora":
         lora = dict(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,

@@ -212,8 +212,17 @@ class MoshiUserPredTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         """`Trainer.train`, refusing a run in which the user-loss weight never leaves 0 while only the user branch
-        trains (nothing would learn), and warning when the user branch never trains in a run that trains more."""
+        trains (nothing would learn), and warning when the user branch never trains in a run that trains more.
+
+        A calibration temperature (`config.user_logit_temperature`) is dropped first: it was fitted to the weights
+        before this training, and the user loss must see the raw logits. Calibrate again afterwards
+        (`evaluate --calibrate`)."""
         self._check_the_user_branch_trains()
+        config = self.model.config
+        if config.user_logit_temperature is not None:
+            logger.warning(f"dropping the user branch's calibration temperature {config.user_logit_temperature}: "
+                           "it does not hold for the trained weights (run `evaluate --calibrate` after training)")
+            config.user_logit_temperature = None
         return super().train(*args, **kwargs)
 
     def _check_the_user_branch_trains(self) -> None:

@@ -13,8 +13,8 @@ the next token):
 
 `turn_end` is the probability that the user's turn ends within the horizon: a user who is silent over the end of
 the horizon has stopped (the sample's in-turn pauses are shorter than `turn_end_frames`). [`turn_taking_signal`]
-is that computation, a pure function of tensors (torch only) so that it can move into a remote-code file of the
-streaming session. `kind="two_state"` replaces the per-token rows by two rows (silence token or not: the mass the
+is that computation, a pure function of tensors (torch only) that lives in the streaming session's remote-code file
+(`generation_moshi_streaming.py`, which emits it each step as `user_turn`) and is imported here. `kind="two_state"` replaces the per-token rows by two rows (silence token or not: the mass the
 branch puts on the silence tokens, rolled out with the training data's silence/speech persistence), the variant
 that needs only [`TurnTakingStatistics.silence_tokens`]. [`VoiceActivityHead`] is the measured alternative: a
 linear voice-activity-projection probe on the frozen model's hidden state and user logits, with the same outputs
@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
+from .generation_moshi_streaming import turn_taking_signal  # the streaming session computes it each step too
 from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 from .text_alignment import validate_alignments
 
@@ -61,23 +62,6 @@ SIGNAL_PREDICTORS = ("model", "repeat_last", "unigram")
 
 
 # ---------------------------------------------------------------------------------------------------- the signal
-def turn_taking_signal(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The turn-taking signal from the user branch's logits of its delay-0 codebook (torch only, no state).
-
-    Args:
-        logits: `[..., card]` scores of the user's next semantic token (e.g. `user_logits[:, k0]` `[B, T, card]`
-            from `forward`, or one streaming step's `[B, card]`); NaN rows give NaN.
-        table: `[card, horizon + 1]` from [`TurnTakingStatistics.table`]: per token, P(user silent `n - 1` frames
-            later) for `n = 1 .. horizon`, then P(user silent over the last `turn_end_frames` of the horizon).
-
-    Returns:
-        `silence` `[..., horizon]`: P(user silent in frame `t + n - 1`) where `t` is the predicted frame;
-        `turn_end` `[...]`: P(the user's turn ends within the horizon).
-    """
-    out = logits.float().softmax(-1) @ table.to(logits.device, torch.float32)
-    return out[..., :-1], out[..., -1]
-
-
 @dataclass
 class TurnTakingStatistics:
     """What the signal learned from training dialogues, for one user semantic codebook.

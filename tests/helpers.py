@@ -125,7 +125,9 @@ def load_without_package(folder, codes: torch.Tensor, tmp_path) -> tuple[str, di
     """Runs LOAD_WITHOUT_PACKAGE on `folder` (writing `codes.pt` into it) with an empty HF cache, offline; returns
     the script's stdout and the outputs it saved."""
     torch.save(codes, folder / "codes.pt")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    # The same intra-op thread count as here: a quantized kernel's sums need not be bit-identical across counts.
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(folder)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -57,8 +57,8 @@ def test_demo_runs_the_whole_pipeline_and_writes_its_report(demo, capsys):
         assert 0 < summary[key] < 1
     report = (demo / "report.md").read_text()
     images = re.findall(r"!\[[^]]*\]\((plots/[^)]+\.png)\)", report)
-    assert sorted(Path(image).stem for image in images) == ["loss_curves", "per_codebook_accuracy", "reliability",
-                                                           "speculation"]
+    assert sorted(Path(image).stem for image in images) == ["dialogue_behaviour_timeline", "loss_curves",
+                                                           "per_codebook_accuracy", "reliability", "speculation"]
     for image in images:
         assert (demo / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model_dir = demo / "model"

@@ -3,6 +3,7 @@ codes, windowing and batching, plots, errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -241,3 +242,122 @@ def test_top_k_above_the_vocabulary_is_refused():
     with pytest.raises(ValueError, match=r"top_k=41 exceeds the audio vocabulary \(card=40\)"):
         evaluate_user_prediction(model, dataset, top_k=41)
     assert evaluate_user_prediction(model, dataset, top_k=40).top_k == 40
+
+
+# ------------------------------------------------------------------------------------------- calibration
+@pytest.fixture(scope="module")
+def held_out_model(demo_model_dir):
+    """The 30-step demo model and the held-out dialogues the demo encoded next to it."""
+    from hf_moshi_userpred.encoding import EncodedDialogues
+    from hf_moshi_userpred.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+    model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir).eval()
+    return model, list(EncodedDialogues(demo_model_dir.parent / "encoded" / "eval"))
+
+
+def direct_nll(model, data, temperature: float) -> list[float]:
+    """Mean NLL per user codebook of `model(codes).user_logits / temperature` over the scored positions."""
+    totals, counts = torch.zeros(model.config.user_dep_q, dtype=torch.float64), torch.zeros(model.config.user_dep_q)
+    with torch.no_grad():
+        for item in data:
+            codes = item["codes"][None, :, : model.config.streaming_window]
+            out = model(codes=codes)
+            for k in range(model.config.user_dep_q):
+                mask = out.user_mask[0, k]
+                log_probs = (out.user_logits[0, k][mask].double() / temperature).log_softmax(-1)
+                totals[k] -= log_probs.gather(-1, codes[0, model.user_rows.start + k][mask][:, None]).sum()
+                counts[k] += mask.sum()
+    return (totals / counts).tolist()
+
+
+def test_calibration_fits_the_nll_minimum_and_tracks_a_rescaled_head(one_thread, held_out_model):
+    from hf_moshi_userpred.evaluation import calibrate_user_prediction
+
+    model, data = held_out_model
+    data = [{"codes": item["codes"][:, : model.config.streaming_window]} for item in data]  # one window each
+    report = calibrate_user_prediction(model, data)
+    assert model.config.user_logit_temperature is None  # the fit does not change the model
+    assert len(report.temperature) == model.config.user_dep_q
+    assert all(after <= before for before, after in zip(report.nll_before, report.nll_after))
+    for k, t in enumerate(report.temperature):  # the grid's minimum is the NLL's minimum within one step
+        assert 0.06 < t < 6.0, "the fit must lie inside the grid for this check"
+        here, lower, higher = (direct_nll(model, data, t * f)[k] for f in (1.0, 1 / 1.025, 1.025))
+        assert here <= lower + 1e-9 and here <= higher + 1e-9
+        assert here == pytest.approx(report.nll_after[k], rel=1e-6)
+    assert report.nll_before == pytest.approx(direct_nll(model, data, 1.0), rel=1e-6)
+    # The ECEs are evaluate_user_prediction's, raw and with the temperatures applied.
+    assert report.ece_before == pytest.approx(evaluate_user_prediction(model, data).ece)
+    model.config.user_logit_temperature = report.temperature
+    try:
+        assert report.ece_after == pytest.approx(evaluate_user_prediction(model, data).ece)
+    finally:
+        model.config.user_logit_temperature = None
+    assert report.cross_fitted_ece is not None and 0.0 <= report.cross_fitted_ece <= 1.0
+    # Logits three times sharper need three times the temperature (to the grid's 2.5 % step).
+    sharper = copy.deepcopy(model)
+    with torch.no_grad():
+        for head in sharper.user_depformer.heads:
+            head.weight.mul_(3.0)
+    rescaled = calibrate_user_prediction(sharper, data)
+    for t, t3 in zip(report.temperature, rescaled.temperature):
+        assert t3 / (3 * t) == pytest.approx(1.0, abs=0.026)
+    # ... and the overconfidence that sharpening caused is calibrated away.
+    assert rescaled.ece_before > 0.1 and rescaled.ece_after < rescaled.ece_before / 3
+
+
+def test_the_temperature_divides_the_user_logits_in_forward_and_streaming(one_thread):
+    model = tiny_model(seed=3)
+    codes = random_codes(model.config, batch=1, frames=8, seed=3)
+    with torch.no_grad():
+        raw = model(codes=codes).user_logits
+        model.config.user_logit_temperature = [2.0] * model.config.user_dep_q
+        calibrated = model(codes=codes).user_logits
+    assert torch.allclose(calibrated.nan_to_num(), (raw / 2.0).nan_to_num(), atol=1e-6)
+    user = codes[:, model.user_rows]
+    runs = {}
+    for temperature in (None, [2.0] * model.config.user_dep_q):
+        model.config.user_logit_temperature = temperature
+        with model.streaming(1, do_sample=False, audio_do_sample=False) as stream:
+            steps = [stream.step(user[:, :, t : t + 1]) for t in range(4)]
+            runs[temperature is None] = (steps, stream.last_user_logits.clone())
+    model.config.user_logit_temperature = None
+    (plain, plain_logits), (scaled, scaled_logits) = runs[True], runs[False]
+    assert torch.allclose(scaled_logits, plain_logits / 2.0, atol=1e-6)
+    for a, b in zip(plain, scaled):  # argmaxes, hence tokens and predictions, are unchanged
+        assert torch.equal(a.tokens if a.tokens is not None else torch.tensor(0),
+                           b.tokens if b.tokens is not None else torch.tensor(0))
+        assert torch.equal(a.user_prediction, b.user_prediction)
+    expected = scaled_logits.float().softmax(-1).max(-1).values
+    assert torch.allclose(scaled[-1].user_probs[..., -1], expected, atol=1e-6)
+    assert (scaled[-1].user_probs[..., -1] < plain[-1].user_probs[..., -1]).all()
+
+
+@pytest.mark.parametrize("value", [[1.0], [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], "warm", [float("inf")] * 8])
+def test_a_bad_temperature_is_refused(value):
+    from helpers import tiny_config
+
+    with pytest.raises(ValueError, match="user_logit_temperature"):
+        tiny_config(user_logit_temperature=value)
+
+
+def test_evaluate_calibrate_writes_the_temperature_into_the_config(one_thread, demo_model_dir, tmp_path, capsys):
+    import shutil
+
+    from hf_moshi_userpred.cli import main
+    from hf_moshi_userpred.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(demo_model_dir, model_dir)
+    before = json.loads((model_dir / "config.json").read_text())
+    assert main(["evaluate", str(model_dir), str(demo_model_dir.parent / "encoded" / "eval"), "--calibrate",
+                 "--no-plots", "--out", str(tmp_path / "out")]) == 0
+    after = json.loads((model_dir / "config.json").read_text())
+    temperature = after.pop("user_logit_temperature")
+    before.pop("user_logit_temperature", None)
+    assert after == before  # only that key changed
+    record = json.loads((tmp_path / "out" / "user_prediction_metrics.json").read_text())
+    assert record["calibration"]["temperature"] == temperature
+    assert record["metrics"]["ece"] == pytest.approx(record["calibration"]["ece_after"])
+    assert "ECE, delay-0 codebooks" in capsys.readouterr().out
+    reloaded = MoshiUserPredForConditionalGeneration.from_pretrained(model_dir)
+    assert reloaded.config.user_logit_temperature == temperature

@@ -3,6 +3,8 @@ with its name and the reason; the text repetition penalty spares Moshi's padding
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import CompileConfig, GenerationConfig, WatermarkingConfig
@@ -10,10 +12,14 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from helpers import tiny_model
 from hf_moshi_userpred.generation_moshi_config import (
+    AUDIO_USER_FIELDS,
     REFUSED_FIELDS,
     SAMPLING_FIELDS,
     SCORE_FIELDS,
+    SEARCH_FIELDS,
+    STREAMS,
     TEXT_FIELDS,
+    TURN_FIELDS,
     MoshiRepetitionPenaltyLogitsProcessor,
     MoshiUserPredGenerationConfig,
     build_logits_processor,
@@ -36,9 +42,16 @@ REFUSED_VALUES = {
     "output_logits": True, "return_dict_in_generate": True, "low_memory": True, "disable_compile": True,
     "is_assistant": True, "token_healing": True, "use_mtp": True, "dola_layers": "low",
     "continuous_batching_config": ContinuousBatchingConfig(), "begin_suppress_tokens": [5], "eos_token_id": 2,
-    "exponential_decay_length_penalty": (5, 1.5), "early_stopping": True, "num_beams": 2, "num_beam_groups": 2,
-    "diversity_penalty": 0.5, "length_penalty": 0.5, "penalty_alpha": 0.6, "guidance_scale": 1.5,
+    "exponential_decay_length_penalty": (5, 1.5), "early_stopping": True, "guidance_scale": 1.5,
     "assistant_confidence_threshold": 0.4, "assistant_early_exit": 2, "assistant_ensemble_weight": 0.5,
+}
+# ... and for the search fields (offline `generate` only), a valid setting that uses each (greedy text)
+SEARCH_SETTINGS = {
+    "num_beams": dict(num_beams=2), "num_beam_groups": dict(num_beams=2, num_beam_groups=2),
+    "diversity_penalty": dict(num_beams=2, num_beam_groups=2, diversity_penalty=0.5),
+    "length_penalty": dict(num_beams=2, length_penalty=0.5),
+    "num_return_sequences": dict(num_beams=2, num_return_sequences=2),
+    "penalty_alpha": dict(penalty_alpha=0.6, top_k=4),
 }
 
 
@@ -62,6 +75,11 @@ def test_every_generation_config_field_is_honoured_or_refused(name):
         if name in SAMPLING_FIELDS:  # the prefixed field sets the audio (user) stream the same way
             audio = processor_types(MoshiUserPredGenerationConfig(**{"audio_" + name: HONOURED_VALUES[name]}))
             assert audio["audio"] != default["audio"] and audio["text"] == default["text"]
+    elif name in SEARCH_SETTINGS:  # honoured by generate's search, not by the processors; refused by streaming
+        assert name in SEARCH_FIELDS and name not in REFUSED_FIELDS
+        config = MoshiUserPredGenerationConfig(do_sample=False, **SEARCH_SETTINGS[name])
+        config.validate()
+        assert processor_types(config) == processor_types(MoshiUserPredGenerationConfig(do_sample=False))
     else:
         assert name in REFUSED_FIELDS, f"{name} is neither honoured nor refused"
         value = REFUSED_VALUES.get(name, 3)
@@ -76,7 +94,7 @@ def test_refused_fields_are_refused_by_streaming_and_generate():
     user = torch.zeros(1, model.config.n_q - model.config.dep_q, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="max_new_tokens=5 .*user's frames end"):
         model.generate(user, max_new_tokens=5)
-    with pytest.raises(ValueError, match="num_beams=4 .*beam search"):
+    with pytest.raises(ValueError, match="num_beams=4: .*offline"):
         with model.streaming(1, num_beams=4):
             pass
 
@@ -128,3 +146,34 @@ def test_banned_words_never_appear_across_seeds():
         assert not (text == banned).any()
         suppressed = model.generate(user, seed=seed, suppress_tokens=[banned], **sampling).text_tokens
         assert not (suppressed == banned).any()
+
+
+def test_audio_and_user_suppress_tokens_act_on_their_own_stream():
+    default = processor_types(MoshiUserPredGenerationConfig())
+    for name, stream in zip(AUDIO_USER_FIELDS, ("audio", "user")):
+        changed = processor_types(MoshiUserPredGenerationConfig(**{name: [5]}))
+        assert [s for s in STREAMS if changed[s] != default[s]] == [stream]
+        assert any(p.startswith("SuppressTokensLogitsProcessor") for p in changed[stream])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("audio_suppress_tokens", [-1]), ("user_suppress_tokens", "7"), ("max_turn_words", 0), ("max_turn_words", 2.5),
+    ("min_silence_frames", -1), ("min_silence_frames", True), ("turn_hold_threshold", 1.5),
+    ("turn_hold_threshold", "0.5"),
+])
+def test_suppress_and_turn_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+        MoshiUserPredGenerationConfig(**{field: value})
+
+
+def test_suppress_and_turn_fields_round_trip_through_generation_config_json(tmp_path):
+    config = MoshiUserPredGenerationConfig(audio_suppress_tokens=[1, 2], user_suppress_tokens=[7], max_turn_words=4,
+                                           min_silence_frames=3, turn_hold_threshold=0.6)
+    config.save_pretrained(tmp_path)
+    loaded = MoshiUserPredGenerationConfig.from_pretrained(tmp_path)
+    assert {n: getattr(loaded, n) for n in AUDIO_USER_FIELDS + TURN_FIELDS} == {
+        "audio_suppress_tokens": [1, 2], "user_suppress_tokens": [7], "max_turn_words": 4, "min_silence_frames": 3,
+        "turn_hold_threshold": 0.6}
+    defaults = MoshiUserPredGenerationConfig()
+    assert (defaults.max_turn_words, defaults.min_silence_frames, defaults.turn_hold_threshold) == (None, 0, None)
+    assert not defaults.holds_turns and config.holds_turns

@@ -269,8 +269,9 @@ def test_bad_clients_get_a_reason_and_the_others_go_on(demo_model_dir):
     assert good.samples_received >= (sent - 2) * FRAME, (good.samples_received / FRAME, sent)
     frames = [extra["frame"] for extra in good.extras]
     assert frames == list(range(len(frames))) and len(frames) >= sent - 1
-    assert {"user_prob", "user_entropy", "speculation", "critical_ms", "tick_ms", "late", "gap_filled"} <= set(
-        good.extras[-1])
+    assert {"user_prob", "user_entropy", "turn_end", "user_silence", "speculation", "critical_ms", "tick_ms", "late",
+            "gap_filled"} <= set(good.extras[-1])
+    assert all(0 <= extra["turn_end"] <= 1 for extra in good.extras[1:])  # the demo's statistics, from the folder
     assert metrics["server"]["closed_by_server"] >= 5 and metrics["sessions"] == 0
 
 
@@ -465,3 +466,65 @@ def test_engine_failure_closes_conversations_with_1011(parts):
     assert (code, message.extra) == (1011, "internal error: the engine stopped")
     assert status == 503 and health["status"] == "error"
     assert isinstance(engine.error, RuntimeError)
+
+
+# ------------------------------------------------------------------------------- the turn-taking signal in extras
+def test_extras_carry_the_turn_signal_over_a_websocket(parts, demo_model_dir):
+    """The engine reads `turn_taking_statistics.json` from the model's folder (the demo writes it there); a client
+    with `?extras=1` gets, per frame, P(turn end) and P(user silent) for each frame of the signal's horizon, the
+    values the session computes from the user branch (the same as in `generate`)."""
+    import torch
+    from aiohttp.test_utils import TestServer
+
+    from hf_moshi_userpred.server import MoshiServer
+    from hf_moshi_userpred.turn_taking import TurnTakingStatistics
+
+    saved = TurnTakingStatistics.load(demo_model_dir)
+    engine = RealtimeEngine(*parts, max_sessions=1, seed=0)
+    assert torch.equal(engine.turn_taking_statistics.token_table, saved.token_table)
+    audio = held_out_user_channels(1, 2.4)[0]
+
+    async def main():
+        server = TestServer(MoshiServer(engine).app())
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await Talk(str(server.make_url("")).rstrip("/"), audio, extras=True).run(session)
+        finally:
+            await server.close()
+
+    talk = asyncio.run(main())
+    assert len(talk.extras) >= 25
+    for extra in talk.extras:
+        assert 0 <= extra["turn_end"] <= 1
+        assert len(extra["user_silence"]) == saved.horizon and all(0 <= p <= 1 for p in extra["user_silence"])
+    assert len({extra["turn_end"] for extra in talk.extras}) > 3  # it follows the user, frame by frame
+
+
+def test_engine_turn_hold_and_no_signal_without_statistics(parts, tmp_path):
+    """Through the engine, the turn hold of the generation config works with the folder's statistics: a threshold
+    no P(turn end) reaches holds every word back (sampled text otherwise); a model without statistics has no signal
+    in its extras."""
+    audio = held_out_user_channels(1, 3.2)[0]
+
+    def texts(**kwargs) -> tuple[str, list]:
+        engine = RealtimeEngine(*parts, max_sessions=1, speculate_top_k=0, seed=0, frame_period_s=10.0, **kwargs)
+        outputs = []
+        conversation = engine.join(outputs.append)
+        try:
+            for frame in range(len(audio) // FRAME):
+                conversation.push_audio(audio[frame * FRAME : (frame + 1) * FRAME])
+                engine.tick()
+        finally:
+            engine.stop()
+        return "".join(o.text for o in outputs if o.extras is None), [o.extras for o in outputs if o.extras]
+
+    free, extras = texts()
+    held, _ = texts(turn_hold_threshold=1.0)
+    assert free.strip() and held == ""
+    assert all(e["turn_end"] is not None for e in extras)
+    parts[0].save_pretrained(tmp_path)  # a model folder without turn_taking_statistics.json
+    engine = RealtimeEngine(MoshiUserPredForConditionalGeneration.from_pretrained(tmp_path), *parts[1:],
+                            max_sessions=1)
+    engine.stop()
+    assert engine.turn_taking_statistics is None and engine.session.turn_taking_table is None

@@ -113,6 +113,17 @@ def test_the_user_branch_is_not_run_while_its_weight_is_0(tmp_path):
     assert calls == [False]
 
 
+def test_training_drops_a_calibration_temperature(tmp_path, caplog):
+    """A temperature fitted to the weights before training does not hold after it, and the loss must see the raw
+    user logits: the trained model is uncalibrated until `evaluate --calibrate` runs again."""
+    model = tiny_model(base=TINY, user_logit_temperature=[2.0, 2.0])
+    trainer = MoshiUserPredTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=dialogues())
+    with caplog.at_level("WARNING", logger="hf_moshi_userpred"):
+        trainer.train()
+    assert model.config.user_logit_temperature is None
+    assert "calibration temperature [2.0, 2.0]" in caplog.text
+
+
 def test_default_curriculum_fits_the_training_mode(tmp_path):
     full = MoshiUserPredTrainer(model=tiny_model(base=TINY, user_loss_weight=0.2), args=training_args(tmp_path))
     assert full.args.user_loss_stages == "0:0.0,1:0.1,2:0.2"

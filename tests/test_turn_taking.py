@@ -5,12 +5,14 @@ model."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from hf_moshi_userpred.sample import sample_model_config
 from hf_moshi_userpred.turn_taking import (
+    STATISTICS_NAME,
     Pause,
     TurnTakingStatistics,
     anticipation_frames,
@@ -288,8 +290,11 @@ def test_evaluate_turn_taking_command(demo_model_dir, tmp_path, capsys):
     assert record["metrics"]["turn_taking/horizon"] == 8 and record["metrics"]["turn_taking/turn_end_frames"] == 4
     assert (out / "plots" / "turn_taking_timeline.png").is_file()
     assert (out / "user_prediction_metrics.json").is_file()  # the plain evaluation still runs
-    # without a reference (and no statistics saved with the model) the command says what it needs
-    assert main(["evaluate", str(demo_model_dir), str(encoded / "eval"), "--out", str(out), "--turn-taking",
+    # without a reference and without statistics saved with the model, the command says what it needs
+    bare = tmp_path / "model"
+    shutil.copytree(demo_model_dir, bare)
+    (bare / STATISTICS_NAME).unlink()
+    assert main(["evaluate", str(bare), str(encoded / "eval"), "--out", str(out), "--turn-taking",
                  "--no-plots"]) == 2
     assert "--reference" in capsys.readouterr().err
 

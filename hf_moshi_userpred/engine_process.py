@@ -1,0 +1,224 @@
+"""The real-time engine in a process of its own, behind the same interface as [`RealtimeEngine`].
+
+A server in one process runs two kinds of work on one Python interpreter: the event loop (WebSockets, Opus
+encoding and decoding through sphn: 1.7 ms per 80 ms frame and conversation) and the engine's tick (hundreds of
+small torch operations, each one taking the interpreter lock back when it returns). They take turns on the lock, so
+on a machine with two cores the tick waits for the loop's Opus work instead of running beside it. [`EngineProcess`]
+starts the engine in a child process (`spawn`: a fresh interpreter, no forked torch state) that loads the model
+itself, and talks to it over a pipe (commands: join, audio, leave, metrics, stop) and a queue (events: frames and
+replies). The server cannot tell the difference: `serve` uses it unless `--in-process` is given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .realtime_engine import FrameOutput, RealtimeEngine
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 600.0  # loading a full-size model from a slow disk
+REPLY_TIMEOUT_S = 10.0
+
+
+@dataclass
+class RemoteConversation:
+    """A conversation of the engine process, as the server sees it (see [`Conversation`])."""
+
+    id: int
+    slot: int
+    owner: EngineProcess
+
+    def push_audio(self, pcm: np.ndarray) -> None:
+        """Sends the user's audio (float32 at Mimi's rate, any length) to the engine.
+
+        Raises:
+            ValueError: a sample is NaN or infinite (checked here, so the caller gets the error at once).
+        """
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if not np.isfinite(pcm).all():
+            raise ValueError("audio samples must be finite (got NaN or infinity)")
+        self.owner._send(("audio", self.id, pcm))
+
+
+class EngineProcess:
+    """Runs `build()` (which returns a [`RealtimeEngine`]) in a child process and proxies it.
+
+    Args:
+        build: a picklable callable (a module-level function or a `functools.partial` of one) that loads the model
+            and returns the engine, run in the child.
+
+    Raises:
+        ValueError: the child could not build the engine (its error message, e.g. a bad model folder).
+        RuntimeError: the child died or did not answer within `STARTUP_TIMEOUT_S`.
+    """
+
+    def __init__(self, build: Callable[[], RealtimeEngine]):
+        context = multiprocessing.get_context("spawn")
+        self._commands, child_end = context.Pipe(duplex=False)[::-1]
+        self._events = context.Queue()
+        self._process = context.Process(target=_serve_engine, args=(build, child_end, self._events),
+                                        name="realtime-engine", daemon=True)
+        self._process.start()
+        child_end.close()
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._deliver: dict[int, Callable[[FrameOutput], None]] = {}
+        self._replies: dict[int, Any] = {}
+        self._reply_ready = threading.Condition()
+        self.error: BaseException | None = None
+        self.running = False
+        kind, *payload = self._events.get(timeout=STARTUP_TIMEOUT_S) if self._process.is_alive() else ("died",)
+        if kind == "failed":
+            self._process.join()
+            raise ValueError(payload[0])
+        if kind != "ready":
+            raise RuntimeError("the engine process died while loading the model")
+        self.max_sessions, self.sampling_rate, self.frame_size = payload[0]
+        self._active = 0
+        self._reader = threading.Thread(target=self._read_events, name="engine-events", daemon=True)
+        self._reader.start()
+
+    # ------------------------------------------------------------------------------------ engine interface
+    def start(self) -> None:
+        """Starts ticking (the child's engine thread)."""
+        if not self.running:
+            self._send(("start",))
+            self.running = True
+
+    def stop(self) -> None:
+        """Stops the engine and its process (waits for both)."""
+        if self._process.is_alive():
+            try:
+                self._send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            self._process.join(timeout=REPLY_TIMEOUT_S)
+            if self._process.is_alive():
+                self._process.kill()
+        self.running = False
+
+    def join(self, deliver: Callable[[FrameOutput], None]) -> RemoteConversation | None:
+        """Takes a free slot for a new conversation (None when all are in use); `deliver` is called from a reader
+        thread with each [`FrameOutput`] and must not block."""
+        conversation_id = next(self._ids)
+        self._deliver[conversation_id] = deliver
+        slot = self._request(("join", conversation_id), conversation_id)
+        if slot is None:
+            del self._deliver[conversation_id]
+            return None
+        self._active += 1
+        return RemoteConversation(conversation_id, slot, self)
+
+    def leave(self, conversation: RemoteConversation) -> None:
+        """Frees the conversation's slot (idempotent)."""
+        if self._deliver.pop(conversation.id, None) is not None:
+            self._active -= 1
+            self._send(("leave", conversation.id))
+
+    @property
+    def active_sessions(self) -> int:
+        return self._active
+
+    def metrics(self) -> dict:
+        """The engine's [`RealtimeEngine.metrics`], read in the child."""
+        request_id = next(self._ids)
+        return self._request(("metrics", request_id), request_id)
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._commands.send(message)
+
+    def _request(self, message: tuple, request_id: int) -> Any:
+        self._send(message)
+        with self._reply_ready:
+            if not self._reply_ready.wait_for(lambda: request_id in self._replies or self.error is not None,
+                                              timeout=REPLY_TIMEOUT_S):
+                raise RuntimeError(f"the engine process did not answer {message[0]!r} in {REPLY_TIMEOUT_S} s")
+            if request_id not in self._replies:
+                raise RuntimeError(f"the engine stopped: {self.error}")
+            return self._replies.pop(request_id)
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                kind, *payload = self._events.get()
+            except (EOFError, OSError):
+                kind, payload = "error", ["the engine process is gone"]
+            if kind == "frame":
+                deliver = self._deliver.get(payload[0])
+                if deliver is not None:
+                    try:
+                        deliver(payload[1])
+                    except Exception:  # a broken connection's callback must not stop the others' frames
+                        logger.exception("delivering to conversation %d failed", payload[0])
+            elif kind == "reply":
+                with self._reply_ready:
+                    self._replies[payload[0]] = payload[1]
+                    self._reply_ready.notify_all()
+            elif kind == "error":
+                with self._reply_ready:
+                    self.error, self.running = RuntimeError(payload[0]), False
+                    self._reply_ready.notify_all()
+                return
+            elif kind == "stopped":
+                return
+
+
+def _serve_engine(build: Callable[[], RealtimeEngine], commands, events) -> None:
+    """The child process: builds the engine, then serves commands until "stop" or the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent shuts down
+    try:
+        engine = build()
+    except Exception as error:  # reported to the parent, which raises it where the server starts
+        events.put(("failed", str(error)))
+        return
+    events.put(("ready", (engine.max_sessions, engine.sampling_rate, engine.frame_size)))
+    conversations = {}
+    while True:
+        if not commands.poll(0.5):
+            if engine.error is not None:
+                events.put(("error", f"{type(engine.error).__name__}: {engine.error}"))
+                engine.stop()
+                return
+            continue
+        try:
+            kind, *payload = commands.recv()
+        except EOFError:  # the parent is gone
+            engine.stop()
+            return
+        if kind == "audio":
+            conversation = conversations.get(payload[0])
+            if conversation is not None:
+                conversation.push_audio(payload[1])
+        elif kind == "join":
+            conversation_id = payload[0]
+            conversation = engine.join(lambda output, cid=conversation_id: events.put(("frame", cid, output)))
+            if conversation is not None:
+                conversations[conversation_id] = conversation
+            events.put(("reply", conversation_id, None if conversation is None else conversation.slot))
+        elif kind == "leave":
+            conversation = conversations.pop(payload[0], None)
+            if conversation is not None:
+                engine.leave(conversation)
+        elif kind == "metrics":
+            events.put(("reply", payload[0], engine.metrics()))
+        elif kind == "start":
+            engine.start()
+        elif kind == "stop":
+            engine.stop()
+            events.put(("stopped",))
+            return
+
+
+__all__ = ["EngineProcess", "RemoteConversation"]
