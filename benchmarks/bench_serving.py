@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import resource
@@ -84,13 +85,25 @@ def build_parts(config: str, model_dir: Path | None, quick: bool):
     return model, mimi, NumberedPieces(lm_kwargs["text_card"])
 
 
-def serve_scenario(args: argparse.Namespace) -> None:
-    """The server process: one engine of `--sessions` slots on `--port` until SIGTERM."""
+def build_engine(config: str, model_dir: Path | None, quick: bool, sessions: int, top_k: int, threads: int | None):
+    """The engine the server scenario serves (module level: an `EngineProcess` builds it in its child)."""
     from hf_moshi_userpred.realtime_engine import RealtimeEngine
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, mimi, tokenizer = build_parts(config, model_dir, quick)
+    return RealtimeEngine(model, mimi, tokenizer, max_sessions=sessions, speculate_top_k=top_k, seed=0)
+
+
+def serve_scenario(args: argparse.Namespace) -> None:
+    """The server process: one engine of `--sessions` slots on `--port` until SIGTERM, in a process of its own
+    (what `serve` does) or, with `--in-process`, in the server's."""
+    from hf_moshi_userpred.engine_process import EngineProcess
     from hf_moshi_userpred.server import MoshiServer, run_server
 
-    model, mimi, tokenizer = build_parts(args.config, args.model, args.quick)
-    engine = RealtimeEngine(model, mimi, tokenizer, max_sessions=args.sessions, speculate_top_k=args.top_k, seed=0)
+    build = functools.partial(build_engine, args.config, args.model, args.quick, args.sessions, args.top_k,
+                              args.threads)
+    engine = build() if args.in_process else EngineProcess(build)
     run_server(MoshiServer(engine, idle_timeout_s=30.0), port=args.port)
 
 
@@ -149,13 +162,21 @@ async def client(url: str, audio: np.ndarray, num_frames: int) -> dict:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and of its children that are running (from /proc)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def measure(args: argparse.Namespace, config: str, sessions: int, channels: list[np.ndarray]) -> dict:
-    """Starts a server of `sessions` slots, runs as many clients for `args.seconds`, and reads the figures."""
+def measure(args: argparse.Namespace, config: str, sessions: int, channels: list[np.ndarray], in_process: bool) -> dict:
+    """Starts a server of `sessions` slots (its engine in the server's process or its own), runs as many clients for
+    `args.seconds`, and reads the figures."""
     import aiohttp
 
     with socket.socket() as sock:
@@ -165,6 +186,7 @@ def measure(args: argparse.Namespace, config: str, sessions: int, channels: list
                "--port", str(port), "--sessions", str(sessions), "--top-k", str(TOP_K)]
     command += ["--threads", str(args.threads)] if args.threads else []
     command += (["--quick"] if args.quick else []) + (["--model", str(args.model)] if args.model else [])
+    command += ["--in-process"] if in_process else []
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
@@ -216,7 +238,7 @@ def measure(args: argparse.Namespace, config: str, sessions: int, channels: list
         "hit_rate": metrics["speculation"]["hit_rate"], "server_cpu_cores": server_cpu, "clients_cpu_cores": clients_cpu,
         "realtime": realtime,
     }
-    print(f"{config:<14} K={sessions:<3} tick p50/p95/p99 {tick['p50']:6.1f} {tick['p95']:6.1f} {tick['p99']:6.1f} ms  "
+    print(f"{config:<14} {'in-process' if in_process else 'process':<10} K={sessions:<3} tick p50/p95/p99 {tick['p50']:6.1f} {tick['p95']:6.1f} {tick['p99']:6.1f} ms  "
           f"critical p50 {critical['p50']:5.1f}  dropped {dropped:3d}  late {metrics['late_frames']:3d}  "
           f"answer p50 {latency['median_ms']:5.1f} ms  hits {row['hit_rate']:.2f}  "
           f"cpu {server_cpu:.2f}+{clients_cpu:.2f}  {'real time' if realtime else 'NOT real time'}", flush=True)
@@ -233,6 +255,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sessions", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--top-k", type=int, default=TOP_K, help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -245,16 +268,19 @@ def main() -> None:
     ladder = QUICK_LADDER if args.quick else LADDER
     results = {}
     for config in args.configs:
-        rows = []
-        for sessions in ladder:
-            rows.append(measure(args, config, sessions, channels))
-            if rows[-1]["dropped_frames"] or rows[-1]["tick_ms"]["p50"] > 1000 * FRAME_S:
-                break  # well past real time: larger K only drop more
-        largest = max([row["sessions"] for row in rows if row["realtime"]], default=0)
-        results[config] = {"rows": rows, "largest_realtime_sessions": largest, "moshi_server_sessions": 1}
-        if config == "demo":
-            target = min(DEMO_TARGET, max(ladder))
-            results[config]["target"] = {"sessions": target, "met": largest >= target}
+        results[config] = {"moshi_server_sessions": 1}
+        # Side by side: the engine in a process of its own (what `serve` does), then in the server's process.
+        for mode, in_process in (("engine_process", False), ("in_process", True)):
+            rows = []
+            for sessions in ladder:
+                rows.append(measure(args, config, sessions, channels, in_process))
+                if rows[-1]["dropped_frames"] or rows[-1]["tick_ms"]["p50"] > 1000 * FRAME_S:
+                    break  # well past real time: larger K only drop more
+            largest = max([row["sessions"] for row in rows if row["realtime"]], default=0)
+            results[config][mode] = {"rows": rows, "largest_realtime_sessions": largest}
+            if config == "demo":
+                target = min(DEMO_TARGET, max(ladder))
+                results[config][mode]["target"] = {"sessions": target, "met": largest >= target}
     results["settings"] = {"seconds": args.seconds, "speculate_top_k": TOP_K, "threads": torch.get_num_threads()}
     path = write_results(NAME, results, args.out)
     print(f"wrote {path}")

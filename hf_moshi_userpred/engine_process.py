@@ -14,8 +14,10 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,12 +79,12 @@ class EngineProcess:
         self._reply_ready = threading.Condition()
         self.error: BaseException | None = None
         self.running = False
-        kind, *payload = self._events.get(timeout=STARTUP_TIMEOUT_S) if self._process.is_alive() else ("died",)
+        kind, *payload = self._next_event(STARTUP_TIMEOUT_S)
         if kind == "failed":
             self._process.join()
             raise ValueError(payload[0])
         if kind != "ready":
-            raise RuntimeError("the engine process died while loading the model")
+            raise RuntimeError(f"the engine process did not start: {payload[0]}")
         self.max_sessions, self.sampling_rate, self.frame_size = payload[0]
         self._active = 0
         self._reader = threading.Thread(target=self._read_events, name="engine-events", daemon=True)
@@ -129,6 +131,11 @@ class EngineProcess:
     def active_sessions(self) -> int:
         return self._active
 
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id (None once it is gone)."""
+        return self._process.pid if self._process.is_alive() else None
+
     def metrics(self) -> dict:
         """The engine's [`RealtimeEngine.metrics`], read in the child."""
         request_id = next(self._ids)
@@ -149,12 +156,23 @@ class EngineProcess:
                 raise RuntimeError(f"the engine stopped: {self.error}")
             return self._replies.pop(request_id)
 
-    def _read_events(self) -> None:
+    def _next_event(self, timeout: float | None = None) -> tuple:
+        """The child's next event; `("error", why)` when the child is gone (or silent past `timeout`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                kind, *payload = self._events.get()
+                return self._events.get(timeout=0.5)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    return "error", f"the engine process exited (code {self._process.exitcode})"
+                if deadline is not None and time.monotonic() > deadline:
+                    return "error", f"no answer from the engine process in {timeout} s"
             except (EOFError, OSError):
-                kind, payload = "error", ["the engine process is gone"]
+                return "error", "the engine process is gone"
+
+    def _read_events(self) -> None:
+        while True:
+            kind, *payload = self._next_event()
             if kind == "frame":
                 deliver = self._deliver.get(payload[0])
                 if deliver is not None:

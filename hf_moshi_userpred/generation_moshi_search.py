@@ -257,30 +257,8 @@ def _gather_output(steps: list[tuple[MoshiStreamStepOutput, MoshiStreamStepOutpu
     for index in reversed(reorders):
         rows = index[rows]
         path.append(rows)
-    texts, audios, preds, probs, entropies, silences, turn_ends = [], [], [], [], [], [], []
-    for (step, ahead), slots in zip(steps, reversed(path)):
-        if step.tokens is not None:
-            texts.append(step.tokens[slots, 0, 0])
-            audios.append(step.tokens[slots, 1:, 0])
-        if ahead.user_prediction is not None:
-            preds.append(ahead.user_prediction[slots, :, -1])
-            probs.append(ahead.user_probs[slots, :, -1])
-            entropies.append(ahead.user_entropy[slots, :, -1])
-        if ahead.user_turn is not None:
-            silences.append(ahead.user_turn.silence[slots])
-            turn_ends.append(ahead.user_turn.turn_end[slots])
-    n, device = len(rows), rows.device
-    return MoshiGenerateOutput(
-        text_tokens=torch.stack(texts, dim=1) if texts else torch.empty(n, 0, dtype=torch.long, device=device),
-        audio_codes=torch.stack(audios, dim=2) if audios else torch.empty(n, dep_q, 0, dtype=torch.long, device=device),
-        user_prediction=torch.stack(preds, dim=2) if preds else None,
-        user_probs=torch.stack(probs, dim=2) if probs else None,
-        user_entropy=torch.stack(entropies, dim=2) if entropies else None,
-        user_silence=torch.stack(silences, dim=2) if silences else None,
-        user_turn_end=torch.stack(turn_ends, dim=1) if turn_ends else None,
-        speculation=stats,
-        **extra,
-    )
+    entries = [(step, ahead, slots) for (step, ahead), slots in zip(steps, reversed(path))]
+    return MoshiGenerateOutput.from_steps(entries, len(rows), dep_q, rows.device, stats, **extra)
 
 
 __all__ = ["TextSearchStep", "requests_search", "search_generate"]

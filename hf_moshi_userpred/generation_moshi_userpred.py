@@ -15,7 +15,7 @@ from transformers.utils.logging import tqdm
 
 from .generation_moshi_config import SAMPLING_FIELDS, SEARCH_FIELDS, MoshiUserPredGenerationConfig
 from .generation_moshi_search import requests_search, search_generate
-from .generation_moshi_streaming import MoshiStreamingSession, SpeculationStats, WordTokenizer
+from .generation_moshi_streaming import MoshiStreamingSession, MoshiStreamStepOutput, SpeculationStats, WordTokenizer
 from .modeling_moshi_codes import check_codes
 
 
@@ -49,6 +49,42 @@ class MoshiGenerateOutput(ModelOutput):
     user_turn_end: torch.Tensor | None = None
     speculation: SpeculationStats | None = None
     sequences_scores: torch.Tensor | None = None
+
+    @classmethod
+    def from_steps(
+        cls,
+        steps: Sequence[tuple[MoshiStreamStepOutput, MoshiStreamStepOutput, torch.Tensor | None]],
+        batch_size: int,
+        dep_q: int,
+        device: torch.device,
+        speculation: SpeculationStats,
+        **fields,
+    ) -> MoshiGenerateOutput:
+        """Stack a session's steps along time: each entry is (the step's output, the output of its look-ahead (the same
+        object when the step ran it), the slots to keep `[batch_size]` or None for all of them)."""
+        columns: dict[str, list[torch.Tensor]] = {name: [] for name in (
+            "text_tokens", "audio_codes", "user_prediction", "user_probs", "user_entropy", "user_silence",
+            "user_turn_end")}
+
+        def keep(values: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+            return values if slots is None else values[slots]
+
+        for step, ahead, slots in steps:
+            if step.tokens is not None:
+                tokens = keep(step.tokens, slots)
+                columns["text_tokens"].append(tokens[:, 0, 0])
+                columns["audio_codes"].append(tokens[:, 1:, 0])
+            if ahead.user_prediction is not None:
+                for name in ("user_prediction", "user_probs", "user_entropy"):
+                    columns[name].append(keep(getattr(ahead, name), slots)[..., -1])
+            if ahead.user_turn is not None:
+                columns["user_silence"].append(keep(ahead.user_turn.silence, slots))
+                columns["user_turn_end"].append(keep(ahead.user_turn.turn_end, slots))
+        stacked = {name: torch.stack(values, dim=-1) if values else None for name, values in columns.items()}
+        if stacked["text_tokens"] is None:  # every slot still warming up: empty streams, not None
+            stacked["text_tokens"] = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+            stacked["audio_codes"] = torch.empty(batch_size, dep_q, 0, dtype=torch.long, device=device)
+        return cls(**stacked, speculation=speculation, **fields)
 
 
 class MoshiUserPredGenerationMixin:
@@ -198,35 +234,14 @@ class MoshiUserPredGenerationMixin:
         if requests_search(self.generation_config if generation_config is None else generation_config, kwargs):
             return search_generate(self, user_codes, generation_config, progress=progress, seed=seed,
                                    forced_text=forced_text, **kwargs)
-        texts, audios, preds, probs, entropies, silences, turn_ends = [], [], [], [], [], [], []
+        steps = []
         with self.streaming(B, generation_config, seed=seed, **kwargs) as stream:
             for t in tqdm(range(T), desc="streaming", unit="frame", disable=not progress):
                 if t in forced_text:
                     stream.say(forced_text[t])
                 out = stream.step(user_codes[:, :, t : t + 1])
-                if out.tokens is not None:
-                    texts.append(out.tokens[:, 0, 0])
-                    audios.append(out.tokens[:, 1:, 0])
-                if out.user_prediction is not None:
-                    preds.append(out.user_prediction[..., -1])
-                    probs.append(out.user_probs[..., -1])
-                    entropies.append(out.user_entropy[..., -1])
-                if out.user_turn is not None:
-                    silences.append(out.user_turn.silence)
-                    turn_ends.append(out.user_turn.turn_end)
-            stats = stream.stats
-        device = self.device
-        return MoshiGenerateOutput(
-            text_tokens=torch.stack(texts, dim=1) if texts else torch.empty(B, 0, dtype=torch.long, device=device),
-            audio_codes=(torch.stack(audios, dim=2) if audios
-                         else torch.empty(B, c.dep_q, 0, dtype=torch.long, device=device)),
-            user_prediction=torch.stack(preds, dim=2) if preds else None,
-            user_probs=torch.stack(probs, dim=2) if probs else None,
-            user_entropy=torch.stack(entropies, dim=2) if entropies else None,
-            user_silence=torch.stack(silences, dim=2) if silences else None,
-            user_turn_end=torch.stack(turn_ends, dim=1) if turn_ends else None,
-            speculation=stats,
-        )
+                steps.append((out, out, None))
+        return MoshiGenerateOutput.from_steps(steps, B, c.dep_q, self.device, stream.stats)
 
     def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
                              cache_dir=None, force_download=False, proxies=None, local_files_only=False, token=None,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import threading
 import time
 
@@ -75,7 +77,7 @@ def test_conversations_through_the_engine_process(demo_model_dir):
         assert engine.error is None and engine.running
     finally:
         engine.stop()
-    assert not engine.running and not engine._process.is_alive()
+    assert not engine.running and engine.pid is None
 
 
 def test_a_folder_that_is_no_model_fails_at_start_with_its_reason(tmp_path):
@@ -91,5 +93,16 @@ def test_a_failing_engine_is_reported_to_the_server_side(demo_model_dir):
         assert "boom in the tick" in str(engine.error) and not engine.running
         with pytest.raises(RuntimeError, match="boom in the tick"):
             engine.metrics()
+    finally:
+        engine.stop()
+
+
+def test_an_engine_process_that_dies_is_reported(demo_model_dir):
+    engine = EngineProcess(functools.partial(RealtimeEngine.from_pretrained, str(demo_model_dir), max_sessions=1))
+    try:
+        engine.start()
+        os.kill(engine.pid, signal.SIGKILL)  # e.g. the kernel's out-of-memory killer
+        assert wait_for(lambda: engine.error is not None)
+        assert "exited (code -9)" in str(engine.error) and not engine.running
     finally:
         engine.stop()
