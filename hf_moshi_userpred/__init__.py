@@ -15,7 +15,7 @@ _MODEL = {
     "MoshiUserPredGenerationConfig": "generation_moshi_config",
     "MoshiStreamingSession": "generation_moshi_streaming",
     "MoshiStreamStepOutput": "generation_moshi_streaming",
-    "MoshiUserTurnOutput": "generation_moshi_streaming",
+    "MoshiUserTurnOutput": "generation_moshi_text_constraints",
     "SpeculationStats": "generation_moshi_streaming",
     "MoshiGenerateOutput": "generation_moshi_userpred",
     "MoshiUserPredForConditionalGeneration": "modeling_moshi_userpred",

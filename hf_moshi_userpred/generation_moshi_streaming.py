@@ -13,68 +13,28 @@ One streaming call `o` (docs/design.md §2) reads user frame `o` and, like moshi
 
 The session drives the model only through its streaming step API (`make_streaming_caches`, `system_step`,
 `user_step`); what it owns is the per-slot state: the token ring that realises the delays, the offsets, the
-pending user predictions and the precomputed speculative step. It also constrains the text stream: forced text
-(`say`) and the turn holds (`max_turn_words`, `min_silence_frames`, `turn_hold_threshold`), as a mask on the text
-logits computed from static per-slot state inside the step (CUDA-graph safe), while the forced-word queues are kept
-on the host and advanced after the step's text token is known.
+pending user predictions and the precomputed speculative step. What the text stream may say next (forced text,
+the turn holds) and the turn-taking signal are `MoshiTextConstraints`'s (generation_moshi_text_constraints.py),
+which the step consults for a mask on the text logits and updates once the step's text token is known.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessorList
 from transformers.utils import ModelOutput
 
 from .generation_moshi_config import STREAMS, MoshiUserPredGenerationConfig, build_logits_processor, sample_from_scores
+from .generation_moshi_text_constraints import MoshiTextConstraints, MoshiUserTurnOutput, WordTokenizer
 from .modeling_moshi_codes import UNGENERATED_TOKEN_ID, check_codes
 
 if TYPE_CHECKING:  # the model module imports this one (through the generation mixin)
     from .modeling_moshi_userpred import MoshiSystemStepOutput, MoshiUserPredForConditionalGeneration
-
-
-class WordTokenizer(Protocol):
-    """What `say` needs to turn a string into words of token ids, e.g. a `sentencepiece.SentencePieceProcessor` (the
-    model folder's `tokenizer.model`); each word is encoded on its own, as the training text was."""
-
-    def encode(self, text: str) -> list[int]: ...
-
-
-def turn_taking_signal(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The turn-taking signal from the user branch's logits of its delay-0 codebook (torch only, no state).
-
-    Args:
-        logits: `[..., card]` scores of the user's next semantic token (e.g. `user_logits[:, k0]` `[B, T, card]`
-            from `forward`, or one streaming step's `[B, card]`); NaN rows give NaN.
-        table: `[card, horizon + 1]` from `TurnTakingStatistics.table` (turn_taking.py): per token, P(user silent
-            `n - 1` frames later) for `n = 1 .. horizon`, then P(user silent over the last `turn_end_frames` of the
-            horizon).
-
-    Returns:
-        `silence` `[..., horizon]`: P(user silent in frame `t + n - 1`) where `t` is the predicted frame;
-        `turn_end` `[...]`: P(the user's turn ends within the horizon).
-    """
-    out = logits.float().softmax(-1) @ table.to(logits.device, torch.float32)
-    return out[..., :-1], out[..., -1]
-
-
-@dataclass
-class MoshiUserTurnOutput(ModelOutput):
-    r"""The turn-taking signal of one step ([`turn_taking_signal`] of the user branch's delay-0 logits).
-
-    Args:
-        silence (`torch.FloatTensor` `[B, horizon]`): P(the user is silent `n - 1` frames after the predicted frame),
-            `n = 1 .. horizon`; NaN for a slot that did not run this step.
-        turn_end (`torch.FloatTensor` `[B]`): P(the user's turn ends within the horizon); NaN likewise.
-    """
-
-    silence: torch.Tensor | None = None
-    turn_end: torch.Tensor | None = None
 
 
 @dataclass
@@ -220,50 +180,9 @@ class MoshiStreamingSession:
         # the idle-time half of the last step when it was deferred (`step(..., look_ahead=False)`): hidden, text,
         # gap-filled rows
         self.deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-        # Text constraints, read by `_constrain_text` inside the (graphed) step: updated in place only.
-        self.padding_ids = padding_ids
-        self.padding_id, self.end_padding_id = padding_ids
-        self.text_vocab = torch.arange(c.text_card_out, device=device)
-        self.tokenizer = tokenizer
-        # per slot: (token, continues a word, frames the model may wait before the word starts)
-        self.forced_words: list[deque[tuple[int, bool, int | None]]] = [deque() for _ in range(batch_size)]
-        self.forced_waited = [0] * batch_size  # steps since the last forced token was said (or since `say`)
-        self.forced_token = torch.full((batch_size,), -1, device=device)  # next forced token, -1: none
-        self.forced_continues = torch.zeros(batch_size, dtype=torch.bool, device=device)  # it continues a word
-        self.forced_overdue = torch.zeros(batch_size, dtype=torch.bool, device=device)  # its word must start now
-        self.turn_words = torch.zeros(batch_size, dtype=torch.long, device=device)  # words since the user spoke
-        self.silent_frames = torch.zeros(batch_size, dtype=torch.long, device=device)  # the user's, in a row
-        self.turn_end = torch.zeros(batch_size, device=device)  # P(user turn ends) after the last step; 0 before
-        self.user_turn: MoshiUserTurnOutput | None = None
-        self._init_turn_taking(turn_taking_table)
-
-    def _init_turn_taking(self, table: torch.Tensor | None) -> None:
-        """Checks the turn settings against `table` and keeps the user's voice activity per delay-0 token."""
-        c, cfg = self.model.config, self.config
-        self.turn_taking_table = None
-        if table is None:
-            if cfg.holds_turns:
-                raise ValueError(f"max_turn_words={cfg.max_turn_words!r}, min_silence_frames={cfg.min_silence_frames!r}"
-                                 f", turn_hold_threshold={cfg.turn_hold_threshold!r}: the turn settings need "
-                                 "turn_taking_table (TurnTakingStatistics.table(), the user's voice activity)")
-            return
-        if (not isinstance(table, torch.Tensor) or not table.is_floating_point() or table.dim() != 2
-                or table.shape[0] != c.card or table.shape[1] < 2):
-            got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
-            raise ValueError(f"turn_taking_table must be a float tensor [card={c.card}, horizon + 1] "
-                             f"(TurnTakingStatistics.table()), got {got}")
-        user_delays = c.delays[self.user_offset :]
-        if 0 not in user_delays or (self.predicts_user and user_delays.index(0) >= c.user_dep_q):
-            raise ValueError(f"turn_taking_table needs a delay-0 user codebook the user branch predicts; user delays "
-                             f"are {user_delays}, user_dep_q={c.user_dep_q}")
-        if cfg.turn_hold_threshold is not None and not self.predicts_user:
-            raise ValueError(f"turn_hold_threshold={cfg.turn_hold_threshold!r} needs the user branch (predict_user="
-                             f"{cfg.predict_user}, predict_user_audio={c.predict_user_audio})")
-        self.delay0_row = user_delays.index(0)
-        self.turn_taking_table = table.to(self.model.device, torch.float32)
-        # P(silent | token) >= 0.5, indexed by token + 1: the zero token (-1) and the initial token (card) are silent
-        self.user_silent = torch.ones(c.card + 2, dtype=torch.bool, device=self.model.device)
-        self.user_silent[1:-1] = self.turn_taking_table[:, 0] >= 0.5
+        self.constraints = MoshiTextConstraints(c, generation_config, batch_size, device, turn_taking_table, tokenizer,
+                                                self.predicts_user)
+        self.user_turn: MoshiUserTurnOutput | None = None  # the turn-taking signal of the last look-ahead
 
     # ------------------------------------------------------------------------------------------ control
     def say(self, text: str | Sequence[Sequence[int]], *, tokenizer: WordTokenizer | None = None,
@@ -296,47 +215,10 @@ class MoshiStreamingSession:
                 vocabulary (`text_card_out`).
         """
         mask = self._check_mask(mask, "say")
-        if max_wait_frames is not None and (isinstance(max_wait_frames, bool) or not isinstance(max_wait_frames, int)
-                                            or max_wait_frames < 0):
-            raise ValueError(f"max_wait_frames={max_wait_frames!r}: must be an integer >= 0 or None")
-        tokens = [(token, i > 0, max_wait_frames) for word in self._forced_word_ids(text, tokenizer)
-                  for i, token in enumerate(word)]
-        for slot in mask.nonzero().flatten().tolist():
-            if not self.forced_words[slot]:
-                self.forced_waited[slot] = 0
-            self.forced_words[slot].extend(tokens)
-        self._refresh_forced()
+        queued = self.constraints.say(text, mask.nonzero().flatten().tolist(), tokenizer, max_wait_frames)
         if self.speculation is not None:  # it was computed without these words
             self.speculation.valid &= ~mask
-        return len(tokens)
-
-    def _forced_word_ids(self, text: str | Sequence[Sequence[int]], tokenizer: WordTokenizer | None) -> list[list[int]]:
-        if isinstance(text, str):
-            tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-            if tokenizer is None:
-                raise ValueError(f"say({text!r}): a string needs a tokenizer (say(text, tokenizer=...) or "
-                                 "model.streaming(..., tokenizer=...)), or pass the words as token ids")
-            words = [list(tokenizer.encode(word)) for word in text.split()]
-            words = [word for word in words if word]  # a word that tokenizes to nothing is skipped, as in training
-        else:
-            words = [list(word) if isinstance(word, (list, tuple)) else word for word in text]
-        c = self.model.config
-        for word in words:
-            if not isinstance(word, list) or not word or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < c.text_card_out
-                    and t not in (self.padding_id, self.end_padding_id) for t in word):
-                raise ValueError(f"say: word {word!r} must be a non-empty list of text token ids in [0, "
-                                 f"{c.text_card_out}) other than the padding ids {self.padding_id} and "
-                                 f"{self.end_padding_id}")
-        return words
-
-    def _refresh_forced(self) -> None:
-        """Copy the head of every slot's forced-word queue into the step's static state."""
-        heads = [queue[0] if queue else (-1, False, None) for queue in self.forced_words]
-        self.forced_token.copy_(torch.tensor([token for token, _, _ in heads]))
-        self.forced_continues.copy_(torch.tensor([continues for _, continues, _ in heads]))
-        self.forced_overdue.copy_(torch.tensor([wait is not None and waited >= wait
-                                                for (_, _, wait), waited in zip(heads, self.forced_waited)]))
+        return queued
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Restart the slots where `mask` `[B]` is True (all by default): a new conversation in each."""
@@ -348,12 +230,7 @@ class MoshiStreamingSession:
         self.kv.reset(mask)
         self.text_history.masked_fill_(mask[:, None], self.model.config.existing_text_padding_id)
         self.missing.masked_fill_(mask, False)
-        for slot in mask.nonzero().flatten().tolist():
-            self.forced_words[slot].clear()
-            self.forced_waited[slot] = 0
-        self._refresh_forced()
-        for turn_state in (self.turn_words, self.silent_frames, self.turn_end):
-            turn_state.masked_fill_(mask, 0)
+        self.constraints.reset(mask)
         if self.predicts_user:
             self.user_prediction.masked_fill_(mask[:, None, None], -1)
             self.user_probs.masked_fill_(mask[:, None, None], float("nan"))
@@ -375,16 +252,14 @@ class MoshiStreamingSession:
             self.look_ahead(speculate=False)
         index = index.to(self.model.device)
         self.kv.reorder(index)
-        state = [self.tokens, self.offsets, self.exec_mask, self.missing, self.text_history, self.forced_token,
-                 self.forced_continues, self.forced_overdue, self.turn_words, self.silent_frames, self.turn_end]
+        self.constraints.reorder(index)
+        state = [self.tokens, self.offsets, self.exec_mask, self.missing, self.text_history]
         if self.predicts_user:
             state += [self.user_prediction, self.user_probs, self.user_entropy]
             if self.last_user_logits is not None:
                 state.append(self.last_user_logits)
         for tensor in state:
             tensor.copy_(tensor[index])
-        self.forced_words = [deque(self.forced_words[b]) for b in index.tolist()]
-        self.forced_waited = [self.forced_waited[b] for b in index.tolist()]
         self.speculation, self.next_noise = None, None
 
     def _check_mask(self, mask: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -404,8 +279,7 @@ class MoshiStreamingSession:
     def nbytes(self) -> int:
         """Bytes of the state allocated for the session (caches, token ring, prediction buffers): constant over a
         session. The transient tensors of a speculative step (its k alternatives) are not counted."""
-        tensors = [self.tokens, self.offsets, self.text_history, self.forced_token, self.forced_continues,
-                   self.forced_overdue, self.turn_words, self.silent_frames, self.turn_end]
+        tensors = [self.tokens, self.offsets, self.text_history, *self.constraints.tensors()]
         if self.predicts_user:
             tensors += [self.user_prediction, self.user_probs, self.user_entropy]
         return self.caches.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
@@ -477,7 +351,7 @@ class MoshiStreamingSession:
             hidden, text, audio = _pick(spec.hidden, choice), _pick(spec.text, choice), _pick(spec.audio, choice)
         if spec is not None:
             self.kv.commit(spec.pending, self.offsets, choice, mask=hit)
-        self._advance_constraints(text, inputs)
+        self.constraints.advance(text, self.text_history[:, -1], inputs[:, self.user_offset :], self.exec_mask)
         tokens = self._commit_tokens(text, audio)
         critical = time.perf_counter() - start
         status = self._speculation_status(spec, hit, run, critical)
@@ -583,7 +457,8 @@ class MoshiStreamingSession:
         history = self.text_history.repeat_interleave(n, dim=0)
 
         def sample_text(logits: torch.Tensor) -> torch.Tensor:
-            scores = self.processors["text"](history, self._constrain_text(logits.float(), n))
+            allowed = self.constraints.mask(logits.float(), self.text_history[:, -1], n)
+            scores = self.processors["text"](history, allowed)
             return sample_from_scores(scores, _expand(text_noise, n))
 
         def sample_audio(step: int, logits: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
@@ -591,59 +466,6 @@ class MoshiStreamingSession:
             return sample_from_scores(scores, None if audio_noise is None else _expand(audio_noise[:, step], n))
 
         return self.model.system_step(inputs, self.offsets, self.caches, sample_text, sample_audio)
-
-    def _constrain_text(self, logits: torch.Tensor, n: int) -> torch.Tensor:
-        """Text logits `[B * n, V]` with what the forced words and the turn hold forbid set to -inf (before the
-        processors, so that the warpers choose among the allowed tokens). Pure tensor work on static state."""
-        vocab, last = self.text_vocab[None], self.text_history[:, -1:]  # [1, V], [B, 1]
-        pad, end_pad = vocab == self.padding_id, vocab == self.end_padding_id
-        held = self._held()[:, None]  # may not start a word
-        # Inside a forced word, or after an end-of-padding, the next forced token. Between words: the next forced
-        # word's first token or end-of-padding (unless held), and padding (unless the word is overdue and not held).
-        forced = self.forced_token[:, None]
-        exact = self.forced_continues[:, None] | ((last == self.end_padding_id) & ~held)
-        between = (((vocab == forced) | end_pad) & ~held) | (pad & ~(self.forced_overdue[:, None] & ~held))
-        allowed = torch.where(forced >= 0, torch.where(exact, vocab == forced, between), True)
-        # A held slot writes padding after padding (or an end-of-padding); a word already started finishes.
-        after_padding = (last == self.padding_id) | (last == self.end_padding_id)
-        allowed &= torch.where(held & after_padding, pad, True)
-        return logits.masked_fill(~allowed.repeat_interleave(n, dim=0), float("-inf"))
-
-    def _held(self) -> torch.Tensor:
-        """`[B]` slots whose text may not start a word now: the one hold of the three turn settings."""
-        cfg = self.config
-        held = torch.zeros_like(self.exec_mask)
-        if cfg.max_turn_words is not None:
-            held |= self.turn_words >= cfg.max_turn_words
-        if cfg.min_silence_frames:
-            held |= (self.turn_words == 0) & (self.silent_frames < cfg.min_silence_frames)
-        if cfg.turn_hold_threshold is not None:
-            held |= self.turn_end < cfg.turn_hold_threshold
-        return held
-
-    def _advance_constraints(self, text: torch.Tensor, inputs: torch.Tensor) -> None:
-        """After the step's text `[B]` is known, before it enters the history: pop the forced tokens said (host
-        bookkeeping, one sync, only while some slot has words to say), count the words started since the user last
-        spoke and the user's silent frames in a row from the delay-0 user token the step read (`inputs` `[B, K]`).
-        The next step's hold reads them, so a speculative step knows them too."""
-        run = self.exec_mask
-        if self.turn_taking_table is not None:
-            started = _is_word(text, self.padding_ids) & ~_is_word(self.text_history[:, -1], self.padding_ids)
-            spoke = ~self.user_silent[inputs[:, self.user_offset + self.delay0_row] + 1]
-            self.turn_words.copy_(torch.where(run & spoke, 0, self.turn_words + (run & started).long()))
-            self.silent_frames.copy_(torch.where(run, torch.where(spoke, 0, self.silent_frames + 1),
-                                                 self.silent_frames))
-        if any(self.forced_words):
-            said, running = torch.stack([text, run.long()]).tolist()
-            for slot, queue in enumerate(self.forced_words):
-                if not (running[slot] and queue):
-                    continue
-                if queue[0][0] == said[slot]:
-                    queue.popleft()
-                    self.forced_waited[slot] = 0
-                else:
-                    self.forced_waited[slot] += 1
-            self._refresh_forced()
 
     def _commit_tokens(self, text: torch.Tensor, audio: torch.Tensor) -> torch.Tensor | None:
         """Write the call's text/audio into the ring, advance executing slots, return moshi-aligned tokens."""
@@ -692,12 +514,7 @@ class MoshiStreamingSession:
             return sample_from_scores(scores, None if noise is None else noise[:, step])
 
         tokens, logits = self.model.user_step(hidden, text, self.caches, sample_user)
-        if self.turn_taking_table is not None:
-            silence, turn_end = turn_taking_signal(logits[:, self.delay0_row], self.turn_taking_table)
-            self.turn_end.copy_(torch.where(self.exec_mask, turn_end, self.turn_end))
-            ran = self.exec_mask[:, None]
-            self.user_turn = MoshiUserTurnOutput(silence=silence.masked_fill(~ran, float("nan")),
-                                                 turn_end=turn_end.masked_fill(~ran[:, 0], float("nan")))
+        self.user_turn = self.constraints.observe_user_logits(logits, self.exec_mask)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         probs = log_probs.gather(-1, tokens[..., None])[..., 0].exp()
         entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -784,11 +601,6 @@ class _CUDAGraphed:
         return self.output
 
 
-def _is_word(text: torch.Tensor, padding_ids: tuple[int, int]) -> torch.Tensor:
-    """Where text tokens are part of a word (neither padding nor end-of-padding)."""
-    return (text != padding_ids[0]) & (text != padding_ids[1])
-
-
 def _expand(noise: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """Share each slot's noise across its `n` alternatives: `[B, ...]` -> `[B * n, ...]`."""
     return None if noise is None else noise.repeat_interleave(n, dim=0)
@@ -799,5 +611,4 @@ def _pick(values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     return values[torch.arange(values.shape[0], device=values.device), choice]
 
 
-__all__ = ["MoshiStreamStepOutput", "MoshiStreamingSession", "MoshiUserTurnOutput", "SpeculationStats", "WordTokenizer",
-           "turn_taking_signal"]
+__all__ = ["MoshiStreamStepOutput", "MoshiStreamingSession", "SpeculationStats"]

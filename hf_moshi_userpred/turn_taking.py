@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
-from .generation_moshi_streaming import turn_taking_signal  # the streaming session computes it each step too
+from .generation_moshi_text_constraints import turn_taking_signal  # the streaming session computes it each step too
 from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 from .text_alignment import validate_alignments
 

@@ -121,7 +121,7 @@ def test_prompt_text_and_say_per_slot(demo):
             out = stream.step(demo.user[:, :, t : t + 1])
             if out.tokens is not None:
                 texts.append(out.tokens[:, 0, 0])
-        assert not any(stream.forced_words) and (stream.forced_token == -1).all()  # everything was said
+        assert not any(stream.constraints.forced_words) and (stream.constraints.forced_token == -1).all()  # everything was said
     text = torch.stack(texts, dim=1)  # calls 0 .. FRAMES - 1 - max(delays)
     prompt = demo.tokenizer.encode("hello") + demo.tokenizer.encode("tomorrow")
     for b in range(2):
