@@ -299,7 +299,9 @@ def quantize_model_directory(
     """Writes a torchao weight-only quantized copy of a model directory of this package ([`quantization_config`]).
 
     The output holds what `save_pretrained` writes (quantized safetensors, `config.json` with its
-    `quantization_config`, the remote code), plus the source's `tokenizer.model` and `mimi/`. The source is only read.
+    `quantization_config`, the remote code), plus everything else the source holds beside its weights (`tokenizer.model`,
+    `mimi/`, the turn-taking statistics, the training and metrics records) but its model card, which describes the
+    unquantized weights. The source is only read.
 
     Args:
         model_dir: a directory written by `save_pretrained` (or [`convert_kyutai_checkpoint`]), not quantized.
@@ -325,11 +327,16 @@ def quantize_model_directory(
     output = check_output_dir(output_dir, overwrite, source=source)
     with progress_bars(progress), atomic_directory(output, overwrite=overwrite) as staging:
         _save_quantized(source, staging, scheme, device)
-        if (source / TOKENIZER_NAME).is_file():
-            shutil.copyfile(source / TOKENIZER_NAME, staging / TOKENIZER_NAME)
         if (source / MIMI_FOLDER).is_dir():
             shutil.copytree(source / MIMI_FOLDER, staging / MIMI_FOLDER)
+        for entry in sorted(source.iterdir()):  # the loose files; not checkpoints or other folders (a training run's)
+            if entry.is_file() and not (staging / entry.name).exists() and entry.name != "README.md" \
+                    and entry.suffix not in _WEIGHT_SUFFIXES and not entry.name.endswith(".safetensors.index.json"):
+                shutil.copyfile(entry, staging / entry.name)
     return ConversionResult(output, *_count_weights(output), _files(output), [_quantization_note(output, scheme)])
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".sft")  # weights stay behind: the quantized ones are written
 
 
 def _save_quantized(source: Path, staging: Path, scheme: str, device: str | torch.device) -> None:

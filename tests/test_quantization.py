@@ -129,12 +129,17 @@ def test_convert_quantize_int8_round_trip_through_remote_code(saved_model, tmp_p
     shutil.copytree(folder, source)
     shutil.copyfile(SAMPLE_TOKENIZER, source / "tokenizer.model")
     shutil.copytree(SAMPLE_MIMI, source / "mimi")
+    (source / "turn_taking_statistics.json").write_text('{"horizon": 10}')  # what serve reads beside the weights
+    (source / "README.md").write_text("card of the unquantized model")
+    (source / "checkpoint-10").mkdir()  # a training run's folder: not copied
     before = {path.name: path.stat().st_mtime_ns for path in source.iterdir()}
     assert main(["convert", str(source), str(tmp_path / "int8"), "--quantize", "int8", "--quiet"]) == 0
     assert "quantized int8 with torchao Int8WeightOnlyConfig" in capsys.readouterr().out
     assert {path.name: path.stat().st_mtime_ns for path in source.iterdir()} == before  # the source is only read
     out = tmp_path / "int8"
     assert (out / "tokenizer.model").is_file() and (out / "mimi" / "config.json").is_file()
+    assert (out / "turn_taking_statistics.json").read_text() == '{"horizon": 10}'
+    assert not (out / "README.md").exists() and not (out / "checkpoint-10").exists()
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_type"]["default"]["_type"] \
         == "Int8WeightOnlyConfig"
     local = MoshiUserPredForConditionalGeneration.from_pretrained(out)
