@@ -527,4 +527,4 @@ def test_engine_turn_hold_and_no_signal_without_statistics(parts, tmp_path):
     engine = RealtimeEngine(MoshiUserPredForConditionalGeneration.from_pretrained(tmp_path), *parts[1:],
                             max_sessions=1)
     engine.stop()
-    assert engine.turn_taking_statistics is None and engine.session.turn_taking_table is None
+    assert engine.turn_taking_statistics is None and engine.session.constraints.table is None
