@@ -86,7 +86,6 @@ class EngineProcess:
         if kind != "ready":
             raise RuntimeError(f"the engine process did not start: {payload[0]}")
         self.max_sessions, self.sampling_rate, self.frame_size = payload[0]
-        self._active = 0
         self._reader = threading.Thread(target=self._read_events, name="engine-events", daemon=True)
         self._reader.start()
 
@@ -113,23 +112,21 @@ class EngineProcess:
         """Takes a free slot for a new conversation (None when all are in use); `deliver` is called from a reader
         thread with each [`FrameOutput`] and must not block."""
         conversation_id = next(self._ids)
-        self._deliver[conversation_id] = deliver
         slot = self._request(("join", conversation_id), conversation_id)
         if slot is None:
-            del self._deliver[conversation_id]
             return None
-        self._active += 1
+        # Registered once joined: its first frame needs audio, which only comes after `join` returns.
+        self._deliver[conversation_id] = deliver
         return RemoteConversation(conversation_id, slot, self)
 
     def leave(self, conversation: RemoteConversation) -> None:
         """Frees the conversation's slot (idempotent)."""
         if self._deliver.pop(conversation.id, None) is not None:
-            self._active -= 1
             self._send(("leave", conversation.id))
 
     @property
     def active_sessions(self) -> int:
-        return self._active
+        return len(self._deliver)
 
     @property
     def pid(self) -> int | None:

@@ -427,20 +427,24 @@ def calibrate_user_prediction(
     model.eval()
     try:
         c.user_logit_temperature = None
-        nll, tokens = _temperature_nll(model, dataset, window, batch_size)
+        # The NLL sums of the two halves are the whole set's: one pass fits the halves and the whole.
+        folds = [dataset[0::2], dataset[1::2]] if len(dataset) > 1 else [dataset]
+        fold_fits = [_temperature_nll(model, fold, window, batch_size) for fold in folds]
+        nll, tokens = (sum(parts) for parts in zip(*fold_fits))
+        if tokens.sum() == 0:
+            raise ValueError("calibrate_user_prediction: no user token to score (all zero tokens, or windows too "
+                             "short)")
         best = nll.argmin(dim=1)
         temperature = CALIBRATION_TEMPERATURES[best].tolist()
         raw = _count_dataset(model, dataset, window, batch_size, ranking, 1, num_bins)
         c.user_logit_temperature = temperature
         scaled = _count_dataset(model, dataset, window, batch_size, ranking, 1, num_bins)
-        folds = [dataset[0::2], dataset[1::2]] if len(dataset) > 1 else []
         crossed: dict[str, torch.Tensor] = {}
-        for fit_on, measure_on in zip(folds, folds[::-1]):
-            c.user_logit_temperature = None
-            fold_nll, _ = _temperature_nll(model, fit_on, window, batch_size)
-            c.user_logit_temperature = CALIBRATION_TEMPERATURES[fold_nll.argmin(dim=1)].tolist()
-            counts = _count_dataset(model, measure_on, window, batch_size, ranking, 1, num_bins)
-            crossed = {name: crossed[name] + value for name, value in counts.items()} if crossed else counts
+        if len(folds) == 2:  # each half measured with the other half's fit
+            for (fold_nll, _), measure_on in zip(fold_fits, folds[::-1]):
+                c.user_logit_temperature = CALIBRATION_TEMPERATURES[fold_nll.argmin(dim=1)].tolist()
+                counts = _count_dataset(model, measure_on, window, batch_size, ranking, 1, num_bins)
+                crossed = {name: crossed[name] + value for name, value in counts.items()} if crossed else counts
     finally:
         c.user_logit_temperature = saved
         model.train(was_training)
@@ -481,8 +485,6 @@ def _temperature_nll(
                 log_probs = (logits[None] / chunk[:, None, None]).log_softmax(-1)
                 nll[k, start : start + len(chunk)] -= log_probs.gather(
                     -1, target[None, :, None].expand(len(chunk), -1, 1))[..., 0].sum(-1)
-    if tokens.sum() == 0:
-        raise ValueError("calibrate_user_prediction: no user token to score (all zero tokens, or windows too short)")
     return nll.cpu(), tokens.cpu()
 
 

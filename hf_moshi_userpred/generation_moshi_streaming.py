@@ -455,10 +455,13 @@ class MoshiStreamingSession:
         """
         n = inputs.shape[1]
         history = self.text_history.repeat_interleave(n, dim=0)
+        constrain = self.graphs is not None or self.constraints.active
 
         def sample_text(logits: torch.Tensor) -> torch.Tensor:
-            allowed = self.constraints.mask(logits.float(), self.text_history[:, -1], n)
-            scores = self.processors["text"](history, allowed)
+            scores = logits.float()
+            if constrain:
+                scores = self.constraints.mask(scores, self.text_history[:, -1], n)
+            scores = self.processors["text"](history, scores)
             return sample_from_scores(scores, _expand(text_noise, n))
 
         def sample_audio(step: int, logits: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,9 @@ class MoshiTextConstraints:
         self.config, self.settings, self.tokenizer = config, generation_config, tokenizer
         self.padding_ids = (config.existing_text_padding_id, config.existing_text_end_padding_id)
         self.padding_id, self.end_padding_id = self.padding_ids
-        self.vocab = torch.arange(config.text_card_out, device=device)
+        vocab = torch.arange(config.text_card_out, device=device)[None]  # [1, V]
+        self.is_padding, self.is_end_padding = vocab == self.padding_id, vocab == self.end_padding_id
+        self.vocab = vocab
         # per slot: (token, continues a word, frames the model may wait before the word starts)
         self.forced_words: list[deque[tuple[int, bool, int | None]]] = [deque() for _ in range(batch_size)]
         self.forced_waited = [0] * batch_size  # steps since the last forced token was said (or since `say`)
@@ -173,12 +175,19 @@ class MoshiTextConstraints:
                                                 for (_, _, wait), waited in zip(heads, self.forced_waited)]))
 
     # --------------------------------------------------------------------------------------- in the step
+    @property
+    def active(self) -> bool:
+        """Whether [`mask`] can forbid anything now: a turn setting is on or some slot has words to say (host state
+        only, no sync). A step without CUDA graphs skips the mask otherwise; a graphed step always applies it, since
+        words said later must reach the captured graph."""
+        return self.settings.holds_turns or any(self.forced_words)
+
     def mask(self, logits: torch.Tensor, last_text: torch.Tensor, n: int) -> torch.Tensor:
         """Text logits `[B * n, V]` with what the forced words and the turn hold forbid set to -inf (before the
         processors, so that the warpers choose among the allowed tokens), given each slot's last text token
         `last_text` `[B]`. Pure tensor work on static state."""
-        vocab, last = self.vocab[None], last_text[:, None]  # [1, V], [B, 1]
-        pad, end_pad = vocab == self.padding_id, vocab == self.end_padding_id
+        vocab, last = self.vocab, last_text[:, None]  # [1, V], [B, 1]
+        pad, end_pad = self.is_padding, self.is_end_padding
         held = self.held()[:, None]  # may not start a word
         # Inside a forced word, or after an end-of-padding, the next forced token. Between words: the next forced
         # word's first token or end-of-padding (unless held), and padding (unless the word is overdue and not held).
