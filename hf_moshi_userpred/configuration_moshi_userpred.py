@@ -94,12 +94,21 @@ class MoshiUserPredConfig(PreTrainedConfig):
             scaling): `user_logits` (forward and streaming) are the raw scores divided by it, which leaves every
             argmax unchanged and makes the branch's confidence (gap filling, speculation candidates' probabilities,
             the turn-taking signal) match its accuracy. None: uncalibrated. Training resets it (see the Trainer).
+        voice_activity_horizon (`int`): 0, or the frames a voice-activity-projection (VAP) head forecasts: a linear
+            head on the hidden state the user branch reads that gives, at every position, P(the user is silent
+            `n - 1` frames after the frame the user branch predicts), `n = 1 .. horizon`, and P(the user's turn
+            ends within the horizon) (`modeling_moshi_voice_activity.py`). The turn-taking signal then comes from
+            it instead of a token table. Needs the user branch. Off (0) by default.
+        voice_activity_turn_end_frames (`int`): the frames at the end of the horizon over which the user must be
+            silent for "the turn ends" (`1 <= voice_activity_turn_end_frames <= voice_activity_horizon`).
 
     Loss defaults (moshi-finetune's knobs):
         user_loss_weight (`float`): weight of the user loss in `loss` when `forward` is given none; the Trainer's
             default curriculum ramps the weight up to this value (an explicit `user_loss_stages` replaces it).
         first_codebook_weight_multiplier (`float`): weight of audio codebook 0 (system and user) in their losses.
         text_padding_weight (`float`): weight of padding / end-of-padding targets in the text loss.
+        voice_activity_loss_weight (`float`): weight of the VAP head's loss (a masked mean binary cross-entropy
+            against the user's future voice activity, given to `forward` as `user_activity`) in `loss`.
     """
 
     model_type = "moshi_userpred"
@@ -159,10 +168,13 @@ class MoshiUserPredConfig(PreTrainedConfig):
     user_prediction_lookahead: int = 1
     user_init: str = "random"
     user_logit_temperature: list[float] | None = None
+    voice_activity_horizon: int = 0
+    voice_activity_turn_end_frames: int = 5
 
     user_loss_weight: float = 0.1
     first_codebook_weight_multiplier: float = 1.0
     text_padding_weight: float = 0.5
+    voice_activity_loss_weight: float = 1.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.delays is None:  # moshi's pattern: text 0, then per speaker semantic 0 and acoustic 1
@@ -292,6 +304,17 @@ class MoshiUserPredConfig(PreTrainedConfig):
                                                f"({self.user_dep_q})")
         if self.user_loss_weight < 0:
             fail("user_loss_weight", "must be >= 0")
+        if self.voice_activity_horizon:
+            if not isinstance(self.voice_activity_horizon, int) or self.voice_activity_horizon < 0:
+                fail("voice_activity_horizon", "must be 0 (no head) or a number of frames >= 1")
+            if not self.predict_user_audio:
+                fail("voice_activity_horizon", "the voice-activity head belongs to the user branch "
+                                               "(predict_user_audio=False)")
+            if not 1 <= self.voice_activity_turn_end_frames <= self.voice_activity_horizon:
+                fail("voice_activity_turn_end_frames", f"must be in 1..voice_activity_horizon = "
+                                                       f"{self.voice_activity_horizon}")
+        if not self.voice_activity_loss_weight >= 0:
+            fail("voice_activity_loss_weight", "must be >= 0")
 
     @property
     def streaming_window(self) -> int:

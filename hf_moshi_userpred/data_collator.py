@@ -4,6 +4,11 @@ Dialogues are minutes long and of different lengths; a batch is `[B, 1 + n_q, se
 segment at a random offset of each dialogue per draw (moshi-finetune's sampling); evaluation covers every frame
 once with consecutive segments (`DialogueSegments`). Short dialogues and the last segment are padded with the zero
 token -1, which the model embeds as nothing and never scores.
+
+Dialogues may carry the user's voice activity per frame (`"user_activity"` `[T]`: 1 speaks, 0 silent, -1 unknown;
+`turn_taking.DialoguesWithVoiceActivity` adds it from word alignments): for a model with a voice-activity head the
+batch then holds `"user_activity"` `[B, segment_frames + lookahead - 1 + horizon]`, cut at the segment's offset and
+reaching past it by the frames the head forecasts, the targets of its loss.
 """
 
 from __future__ import annotations
@@ -55,19 +60,36 @@ class MoshiSegmentCollator:
         if len(rows) != 1:
             raise ValueError(f"dialogues in a batch have different numbers of rows: {sorted(rows)}")
         batch = torch.full((len(codes), rows.pop(), self.segment_frames), ZERO_TOKEN_ID, dtype=torch.long)
+        activity = self._activity_batch(items)
         for i, c in enumerate(codes):
             spare = c.shape[1] - self.segment_frames
             start = int(torch.randint(spare + 1, ())) if self.random_offset and spare > 0 else 0
             segment = c[:, start : start + self.segment_frames]
             batch[i, :, : segment.shape[1]] = segment
-        return {"codes": check_codes(batch, self.config, name="batch codes")}
+            if activity is not None and isinstance(items[i], Mapping) and "user_activity" in items[i]:
+                ahead = items[i]["user_activity"][start : start + activity.shape[1]]
+                activity[i, : ahead.shape[0]] = ahead
+        out = {"codes": check_codes(batch, self.config, name="batch codes")}
+        if activity is not None:
+            out["user_activity"] = activity
+        return out
+
+    def _activity_batch(self, items: Sequence[Mapping | torch.Tensor]) -> torch.Tensor | None:
+        """`[B, segment_frames + lookahead - 1 + horizon]` of -1 (unknown) when the model has a voice-activity head
+        and some item carries `"user_activity"`, else None."""
+        horizon = getattr(self.config, "voice_activity_horizon", 0)
+        if not horizon or not any(isinstance(item, Mapping) and "user_activity" in item for item in items):
+            return None
+        frames = self.segment_frames + self.config.user_prediction_lookahead - 1 + horizon
+        return torch.full((len(items), frames), -1, dtype=torch.long)
 
 
 class DialogueSegments(Dataset):
     """Every dialogue of `dataset` cut into consecutive `segment_frames` segments (the last one shorter).
 
     Deterministic and covering each frame exactly once, for evaluation. Items are `{"codes": [1 + n_q, <=S],
-    "name": "<dialogue>@<start frame>"}`.
+    "name": "<dialogue>@<start frame>"}`, and `"user_activity"` from the segment's start to the dialogue's end when the
+    dialogue carries it.
     """
 
     def __init__(self, dataset: Sequence[Mapping | torch.Tensor], segment_frames: int):
@@ -87,7 +109,10 @@ class DialogueSegments(Dataset):
         dialogue, start = self.index[i]
         item = self.dataset[dialogue]
         name = item.get("name", str(dialogue)) if isinstance(item, Mapping) else str(dialogue)
-        return {"codes": _codes_of(item)[:, start : start + self.segment_frames], "name": f"{name}@{start}"}
+        segment = {"codes": _codes_of(item)[:, start : start + self.segment_frames], "name": f"{name}@{start}"}
+        if isinstance(item, Mapping) and "user_activity" in item:  # the frames after the segment too: targets
+            segment["user_activity"] = item["user_activity"][start:]
+        return segment
 
 
 __all__ = ["DialogueSegments", "MoshiSegmentCollator"]

@@ -1,10 +1,12 @@
 """The main job on the embedded default (`hf-moshi-userpred demo`): the whole pipeline on the shipped sample, offline.
 
 1. encode the shipped dialogue sample (28 espeak-ng dialogues) with its small Mimi and tokenizer;
-2. train a tiny model from scratch with the user-loss curriculum (no Moshi weights: nothing is downloaded);
+2. train a tiny model from scratch with the user-loss curriculum (no Moshi weights: nothing is downloaded), then
+   add a voice-activity (turn-taking) head and train it alone on the alignments' voice activity, the rest frozen;
 3. evaluate user prediction on the 5 held-out dialogues against repeating the last frame and the unigram, fit the
-   turn-taking signal's statistics on the training dialogues and measure the system's dialogue behaviour on the
-   held-out ones with and without the turn hold (`dialogue_behaviour.py`);
+   turn-taking table on the training dialogues, score the turn-taking signals (head and table) at the held-out
+   user pauses against silence timers (`turn_taking.py`) and measure the system's dialogue behaviour with and
+   without the turn hold (`dialogue_behaviour.py`);
 4. stream a held-out dialogue's user channel with speculation (hit rate, critical path saved) and check the tokens
    equal plain streaming;
 5. save with `save_pretrained` (with the tokenizer, the Mimi and a model card) and reload through
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +52,22 @@ from .sample import (
 )
 from .streaming_audio import StreamResult, stream_user_audio
 from .train import write_training_config
-from .trainer import MoshiUserPredTrainer
-from .turn_taking import dialogue_alignments, fit_turn_taking_statistics
+from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+from .training_modes import prepare_model_for_training
+from .turn_taking import (
+    DEFAULT_HORIZON,
+    DEFAULT_TURN_END_FRAMES,
+    DialoguesWithVoiceActivity,
+    TurnTakingReport,
+    dialogue_alignments,
+    evaluate_turn_taking,
+    fit_turn_taking_statistics,
+)
 
 logger = logging.get_logger(__name__)
 
 TURN_HOLD_THRESHOLD = 0.5  # the demo's turn hold: no new word while P(turn end) < 0.5
+HEAD_STEPS_SHARE = 3  # the voice-activity head alone trains for a third of the steps (300: about 8 s, its loss settled)
 
 @dataclass
 class DemoResult:
@@ -69,6 +82,7 @@ class DemoResult:
         summary: the printed table's rows (name -> value) as numbers, also in `summary.json`.
         plots: name -> PNG path.
         behaviour: the system's dialogue behaviour on the held-out dialogues, without and with the turn hold.
+        turn_taking: the turn-taking signals at the held-out user pauses against silence timers.
     """
 
     output_dir: Path
@@ -79,6 +93,7 @@ class DemoResult:
     summary: dict[str, float | int | bool | str] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
     behaviour: DialogueBehaviourReport | None = None
+    turn_taking: TurnTakingReport | None = None
 
     def describe(self) -> str:
         """The summary table and where the report and the model are."""
@@ -140,21 +155,17 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
         splits[split] = EncodedDialogues(out / "encoded" / split)
     train, held_out = splits["train"], splits["eval"]
 
-    _say(f"2/6 training a tiny model for {steps} steps with the user-loss curriculum")
-    args = sample_training_arguments(out / "training", steps, seed, progress)
-    trainer = MoshiUserPredTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict when the progress bar is off
-    train_start = time.perf_counter()
-    train_metrics = trainer.train().metrics
-    train_s = time.perf_counter() - train_start
-    model.eval()
+    _say(f"2/6 training a tiny model for {steps} steps with the user-loss curriculum, then its turn-taking head")
+    alignments = {split: dialogue_alignments(out / "encoded" / split) for split in ("train", "eval")}
+    model, args, train_metrics, train_s, log_history = train_sample_model(
+        model, train, held_out, alignments["train"], alignments["eval"], out, steps, seed, progress)
 
-    _say("3/6 evaluating user prediction and dialogue behaviour on the held-out dialogues")
+    _say("3/6 evaluating user prediction, turn taking and dialogue behaviour on the held-out dialogues")
     report = evaluate_user_prediction(model, held_out, reference=train, plot_dir=out / "plots")
-    turn_statistics = fit_turn_taking_statistics(train, dialogue_alignments(out / "encoded" / "train"), model.config)
-    behaviour = evaluate_dialogue_behaviour(model, held_out, dialogue_alignments(out / "encoded" / "eval"),
-                                            turn_statistics, hold_thresholds=(None, TURN_HOLD_THRESHOLD), seed=seed,
+    turn_statistics = fit_turn_taking_statistics(train, alignments["train"], model.config)
+    turn_taking = evaluate_turn_taking(model, held_out, alignments["eval"], turn_statistics, plot_dir=out / "plots")
+    behaviour = evaluate_dialogue_behaviour(model, held_out, alignments["eval"], turn_statistics,
+                                            hold_thresholds=(None, TURN_HOLD_THRESHOLD), seed=seed,
                                             plot_dir=out / "plots")
 
     dialogue = _manifest_paths(SAMPLE_DIR / "eval.jsonl")[0]
@@ -189,11 +200,11 @@ def _run_demo(out: Path, steps: int, speculate_top_k: int, seed: int, progress: 
     reload_identical = all(torch.equal(getattr(ours, name).nan_to_num(), theirs[name].nan_to_num()) for name in theirs)
 
     _say("6/6 writing the report")
-    plots = {**report.plots, **behaviour.plots}
-    plots.update(plot_demo(trainer.state.log_history, stream, out / "plots"))
+    plots = {**report.plots, **turn_taking.plots, **behaviour.plots}
+    plots.update(plot_demo(log_history, stream, out / "plots"))
     summary = _summary(report, stream, plain_ms, speculate_top_k, lossless, reload_identical, train_s,
-                       time.perf_counter() - start, steps, model, behaviour)
-    result = DemoResult(out, report, stream, lossless, reload_identical, summary, plots, behaviour)
+                       time.perf_counter() - start, steps, model, behaviour, turn_taking)
+    result = DemoResult(out, report, stream, lossless, reload_identical, summary, plots, behaviour, turn_taking)
     write_json(out / "summary.json", summary)
     report_text = _report_markdown(result)
     atomic_write(out / "report.md", lambda path: path.write_text(report_text, encoding="utf-8"))
@@ -211,14 +222,17 @@ model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
 with torch.no_grad():
     out = model(torch.load(codes_path))
-torch.save({name: getattr(out, name) for name in ("text_logits", "audio_logits", "user_logits")}, out_path)
+torch.save({name: getattr(out, name) for name in ("text_logits", "audio_logits", "user_logits",
+                                                 "voice_activity_logits") if getattr(out, name) is not None},
+           out_path)
 """
 
 
 def logits_through_remote_code(model_dir: str | os.PathLike, codes: torch.Tensor) -> dict[str, torch.Tensor]:
     """Loads `model_dir` with `AutoModel.from_pretrained(..., trust_remote_code=True)` in a fresh Python process in
     which `hf_moshi_userpred` cannot be imported (as on a machine without the package; offline), and returns its
-    `text_logits`, `audio_logits` and `user_logits` for `codes` `[B, 1 + n_q, T]`.
+    `text_logits`, `audio_logits`, `user_logits` (and `voice_activity_logits` with a head) for `codes`
+    `[B, 1 + n_q, T]`.
 
     Raises:
         RuntimeError: the reload failed (its stderr's last lines are in the message).
@@ -234,6 +248,39 @@ def logits_through_remote_code(model_dir: str | os.PathLike, codes: torch.Tensor
         return torch.load(out_path)
 
 
+def train_sample_model(
+    model: MoshiUserPredForConditionalGeneration, train: Sequence, held_out: Sequence, train_alignments: Sequence,
+    eval_alignments: Sequence, out: Path, steps: int, seed: int = 0, progress: bool = False,
+) -> tuple[MoshiUserPredForConditionalGeneration, MoshiUserPredTrainingArguments, dict, float, list[dict]]:
+    """The demo's recipe: `model` trained `steps` steps with the user-loss curriculum
+    ([`sample_training_arguments`], outputs under `out / "training"`), then given a voice-activity head trained alone
+    for a third as many steps on the dialogues' voice activity (`out / "training_head"`; what the model says and
+    predicts stays as it is). Returns the model (in eval mode), the first run's arguments, its metrics, its seconds
+    and its log history."""
+    args = sample_training_arguments(out / "training", steps, seed, progress)
+    trainer = MoshiUserPredTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict when the progress bar is off
+    train_start = time.perf_counter()
+    train_metrics = trainer.train().metrics
+    train_s = time.perf_counter() - train_start
+    model.add_voice_activity_head(DEFAULT_HORIZON, DEFAULT_TURN_END_FRAMES)
+    prepare_model_for_training(model, "voice_activity_head")
+    head_trainer = MoshiUserPredTrainer(
+        model=model, args=sample_training_arguments(out / "training_head", _head_steps(steps), seed, progress),
+        train_dataset=DialoguesWithVoiceActivity(train, train_alignments),
+        eval_dataset=DialoguesWithVoiceActivity(held_out, eval_alignments))
+    if not progress:
+        head_trainer.remove_callback(PrinterCallback)
+    head_trainer.train()
+    model.requires_grad_(True)
+    return model.eval(), args, train_metrics, train_s, trainer.state.log_history
+
+
+def _head_steps(steps: int) -> int:
+    return max(steps // HEAD_STEPS_SHARE, 1)
+
+
 def _say(message: str) -> None:
     logger.info(message)
 
@@ -245,8 +292,10 @@ def _manifest_paths(manifest: Path) -> list[Path]:
 
 def _summary(report: UserPredictionReport, stream: StreamResult, plain_ms: float, k: int, lossless: bool,
              reload_identical: bool, train_s: float, total_s: float, steps: int,
-             model: MoshiUserPredForConditionalGeneration, behaviour: DialogueBehaviourReport) -> dict:
+             model: MoshiUserPredForConditionalGeneration, behaviour: DialogueBehaviourReport,
+             turn_taking: TurnTakingReport) -> dict:
     m, last, uni = report.model, report.repeat_last, report.unigram
+    head, timer = turn_taking.predictors["vap_head"], turn_taking.predictors["timer_500ms"]
     free, held = behaviour.settings["model"], behaviour.settings[setting_name(TURN_HOLD_THRESHOLD)]
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -268,6 +317,10 @@ def _summary(report: UserPredictionReport, stream: StreamResult, plain_ms: float
         "critical_path_saved_fraction": 1 - stream.critical_ms_mean / plain_ms,
         "tokens_identical_to_plain_streaming": lossless,
         "trust_remote_code_reload_identical": reload_identical,
+        "turn_signal_balanced_accuracy": head.shift_hold.balanced_accuracy,
+        "turn_signal_auc": head.shift_hold.auc,
+        "turn_signal_frame_auc": turn_taking.frames["vap_head"].auc,
+        "timer_500ms_balanced_accuracy": timer.shift_hold.balanced_accuracy,
         "turn_hold_threshold": TURN_HOLD_THRESHOLD,
         "pause_takeover_rate": free.pause_takeover_rate,
         "pause_takeover_rate_with_turn_hold": held.pause_takeover_rate,
@@ -296,6 +349,9 @@ def _summary_table(s: dict) -> str:
         ("speculative tokens identical to plain streaming",
          "yes" if s["tokens_identical_to_plain_streaming"] else "NO"),
         ("trust_remote_code reload: identical logits", "yes" if s["trust_remote_code_reload_identical"] else "NO"),
+        ("turn end at user pauses: balanced accuracy / AUC",
+         f"{pct(s['turn_signal_balanced_accuracy'])} / {s['turn_signal_auc']:.2f} voice-activity head, at once "
+         f"(500 ms timer: {pct(s['timer_500ms_balanced_accuracy'])}, 560 ms later)"),
         (f"pause takeover / turn ends answered (hold {s['turn_hold_threshold']:g})",
          f"{pct(s['pause_takeover_rate'])} / {pct(s['response_rate'])} without the turn hold, "
          f"{pct(s['pause_takeover_rate_with_turn_hold'])} / {pct(s['response_rate_with_turn_hold'])} with it"),
@@ -341,10 +397,23 @@ the critical path. Tokens are identical to plain streaming: {"yes" if result.los
 
 {image("speculation", "speculation over time")}
 
+## Turn taking
+
+The turn-taking signal, P(the user's turn ends within the next {result.turn_taking.horizon * result.turn_taking.frame_ms:.0f} ms), at the held-out user pauses (shift: the
+user's turn ended; hold: the user goes on), decided as soon as the last frame of user speech is in, next to silence
+timers that decide later: `vap_head` is the model's voice-activity head (trained alone for {_head_steps(s["training_steps"])} steps after the
+model), `model` the token table under the user branch's prediction. The sample's pauses inside a turn are all short,
+so a timer of 500 ms or more is never wrong on it, only late; the per-frame table scores every frame.
+
+{result.turn_taking.to_markdown()}
+
+{image("turn_taking_timeline", "turn-taking timeline")}
+{image("turn_taking_roc", "shift vs hold ROC")}
+
 ## Dialogue behaviour (Full-Duplex-Bench style)
 
 The held-out dialogues' user channels streamed through the model (sampling seed {result.behaviour.seed}), without and
-with the turn hold (the text held on padding while the user branch's P(turn end) is below
+with the turn hold (the text held on padding while the voice-activity head's P(turn end) is below
 {s['turn_hold_threshold']:g}), scored at the recording's user events; `recorded` is the recorded system measured the
 same way. Five short dialogues give a handful of events: a first look, not a result.
 
@@ -353,7 +422,7 @@ same way. Five short dialogues give a handful of events: a first look, not a res
 {image("dialogue_behaviour_timeline", "dialogue behaviour timeline")}
 
 Files: `model/` (loads with `AutoModel.from_pretrained(..., trust_remote_code=True)`; `model/README.md` is its model
-card; `model/turn_taking_statistics.json` the turn-taking signal's table), `stream/` (system.wav, dialogue.wav,
+card; `model/turn_taking_statistics.json` the turn-taking table), `stream/` (system.wav, dialogue.wav,
 text.txt, frames.jsonl), `encoded/`, `summary.json`.
 """
 

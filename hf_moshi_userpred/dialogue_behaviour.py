@@ -267,6 +267,7 @@ class DialogueBehaviourReport:
             (with `turn_hold_threshold=t`).
         num_dialogues, frames_per_dialogue: what was streamed (`frames_per_dialogue`: the `max_frames` cap or None).
         kind, bridge_frames, hangover_frames, context_frames, seed: the settings.
+        signal: what the hold read: "voice-activity head" (the model has one) or "`kind` table".
         frame_ms: one frame in ms.
         timeline: one dialogue's arrays for the plot (`user`, `system` activity of the recording, `speech` per
             setting, `turn_end` per setting `[T]` indexed by frame boundary, `events`, `name`).
@@ -281,6 +282,7 @@ class DialogueBehaviourReport:
     hangover_frames: int
     context_frames: int
     seed: int | None
+    signal: str = "token table"
     frame_ms: float = FRAME_MS
     timeline: dict[str, Any] = field(default_factory=dict, repr=False)
     plots: dict[str, str] = field(default_factory=dict)
@@ -312,7 +314,7 @@ class DialogueBehaviourReport:
             f"{first.num_turn_ends}, backchannels {first.num_backchannels}; stops: of the barge-ins over the system's "
             f"speech (their number in brackets; the others came while it was silent). System speech from its text stream: non-padding tokens, "
             f"gaps under {self.bridge_frames * self.frame_ms:.0f} ms bridged, "
-            f"{self.hangover_frames * self.frame_ms:.0f} ms after each token; {self.frame_ms:.0f} ms frames. Turn hold: {self.kind} table, the "
+            f"{self.hangover_frames * self.frame_ms:.0f} ms after each token; {self.frame_ms:.0f} ms frames. Turn hold: {self.signal}, the "
             f"text held on padding while P(turn end) < threshold; sampling seed {self.seed}.")
         return "\n".join(lines)
 
@@ -442,6 +444,7 @@ def evaluate_dialogue_behaviour(
         settings={name: o.metrics(FRAME_MS) for name, o in outcomes.items()}, num_dialogues=len(dialogues),
         frames_per_dialogue=max_frames, kind=kind, bridge_frames=bridge_frames, hangover_frames=hangover_frames,
         context_frames=context_frames, seed=seed, timeline=timeline,
+        signal="voice-activity head" if model.voice_activity_head is not None else f"{kind} table",
     )
     if plot_dir is not None:
         report.plots = plot_dialogue_behaviour(report, plot_dir)

@@ -141,12 +141,13 @@ class MoshiUserPredGenerationConfig(GenerationConfig):
             first word since the user last spoke). Needs `turn_taking_table`.
         turn_hold_threshold (`float`, *optional*): turn-conditioned generation: the system may not start a word while
             the user branch's P(the user's turn ends within the horizon) is below this (before its first prediction
-            it counts as 0). Needs `turn_taking_table` and the user branch.
+            it counts as 0). Needs the user branch and a signal: the model's voice-activity head, or `turn_taking_table`.
 
         The three share one hold: the text token is forced to padding while a hold applies and the last text token
         was padding or end-of-padding, so no word starts. The session reads the user's voice activity from the
         delay-0 user token of each frame (silent where `turn_taking_table[token, 0] >= 0.5`, and for the zero token)
-        and the turn-end probability from the step's user prediction; a step's hold uses what was known after the
+        and the turn-end probability from the step's voice-activity head (or, without one, the table under the step's
+        user prediction); a step's hold uses what was known after the
         previous step (the user's frames up to the previous one), so speculation stays lossless.
 
     Raises:
@@ -217,7 +218,7 @@ class MoshiUserPredGenerationConfig(GenerationConfig):
 
     @property
     def holds_turns(self) -> bool:
-        """Whether a turn setting can hold the text stream (they need the session's `turn_taking_table`)."""
+        """Whether a turn setting can hold the text stream."""
         return (self.max_turn_words is not None or self.min_silence_frames > 0
                 or self.turn_hold_threshold is not None)
 

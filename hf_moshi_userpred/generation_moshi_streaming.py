@@ -52,8 +52,8 @@ class MoshiStreamStepOutput(ModelOutput):
         user_probs (`torch.FloatTensor` `[B, user_dep_q, L]`): probability of each predicted token under the user
             Depformer's own softmax (NaN where none).
         user_entropy (`torch.FloatTensor` `[B, user_dep_q, L]`): entropy (nats) of that softmax.
-        user_turn ([`MoshiUserTurnOutput`], *optional*): the turn-taking signal, for a session opened with
-            `turn_taking_table` and the user branch on.
+        user_turn ([`MoshiUserTurnOutput`], *optional*): the turn-taking signal, with the user branch on, for a
+            model with a voice-activity head (from it) or a session opened with `turn_taking_table`.
         speculative (`list[str]`): per slot, "hit" (the precomputed step was committed), "miss" (the user's
             tokens were not among the candidates: a normal step ran) or "not_tried".
         gap_filled (`torch.BoolTensor` `[B, n_q - dep_q]`, *optional*): after `step(None)`, the user rows of the
@@ -131,8 +131,9 @@ class MoshiStreamingSession:
 
     Args:
         turn_taking_table (`torch.FloatTensor` `[card, horizon + 1]`, *optional*): `TurnTakingStatistics.table()`:
-            turns on `user_turn` in the step output (with the user branch) and the user's voice activity that the turn
-            settings of the generation config need.
+            turns on `user_turn` in the step output (with the user branch; a model with a voice-activity head emits
+            its own signal instead) and gives the user's voice activity that `max_turn_words` / `min_silence_frames`
+            need.
         tokenizer (*optional*): the default tokenizer of `say` for strings.
     """
 
@@ -181,7 +182,7 @@ class MoshiStreamingSession:
         # gap-filled rows
         self.deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.constraints = MoshiTextConstraints(c, generation_config, batch_size, device, turn_taking_table, tokenizer,
-                                                self.predicts_user)
+                                                self.predicts_user, model.voice_activity_head is not None)
         self.user_turn: MoshiUserTurnOutput | None = None  # the turn-taking signal of the last look-ahead
 
     # ------------------------------------------------------------------------------------------ control
@@ -517,7 +518,10 @@ class MoshiStreamingSession:
             return sample_from_scores(scores, None if noise is None else noise[:, step])
 
         tokens, logits = self.model.user_step(hidden, text, self.caches, sample_user)
-        self.user_turn = self.constraints.observe_user_logits(logits, self.exec_mask)
+        # The signal: the model's voice-activity head when it has one, else the turn-taking table's.
+        head = self.model.voice_activity_head
+        signal = head.signal(hidden) if self.constraints.head_signal else self.constraints.table_signal(logits)
+        self.user_turn = self.constraints.observe_turn(signal, self.exec_mask)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         probs = log_probs.gather(-1, tokens[..., None])[..., 0].exp()
         entropy = -(log_probs.exp() * log_probs).sum(-1)

@@ -49,7 +49,8 @@ def turn_taking_signal(logits: torch.Tensor, table: torch.Tensor) -> tuple[torch
 
 @dataclass
 class MoshiUserTurnOutput(ModelOutput):
-    r"""The turn-taking signal of one step ([`turn_taking_signal`] of the user branch's delay-0 logits).
+    r"""The turn-taking signal of one step: the model's voice-activity head on the step's hidden state, or
+    [`turn_taking_signal`] of the user branch's delay-0 logits.
 
     Args:
         silence (`torch.FloatTensor` `[B, horizon]`): P(the user is silent `n - 1` frames after the predicted frame),
@@ -78,7 +79,7 @@ class MoshiTextConstraints:
 
     def __init__(self, config: MoshiUserPredConfig, generation_config: MoshiUserPredGenerationConfig, batch_size: int,
                  device: torch.device, turn_taking_table: torch.Tensor | None, tokenizer: WordTokenizer | None,
-                 predicts_user: bool):
+                 predicts_user: bool, has_voice_activity_head: bool = False):
         self.config, self.settings, self.tokenizer = config, generation_config, tokenizer
         self.padding_ids = (config.existing_text_padding_id, config.existing_text_end_padding_id)
         self.padding_id, self.end_padding_id = self.padding_ids
@@ -95,16 +96,21 @@ class MoshiTextConstraints:
         self.turn_words = torch.zeros(batch_size, dtype=torch.long, device=device)  # words since the user spoke
         self.silent_frames = torch.zeros(batch_size, dtype=torch.long, device=device)  # the user's, in a row
         self.turn_end = torch.zeros(batch_size, device=device)  # P(user turn ends) after the last step; 0 before
+        self.head_signal = has_voice_activity_head and predicts_user  # the signal comes from the model's VAP head
         self.table = self._check_table(turn_taking_table, predicts_user, device)
 
     def _check_table(self, table: torch.Tensor | None, predicts_user: bool, device: torch.device) -> torch.Tensor | None:
         """Checks the turn settings against `table` and keeps the user's voice activity per delay-0 token."""
         c, cfg = self.config, self.settings
         if table is None:
-            if cfg.holds_turns:
+            if cfg.max_turn_words is not None or cfg.min_silence_frames:
                 raise ValueError(f"max_turn_words={cfg.max_turn_words!r}, min_silence_frames={cfg.min_silence_frames!r}"
-                                 f", turn_hold_threshold={cfg.turn_hold_threshold!r}: the turn settings need "
-                                 "turn_taking_table (TurnTakingStatistics.table(), the user's voice activity)")
+                                 ": these turn settings need turn_taking_table (TurnTakingStatistics.table(), the "
+                                 "user's voice activity)")
+            if cfg.turn_hold_threshold is not None and not self.head_signal:
+                raise ValueError(f"turn_hold_threshold={cfg.turn_hold_threshold!r} needs a turn-taking signal: "
+                                 "turn_taking_table (TurnTakingStatistics.table()) or a model with a voice-activity "
+                                 "head (config.voice_activity_horizon)")
             return None
         if (not isinstance(table, torch.Tensor) or not table.is_floating_point() or table.dim() != 2
                 or table.shape[0] != c.card or table.shape[1] < 2):
@@ -236,12 +242,20 @@ class MoshiTextConstraints:
                     self.forced_waited[slot] += 1
             self._refresh_forced()
 
-    def observe_user_logits(self, logits: torch.Tensor, run: torch.Tensor) -> MoshiUserTurnOutput | None:
-        """The turn-taking signal of the user branch's logits `[B, user_dep_q, card]` (None without a table); it
-        updates P(turn end) of the slots that ran (`run` `[B]`), and is NaN for the others."""
+    def table_signal(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The table's turn-taking signal of the user branch's logits `[B, user_dep_q, card]` (None without a
+        table)."""
         if self.table is None:
             return None
-        silence, turn_end = turn_taking_signal(logits[:, self.delay0_row], self.table)
+        return turn_taking_signal(logits[:, self.delay0_row], self.table)
+
+    def observe_turn(self, signal: tuple[torch.Tensor, torch.Tensor] | None, run: torch.Tensor
+                     ) -> MoshiUserTurnOutput | None:
+        """Keeps P(turn end) of `signal` for the slots that ran (`run` `[B]`) and returns it as a step output (NaN for
+        the others); None without a signal."""
+        if signal is None:
+            return None
+        silence, turn_end = signal
         self.turn_end.copy_(torch.where(run, turn_end, self.turn_end))
         return MoshiUserTurnOutput(silence=silence.masked_fill(~run[:, None], float("nan")),
                                    turn_end=turn_end.masked_fill(~run, float("nan")))

@@ -32,7 +32,7 @@ class MoshiGenerateOutput(ModelOutput):
         user_probs, user_entropy (`torch.FloatTensor` `[B, user_dep_q, T]`).
         user_silence (`torch.FloatTensor` `[B, horizon, T]`, *optional*): at call `o`, the turn-taking signal's
             P(the user is silent `n - 1` frames after the predicted frame) (see [`MoshiUserTurnOutput`]); None without
-            `turn_taking_table`.
+            a signal (neither a voice-activity head nor `turn_taking_table`).
         user_turn_end (`torch.FloatTensor` `[B, T]`, *optional*): P(the user's turn ends within the horizon).
         speculation ([`SpeculationStats`]).
         sequences_scores (`torch.FloatTensor` `[B * n]`, *optional*): beam and contrastive search only: the
@@ -162,9 +162,9 @@ class MoshiUserPredGenerationMixin:
             cuda_graphs: replay the critical-path step (main transformer, text sampling, system Depformer) as CUDA
                 graphs, one per shape; default: on for a CUDA model.
             turn_taking_table (`torch.FloatTensor` `[card, horizon + 1]`, *optional*): `TurnTakingStatistics.table()`
-                (turn_taking.py): each step's output then carries `user_turn` (with the user branch), and the turn
-                settings (`max_turn_words`, `min_silence_frames`, `turn_hold_threshold`) read the user's voice activity
-                from it.
+                (turn_taking.py): each step's output then carries `user_turn` (with the user branch; a model with a
+                voice-activity head always does, from its head), and `max_turn_words` / `min_silence_frames` read the
+                user's voice activity from it.
             prompt_text: what every slot says first (`stream.say(prompt_text)` before the first step): a string
                 (needs `tokenizer`) or words as token ids.
             tokenizer: the default tokenizer of `stream.say` (e.g. `load_tokenizer(folder / "tokenizer.model")`).

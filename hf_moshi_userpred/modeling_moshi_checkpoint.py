@@ -25,7 +25,8 @@ _DEPFORMER_PREFIXES = (
     ("depformer.heads.", "linears."),
 )
 _PER_SET_PROJ = re.compile(r"^(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight$")
-USER_BRANCH_PREFIX = "user_depformer."
+# Our user branch, which kyutai's checkpoints do not hold: the user Depformer and the voice-activity head.
+USER_BRANCH_PREFIXES = ("user_depformer.", "voice_activity_head.")
 
 
 def to_moshi_key(key: str) -> str:
@@ -49,7 +50,7 @@ def moshi_layout(shapes: Mapping[str, torch.Size]) -> dict[str, list[str]]:
     """Released-checkpoint key -> our keys it holds, in row order, for the shared (non-user) parameters."""
     layout: dict[str, list[tuple[int, str]]] = {}
     for key in shapes:
-        if key.startswith(USER_BRANCH_PREFIX):
+        if key.startswith(USER_BRANCH_PREFIXES):
             continue
         moshi_key = to_moshi_key(key)
         fused = _fused_key(moshi_key)
@@ -65,7 +66,7 @@ def convert_from_moshi(
 
     Args:
         state_dict: moshi `LMModel` weights.
-        shapes: our model's parameter shapes (`{name: shape}`); `user_depformer.*` entries are ignored.
+        shapes: our model's parameter shapes (`{name: shape}`); the user branch's (`USER_BRANCH_PREFIXES`) are ignored.
 
     Raises:
         ValueError: listing every missing, unexpected and mis-shaped key (moshi names, both shapes).
@@ -113,4 +114,4 @@ def convert_to_moshi(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     }
 
 
-__all__ = ["convert_from_moshi", "convert_to_moshi", "moshi_layout", "to_moshi_key", "USER_BRANCH_PREFIX"]
+__all__ = ["convert_from_moshi", "convert_to_moshi", "moshi_layout", "to_moshi_key", "USER_BRANCH_PREFIXES"]

@@ -37,6 +37,7 @@ from .modeling_moshi_checkpoint import convert_from_moshi, convert_to_moshi
 from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 from .modeling_moshi_depformer import MoshiDepformer, MoshiScaledEmbedding
 from .modeling_moshi_transformer import MoshiLayerScale, MoshiRMSNorm, MoshiTransformer, create_norm
+from .modeling_moshi_voice_activity import MoshiVoiceActivityHead, voice_activity_targets
 
 logger = logging.get_logger(__name__)
 
@@ -46,8 +47,11 @@ class MoshiUserPredOutput(ModelOutput):
     r"""Outputs of [`MoshiUserPredForConditionalGeneration.forward`].
 
     Args:
-        loss (`torch.FloatTensor` `[]`): `text_loss + audio_loss + user_loss_weight * user_loss` (with `return_loss`).
+        loss (`torch.FloatTensor` `[]`): `text_loss + audio_loss + user_loss_weight * user_loss
+            + voice_activity_loss_weight * voice_activity_loss` (with `return_loss`).
         text_loss, audio_loss, user_loss (`torch.FloatTensor` `[]`): weighted masked mean cross-entropies.
+        voice_activity_loss (`torch.FloatTensor` `[]`, *optional*): the voice-activity head's masked mean binary
+            cross-entropy (with `return_loss`, a head and `user_activity`).
         text_logits (`torch.FloatTensor` `[B, 1, T, text_card_out]`): scores of `codes[:, 0]`.
         text_mask (`torch.BoolTensor` `[B, 1, T]`): where `text_logits` are valid targets.
         audio_logits (`torch.FloatTensor` `[B, dep_q, T, card]`): scores of the system rows `codes[:, 1:1 + dep_q]`.
@@ -58,12 +62,16 @@ class MoshiUserPredOutput(ModelOutput):
         user_mask (`torch.BoolTensor` `[B, user_dep_q, T]`, *optional*).
         last_hidden_state (`torch.FloatTensor` `[B, T, dim]`): main transformer output (after `out_norm`);
             position s has seen the delayed codes up to s - 1.
+        voice_activity_logits (`torch.FloatTensor` `[B, T, voice_activity_horizon + 1]`, *optional*): the
+            voice-activity head's logits at every position (position-aligned: position s forecasts the user's
+            silence from frame `s + user_prediction_lookahead - 1` on; see `modeling_moshi_voice_activity.py`).
     """
 
     loss: torch.Tensor | None = None
     text_loss: torch.Tensor | None = None
     audio_loss: torch.Tensor | None = None
     user_loss: torch.Tensor | None = None
+    voice_activity_loss: torch.Tensor | None = None
     text_logits: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
     audio_logits: torch.Tensor | None = None
@@ -71,6 +79,7 @@ class MoshiUserPredOutput(ModelOutput):
     user_logits: torch.Tensor | None = None
     user_mask: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+    voice_activity_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -441,6 +450,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
         self.text_linear = nn.Linear(c.dim, c.text_card_out, bias=c.bias_proj)
         self.depformer = _build_depformer(c, user=False)
         self.user_depformer = _build_depformer(c, user=True) if c.predict_user_audio else None
+        self.voice_activity_head = MoshiVoiceActivityHead(c) if c.voice_activity_horizon else None
         self.extra_heads = nn.ModuleList(
             [nn.Linear(c.dim, c.extra_heads_dim, bias=False) for _ in range(c.extra_heads_num_heads)]
         )
@@ -480,6 +490,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
         return_loss: bool = False,
         user_loss_weight: float | None = None,
         predict_user: bool = True,
+        user_activity: torch.Tensor | None = None,
         **kwargs,
     ) -> MoshiUserPredOutput:
         r"""Teacher-forced logits of every stream (and losses with `return_loss`).
@@ -491,6 +502,9 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             user_loss_weight (`float`, *optional*): weight of the user loss in `loss` (default: the config's).
             predict_user (`bool`): run the user Depformer; False skips it (no forward, no backward: `user_logits`,
                 `user_mask` and `user_loss` are None), e.g. while a curriculum gives the user loss weight 0.
+            user_activity (`torch.LongTensor` `[B, F]`, *optional*): the user's voice activity per frame from frame 0
+                (1 speaks, 0 silent, -1 unknown; `F` may exceed `T` by the frames the head looks ahead), the targets
+                of the voice-activity head's loss (see `voice_activity_targets`).
 
         Returns:
             [`MoshiUserPredOutput`].
@@ -520,13 +534,24 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
                 [d - (lookahead - 1) for d in delays[rows]],
             )
             user_logits = self._calibrate_user_logits(user_logits, codebook_dim=1)
+        voice_activity_logits = None
+        if self.voice_activity_head is not None:  # cheap, and it reads the hidden state only: run even without the branch
+            voice_activity_logits = self.voice_activity_head(hidden)
 
         output = MoshiUserPredOutput(
             text_logits=text_logits, text_mask=text_mask, audio_logits=audio_logits, audio_mask=audio_mask,
             user_logits=user_logits, user_mask=user_mask, last_hidden_state=hidden,
+            voice_activity_logits=voice_activity_logits,
         )
         if return_loss:
             self._add_losses(output, codes, user_loss_weight)
+            if voice_activity_logits is not None and user_activity is not None:
+                targets, known = voice_activity_targets(
+                    user_activity.to(codes.device), T, c.user_prediction_lookahead - 1, c.voice_activity_horizon,
+                    c.voice_activity_turn_end_frames)
+                losses = F.binary_cross_entropy_with_logits(voice_activity_logits.float(), targets, reduction="none")
+                output.voice_activity_loss = (losses * known).sum() / known.sum().clamp_min(1)
+                output.loss = output.loss + c.voice_activity_loss_weight * output.voice_activity_loss
         return output
 
     def _calibrate_user_logits(self, logits: torch.Tensor, codebook_dim: int) -> torch.Tensor:
@@ -647,6 +672,26 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
 
         tokens, logits = self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample_calibrated)
         return tokens, self._calibrate_user_logits(logits, codebook_dim=1)
+
+    def add_voice_activity_head(self, horizon: int = 10, turn_end_frames: int = 5) -> MoshiVoiceActivityHead:
+        """Gives the model a new, randomly initialised voice-activity head (replacing any it has) and records it in
+        the config (`voice_activity_horizon`, `voice_activity_turn_end_frames`); train it with the Trainer on
+        dialogues that carry the user's voice activity (e.g. `training_mode="voice_activity_head"`).
+
+        Raises:
+            ValueError: no user branch, or bad frame counts (the config's checks).
+        """
+        before = (self.config.voice_activity_horizon, self.config.voice_activity_turn_end_frames)
+        self.config.voice_activity_horizon, self.config.voice_activity_turn_end_frames = horizon, turn_end_frames
+        try:
+            self.config.validate_moshi_config()
+        except ValueError:
+            self.config.voice_activity_horizon, self.config.voice_activity_turn_end_frames = before
+            raise
+        head = MoshiVoiceActivityHead(self.config).to(device=self.device, dtype=self.text_linear.weight.dtype)
+        head.apply(self._init_weights)
+        self.voice_activity_head = head
+        return head
 
     # ------------------------------------------------------------------------------- kyutai checkpoints
     @classmethod

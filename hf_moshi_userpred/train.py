@@ -27,6 +27,7 @@ from .encoding import EncodedDialogues
 from .files import TRAINING_CONFIG_NAME, write_json
 from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+from .turn_taking import DialoguesWithVoiceActivity, dialogue_alignments
 from .training_modes import LORA_PARTS, TRAINING_MODES, prepare_model_for_training
 
 logger = logging.get_logger(__name__)
@@ -52,6 +53,12 @@ class MoshiUserPredModelArguments:
         default="transformer", metadata={"help": f"comma-separated modules given LoRA adapters, among {LORA_PARTS}"}
     )
     merge_lora: bool = field(default=False, metadata={"help": "also save the merged model in OUTPUT_DIR/merged"})
+    voice_activity_horizon: int = field(
+        default=0, metadata={"help": "add a new voice-activity (turn-taking) head forecasting this many frames before "
+                                     "training (0: keep the model's; a model with a head trains it on the data's word "
+                                     "alignments)"})
+    voice_activity_turn_end_frames: int = field(
+        default=5, metadata={"help": "frames at the end of the new head's horizon that must be silent for a turn end"})
 
     def __post_init__(self):
         if self.training_mode not in TRAINING_MODES:
@@ -148,6 +155,12 @@ def train(
     eval_dataset = EncodedDialogues(data_args.eval_data) if data_args.eval_data else None
     _check_output_dir(training_args.output_dir)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+    if model_args.voice_activity_horizon:
+        model.add_voice_activity_head(model_args.voice_activity_horizon, model_args.voice_activity_turn_end_frames)
+    if model.voice_activity_head is not None:  # its targets: the user's voice activity from the word alignments
+        train_dataset = DialoguesWithVoiceActivity(train_dataset, dialogue_alignments(data_args.train_data))
+        if eval_dataset is not None:
+            eval_dataset = DialoguesWithVoiceActivity(eval_dataset, dialogue_alignments(data_args.eval_data))
     if training_args.device.type == "cpu":
         set_torch_threads(model.num_parameters())
     lora = {}

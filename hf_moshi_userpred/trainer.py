@@ -23,6 +23,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .data_collator import DialogueSegments, MoshiSegmentCollator
+from .modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
 from .modeling_moshi_userpred import MoshiUserPredOutput
 
 logger = logging.get_logger(__name__)
@@ -44,7 +45,8 @@ def default_stages(user_loss_weight: float, user_branch_only: bool = False) -> s
 
 
 def trains_only_the_user_branch(model: nn.Module) -> bool:
-    """True when every trainable parameter of `model` (a PEFT wrapper included) belongs to the user Depformer.
+    """True when every trainable parameter of `model` (a PEFT wrapper included) belongs to the user branch (the user
+    Depformer, the voice-activity head).
 
     Raises:
         ValueError: `model` has no trainable parameter at all.
@@ -52,7 +54,7 @@ def trains_only_the_user_branch(model: nn.Module) -> bool:
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameter: nothing would train (see training_mode)")
-    return all("user_depformer." in name for name in trainable)
+    return all(any(part in name for part in USER_BRANCH_PREFIXES) for name in trainable)
 
 
 def parse_stages(spec: str | Sequence[Sequence[float]]) -> list[tuple[float, float]]:
@@ -162,7 +164,7 @@ class MoshiUserPredTrainingArguments(TrainingArguments):
 
 # Running sums recorded by `compute_loss`; means and accuracies are taken when logged.
 _STATS = ("batches", "text", "audio", "user", "user_correct", "user_count", "delay0_correct", "delay0_count",
-          "user_batches")
+          "user_batches", "voice_activity", "voice_activity_batches")
 
 
 class MoshiUserPredTrainer(Trainer):
@@ -174,7 +176,9 @@ class MoshiUserPredTrainer(Trainer):
 
     Logged while training: `loss/text`, `loss/audio`, `loss/user` (unweighted masked means), `user_weight`,
     `user_accuracy` and `user_delay0_accuracy` (argmax accuracy over all predicted user codebooks, and over the
-    delay-0 ones: the real forecast). `evaluate()` returns the same under `eval_` next to `eval_loss`.
+    delay-0 ones: the real forecast), and `loss/voice_activity` for a model with a voice-activity head trained on
+    dialogues that carry `"user_activity"` (the extra loss, `config.voice_activity_loss_weight`; see
+    `turn_taking.DialoguesWithVoiceActivity`). `evaluate()` returns the same under `eval_` next to `eval_loss`.
     """
 
     def __init__(
@@ -259,7 +263,7 @@ class MoshiUserPredTrainer(Trainer):
         # A zero-weight user loss trains nothing: in training the user branch is then not run at all (evaluation
         # still measures it).
         outputs = model(codes=codes, return_loss=True, user_loss_weight=weight,
-                        predict_user=not (model.training and weight == 0))
+                        predict_user=not (model.training and weight == 0), user_activity=inputs.get("user_activity"))
         self._record("train" if model.training else "eval", outputs, codes)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -276,6 +280,8 @@ class MoshiUserPredTrainer(Trainer):
             delay0 = self._delay0.to(codes.device)[None, :, None]
             stats[4:8] = torch.stack([correct.sum(), mask.sum(), (correct & delay0).sum(), (mask & delay0).sum()])
             stats[8] = 1
+        if outputs.voice_activity_loss is not None:
+            stats[9], stats[10] = outputs.voice_activity_loss, 1
         previous = self._stats[split]
         self._stats[split] = stats if previous is None else previous + stats
 
@@ -295,6 +301,8 @@ class MoshiUserPredTrainer(Trainer):
             summary["user_accuracy"] = stats["user_correct"] / max(stats["user_count"], 1)
             if stats["delay0_count"]:
                 summary["user_delay0_accuracy"] = stats["delay0_correct"] / stats["delay0_count"]
+        if stats["voice_activity_batches"]:
+            summary["loss/voice_activity"] = stats["voice_activity"] / stats["voice_activity_batches"]
         return summary
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,8 +1,10 @@
 """What a fine-tuning run updates: everything, the user branch alone, or LoRA adapters (through PEFT).
 
 - `full`: every parameter.
-- `user_branch`: only the user Depformer; text and system-audio outputs stay bit-identical to the starting model.
+- `user_branch`: only the user branch (the user Depformer, and the voice-activity head when the model has one); text and system-audio outputs stay bit-identical to the starting model.
   The cheap way to add user prediction to a released Moshi.
+- `voice_activity_head`: only the voice-activity head (`config.voice_activity_horizon`): turn taking added to a
+  trained model without changing anything it says or predicts.
 - `lora`: PEFT LoRA adapters on the main transformer's linear layers (and, by default, the whole user Depformer
   trained as a PEFT `modules_to_save` copy, since a new branch has nothing to adapt from).
 """
@@ -13,23 +15,28 @@ from collections.abc import Sequence
 
 from torch import nn
 
-TRAINING_MODES = ("full", "user_branch", "lora")
+from .modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
+
+TRAINING_MODES = ("full", "user_branch", "voice_activity_head", "lora")
 LORA_PARTS = ("transformer", "text_linear", "depformer", "user_depformer")
 
 
-def freeze_all_but_user_branch(model: nn.Module) -> list[str]:
-    """Freeze every parameter outside `model.user_depformer`; returns the names left trainable.
+def freeze_all_but_user_branch(model: nn.Module, parts: tuple[str, ...] = USER_BRANCH_PREFIXES) -> list[str]:
+    """Freeze every parameter outside the user branch (`model.user_depformer` and `model.voice_activity_head`), or
+    outside the modules `parts` (name prefixes); returns the names left trainable.
 
     Raises:
-        ValueError: the model has no user branch.
+        ValueError: the model has none of them.
     """
-    if getattr(model, "user_depformer", None) is None:
-        raise ValueError("training_mode='user_branch' needs a model with a user branch (predict_user_audio=True)")
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith("user_depformer."))
+        param.requires_grad_(name.startswith(parts))
         if param.requires_grad:
             trainable.append(name)
+    if not trainable:
+        what = ("a user branch (predict_user_audio=True)" if parts == USER_BRANCH_PREFIXES
+                else "a voice-activity head (config.voice_activity_horizon > 0)")
+        raise ValueError(f"this training mode needs a model with {what}")
     return trainable
 
 
@@ -55,7 +62,8 @@ def apply_lora(
     """Wrap `model` with `peft.get_peft_model`: LoRA of rank `r` on the linear layers of `parts`.
 
     Args:
-        train_user_branch: also train the whole user Depformer (`modules_to_save`); saved with the adapter.
+        train_user_branch: also train the whole user Depformer and voice-activity head (`modules_to_save`); saved
+            with the adapter.
 
     Returns:
         A `peft.PeftModel`: `save_pretrained` writes the adapter, `PeftModel.from_pretrained(base, path)` reloads
@@ -68,7 +76,8 @@ def apply_lora(
     targets = lora_target_modules(model, parts)
     if not targets:
         raise ValueError(f"no linear layer found under {list(parts)}")
-    modules_to_save = ["user_depformer"] if train_user_branch and model.user_depformer is not None else None
+    modules_to_save = [name for name in ("user_depformer", "voice_activity_head")
+                       if train_user_branch and getattr(model, name) is not None] or None
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         modules_to_save=modules_to_save)
     return get_peft_model(model, config)
@@ -82,6 +91,8 @@ def prepare_model_for_training(model: nn.Module, mode: str = "full", **lora_kwar
         raise ValueError(f"LoRA options {sorted(lora_kwargs)} given for training mode {mode!r}")
     if mode == "user_branch":
         freeze_all_but_user_branch(model)
+    elif mode == "voice_activity_head":
+        freeze_all_but_user_branch(model, ("voice_activity_head.",))
     elif mode == "lora":
         return apply_lora(model, **lora_kwargs)
     else:

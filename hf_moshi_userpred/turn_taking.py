@@ -16,9 +16,10 @@ the horizon has stopped (the sample's in-turn pauses are shorter than `turn_end_
 is that computation, a pure function of tensors (torch only) that lives in the streaming session's remote-code file
 (`generation_moshi_streaming.py`, which emits it each step as `user_turn`) and is imported here. `kind="two_state"` replaces the per-token rows by two rows (silence token or not: the mass the
 branch puts on the silence tokens, rolled out with the training data's silence/speech persistence), the variant
-that needs only [`TurnTakingStatistics.silence_tokens`]. [`VoiceActivityHead`] is the measured alternative: a
-linear voice-activity-projection probe on the frozen model's hidden state and user logits, with the same outputs
-([`fit_voice_activity_head`]; a head trained with the Trainer, off by default, would be its in-model form).
+that needs only [`TurnTakingStatistics.silence_tokens`]. A model with a voice-activity-projection head
+(`config.voice_activity_horizon`, `modeling_moshi_voice_activity.py`) has the same outputs learned directly from
+voice-activity targets: the Trainer trains it (an extra loss, off by default) on dialogues that carry the user's
+voice activity ([`DialoguesWithVoiceActivity`]), and the streaming session then takes its signal from the head.
 
 **Evaluation** ([`evaluate_turn_taking`]) on held-out dialogues with word alignments: voice activity per 80 ms
 frame from the alignments; events: user pauses inside a turn (hold), user turn ends (shift), user backchannels and
@@ -46,6 +47,7 @@ import torch
 from .configuration_moshi_userpred import MoshiUserPredConfig
 from .generation_moshi_text_constraints import turn_taking_signal  # the streaming session computes it each step too
 from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
+from .modeling_moshi_voice_activity import voice_activity_targets
 from .text_alignment import validate_alignments
 
 if TYPE_CHECKING:
@@ -213,112 +215,61 @@ def future_silence_targets(
     silent: torch.Tensor, horizon: int, turn_end_frames: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every frame `t`: silent at `t + n - 1` (`n = 1 .. horizon`), then silent over all of frames
-    `t + horizon - turn_end_frames .. t + horizon - 1`; and where that is known (inside the dialogue).
+    `t + horizon - turn_end_frames .. t + horizon - 1`; and where that is known (inside the dialogue): the
+    voice-activity head's targets ([`voice_activity_targets`]) of one dialogue.
 
     Returns:
         `targets`, `valid`: bool `[T, horizon + 1]`.
     """
-    T = silent.shape[0]
-    padded = torch.cat([silent, torch.zeros(horizon, dtype=torch.bool)])
-    inside = torch.cat([torch.ones(T, dtype=torch.bool), torch.zeros(horizon, dtype=torch.bool)])
-    index = torch.arange(T)[:, None] + torch.arange(horizon)[None]
-    ahead, ahead_valid = padded[index], inside[index]
-    tail = slice(horizon - turn_end_frames, horizon)
-    targets = torch.cat([ahead, ahead[:, tail].all(1, keepdim=True)], 1)
-    valid = torch.cat([ahead_valid, ahead_valid[:, tail].all(1, keepdim=True)], 1)
-    return targets, valid
+    targets, known = voice_activity_targets((~silent).long()[None], silent.shape[0], 0, horizon, turn_end_frames)
+    return targets[0].bool(), known[0]
 
 
-@dataclass
-class VoiceActivityHead:
-    """A linear voice-activity-projection probe on a frozen model: the same `horizon + 1` outputs as the table
-    signal, `sigmoid(standardised [hidden, log p(next user token)] @ weight + bias)`, from the main transformer's
-    `last_hidden_state` and the user branch's delay-0 logits of the same position. Fitted after training by
-    [`fit_voice_activity_head`] (a measured alternative to the table; a head trained with the Trainer would replace
-    it, see the module docstring).
+class DialoguesWithVoiceActivity(torch.utils.data.Dataset):
+    """`dataset`'s dialogues with the user's voice activity from their word alignments: item `i` is `dataset[i]`
+    (codes, or a dict holding them as `"codes"`) as a dict with `"user_activity"` `[T]` (1 where the user speaks in a
+    frame, else 0; see [`voice_activity`]), what the Trainer's collator cuts into the targets of a voice-activity
+    head's loss.
 
-    Args:
-        weight `[D, horizon + 1]`, bias `[horizon + 1]`, mean / std `[D]` (`D = dim + card`); horizon,
-        turn_end_frames as [`TurnTakingStatistics`].
+    Raises:
+        ValueError: the lengths differ.
     """
 
-    weight: torch.Tensor
-    bias: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    horizon: int
-    turn_end_frames: int
+    def __init__(self, dataset: Sequence[Mapping | torch.Tensor], alignments: Sequence[Sequence],
+                 main_speaker: str = "SPEAKER_MAIN"):
+        if len(dataset) != len(alignments):
+            raise ValueError(f"{len(dataset)} dialogues but {len(alignments)} alignment lists")
+        self.dataset, self.alignments, self.main_speaker = dataset, [validate_alignments(a) for a in alignments], \
+            main_speaker
 
-    def __call__(self, hidden: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`hidden` `[..., dim]`, `logits` `[..., card]` -> `silence` `[..., horizon]`, `turn_end` `[...]`."""
-        x = torch.cat([hidden.float(), logits.float().log_softmax(-1)], -1)
-        out = torch.sigmoid(((x - self.mean) / self.std) @ self.weight + self.bias)
-        return out[..., :-1], out[..., -1]
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.dataset[i]
+        out = dict(item) if isinstance(item, Mapping) else {"codes": item}
+        frames = _codes(out).shape[1]
+        out["user_activity"] = voice_activity(self.alignments[i], frames, self.main_speaker, user=True).long()
+        return out
 
 
 @torch.no_grad()
-def _features(model: MoshiUserPredForConditionalGeneration, codes: torch.Tensor, codebook: int,
-              window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced `last_hidden_state` `[T, dim]` and user logits of `codebook` `[T, card]` of one dialogue
-    `[1 + n_q, T]`, in windows of `window` frames (default: the model's streaming window), on the CPU."""
+def _forward_signals(model: MoshiUserPredForConditionalGeneration, codes: torch.Tensor, codebook: int,
+                     window: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher-forced user logits of `codebook` `[T, card]` of one dialogue `[1 + n_q, T]`, and the voice-activity
+    head's probabilities `[T, horizon + 1]` (None without a head), in windows of `window` frames (default: the model's
+    streaming window), on the CPU; both position-aligned (row `s` is what position `s` predicts)."""
     window = window or model.config.streaming_window
     codes = check_codes(codes[None].to(model.device), model.config)[0]
-    hidden, logits = [], []
+    logits, head = [], []
+    L = model.config.user_prediction_lookahead
     for s in range(0, codes.shape[1], window):
         out = model(codes=codes[None, :, s : s + window])
-        hidden.append(out.last_hidden_state[0].float().cpu())
         logits.append(out.user_logits[0, codebook].float().cpu())
-    return torch.cat(hidden), torch.cat(logits)
-
-
-def fit_voice_activity_head(
-    model: MoshiUserPredForConditionalGeneration,
-    dataset: Sequence[Mapping | torch.Tensor],
-    alignments: Sequence[Sequence],
-    *,
-    horizon: int = DEFAULT_HORIZON,
-    turn_end_frames: int = DEFAULT_TURN_END_FRAMES,
-    weight_decay: float = 1e-3,
-    max_iter: int = 300,
-    main_speaker: str = "SPEAKER_MAIN",
-    window: int | None = None,
-) -> VoiceActivityHead:
-    """Fits a [`VoiceActivityHead`] on training dialogues (L-BFGS on the masked binary cross-entropy of the
-    targets of [`future_silence_targets`], plus `weight_decay * |weight|^2`); the model stays frozen."""
-    if not 1 <= turn_end_frames <= horizon:
-        raise ValueError(f"need 1 <= turn_end_frames <= horizon, got {turn_end_frames} and {horizon}")
-    k = delay0_user_codebook(model.config)
-    xs, ys, vs = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for item, words in zip(dataset, alignments):
-            codes = _codes(item).long()
-            hidden, logits = _features(model, codes, k, window)
-            xs.append(torch.cat([hidden, logits.log_softmax(-1)], -1))
-            silent = ~voice_activity(words, codes.shape[1], main_speaker, user=True)
-            targets, valid = future_silence_targets(silent, horizon, turn_end_frames)
-            ys.append(targets.float())
-            vs.append(valid.float())
-    finally:
-        model.train(was_training)
-    x, y, v = torch.cat(xs), torch.cat(ys), torch.cat(vs)
-    mean, std = x.mean(0), x.std(0) + 1e-5
-    x = (x - mean) / std
-    weight = torch.zeros(x.shape[1], horizon + 1, requires_grad=True)
-    bias = torch.zeros(horizon + 1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        losses = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, y, reduction="none")
-        loss = (losses * v).sum() / v.sum().clamp_min(1) + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return VoiceActivityHead(weight.detach(), bias.detach(), mean, std, horizon, turn_end_frames)
+        if out.voice_activity_logits is not None:
+            head.append(torch.sigmoid(out.voice_activity_logits[0].float().cpu()))
+    # user logits are target-aligned (row t scores frame t = position t - L + 1): back to positions
+    return _shift(torch.cat(logits), L - 1), torch.cat(head) if head else None
 
 
 # ------------------------------------------------------------------------------------ activity and events
@@ -426,6 +377,56 @@ def find_events(
     return events
 
 
+def stretch_hold_pauses(
+    codes: torch.Tensor, alignments: Sequence[Sequence], extra_frames: int | Sequence[int], *,
+    main_speaker: str = "SPEAKER_MAIN", min_pause_frames: int = 2, frame_rate: float = FRAME_RATE,
+) -> tuple[torch.Tensor, list]:
+    """One dialogue with its user pauses inside a turn (the holds of [`find_events`]) made longer.
+
+    Why: in recorded conversation, pauses inside a turn are often as long as the gaps between turns (Heldner & Edlund
+    2010), which is what makes a silence timer take the floor too early; the shipped sample's are all under 0.33 s,
+    so a timer of 500 ms is never wrong on it. Lengthening them gives a harder test (and training data that does
+    not reward reading a turn end off the silence's length).
+
+    Each hold's last silent frame (both speakers silent; the user speaks next) is repeated `extra_frames` more times
+    in every row of `codes` (text padding and both speakers' silence codes: the codec is causal, so that frame is
+    what more silence encodes to, up to the codec's rare code changes in long silences), and every word from there
+    on starts and ends that much later.
+
+    Args:
+        codes: `[1 + n_q, T]`.
+        alignments: its moshi-finetune word alignments.
+        extra_frames: frames added to every hold, or one count per hold in order.
+
+    Returns:
+        The new codes `[1 + n_q, T + added]` and alignments.
+
+    Raises:
+        ValueError: a count per hold that does not match the holds, or a negative count.
+    """
+    words = validate_alignments(alignments)
+    T = codes.shape[1]
+    user = voice_activity(words, T, main_speaker, user=True, frame_rate=frame_rate)
+    system = voice_activity(words, T, main_speaker, user=False, frame_rate=frame_rate)
+    holds = find_events(user, system, min_pause_frames=min_pause_frames).holds
+    counts = [extra_frames] * len(holds) if isinstance(extra_frames, int) else list(extra_frames)
+    if len(counts) != len(holds) or any(count < 0 for count in counts):
+        raise ValueError(f"extra_frames must be a count >= 0 or one per hold ({len(holds)}), got {extra_frames!r}")
+    pieces, start, shifts = [], 0, []
+    for pause, count in zip(holds, counts):
+        last_silent = pause.end_frame + pause.silence_frames  # the frame before the user speaks again
+        pieces += [codes[:, start:last_silent], codes[:, last_silent : last_silent + 1].expand(-1, count)]
+        start = last_silent
+        shifts.append((last_silent / frame_rate, count / frame_rate))
+    pieces.append(codes[:, start:])
+
+    def later(time: float) -> float:
+        return round(time + sum(seconds for at, seconds in shifts if time >= at - 1e-9), 6)
+
+    stretched = [[word, [later(begin), later(end)], speaker] for word, (begin, end), speaker in words]
+    return torch.cat(pieces, dim=1), stretched
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 @dataclass
 class BinaryMetrics:
@@ -509,16 +510,36 @@ class ShiftHoldMetrics:
 
 
 @dataclass
+class FrameMetrics:
+    """A signal's P(turn end) at every frame boundary where the outcome is known, against it: AUC and log-loss
+    (mean binary cross-entropy, nats; a constant at the base rate scores its entropy); None without both outcomes."""
+
+    auc: float | None
+    log_loss: float | None
+    count: int
+
+
+def frame_metrics(scores: torch.Tensor, labels: torch.Tensor) -> FrameMetrics:
+    """[`FrameMetrics`] of probabilities `scores` `[N]` against bool `labels` `[N]`."""
+    if labels.numel() == 0:
+        return FrameMetrics(None, None, 0)
+    p = scores.double().clamp(1e-6, 1 - 1e-6)
+    log_loss = float(torch.nn.functional.binary_cross_entropy(p, labels.double()))
+    return FrameMetrics(auc(p, labels), log_loss, labels.numel())
+
+
+@dataclass
 class TurnTakingReport:
     """Result of [`evaluate_turn_taking`].
 
     Args:
-        predictors: name -> [`ShiftHoldMetrics`]: `model` (the signal from the user branch), `vap_probe` (with a
-            `head`), `repeat_last` and
-            `unigram` (the same table under those predictors' next-token distributions), `timer_{ms}ms` (a VAD
-            endpointer: "turn over" once the user has been silent that long).
+        predictors: name -> [`ShiftHoldMetrics`]: `model` (the token table under the user branch's prediction),
+            `vap_head` (the model's voice-activity head, when it has one), `repeat_last` and `unigram` (the table
+            under those predictors' next-token distributions), `timer_{ms}ms` (a VAD endpointer: "turn over" once
+            the user has been silent that long).
         backchannel: name -> [`BinaryMetrics`] of backchannel (positive) vs barge-in at user onsets during system
             speech, scored `onset_delay` frames after the onset (signal predictors only).
+        frames: name -> [`FrameMetrics`] of each signal's `turn_end` at every boundary where the outcome is known.
         num_shifts, num_holds, num_backchannels, num_barge_ins: event counts; `num_dialogues`.
         threshold, horizon, turn_end_frames, kind, decision_delay, onset_delay: the settings.
         frame_ms: one frame in ms.
@@ -529,6 +550,7 @@ class TurnTakingReport:
 
     predictors: dict[str, ShiftHoldMetrics]
     backchannel: dict[str, BinaryMetrics]
+    frames: dict[str, FrameMetrics]
     num_shifts: int
     num_holds: int
     num_backchannels: int
@@ -556,6 +578,8 @@ class TurnTakingReport:
                         prefix + "detected": m.detected, prefix + "decision_ms": m.decision_ms})
         for name, m in self.backchannel.items():
             out.update({f"turn_taking/{name}/backchannel_{key}": value for key, value in vars(m).items()})
+        for name, m in self.frames.items():
+            out.update({f"turn_taking/{name}/frame_{key}": value for key, value in vars(m).items()})
         out.update({f"turn_taking/{key}": getattr(self, key) for key in (
             "num_shifts", "num_holds", "num_backchannels", "num_barge_ins", "num_dialogues", "threshold", "horizon",
             "turn_end_frames", "kind", "decision_delay", "onset_delay")})
@@ -576,6 +600,9 @@ class TurnTakingReport:
                       "|---|---:|---:|---:|"]
             lines += [f"| {name} | {_percent(m.balanced_accuracy)} | {_number(m.f1)} | {_number(m.auc)} |"
                       for name, m in self.backchannel.items()]
+        lines += ["", "| predictor | P(turn end) per frame: AUC | log-loss | frames |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {_number(m.auc)} | {_number(m.log_loss)} | {m.count} |"
+                  for name, m in self.frames.items()]
         horizon_ms = self.horizon * self.frame_ms
         lines.append(
             f"\n{self.num_shifts} shifts, {self.num_holds} holds, {self.num_backchannels} backchannels, "
@@ -632,7 +659,7 @@ def dialogue_alignments(encoded_dir: str | os.PathLike) -> list[list]:
 @torch.no_grad()
 def user_signals(
     model: MoshiUserPredForConditionalGeneration, codes: torch.Tensor, statistics: TurnTakingStatistics,
-    kind: str = "token", window: int | None = None, head: VoiceActivityHead | None = None,
+    kind: str = "token", window: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The signal of one dialogue, per predictor, indexed by frame boundary `b` (known after frame `b - 1`).
 
@@ -640,24 +667,23 @@ def user_signals(
         codes: `[1 + n_q, T]`.
 
     Returns:
-        name -> (`silence` `[T, horizon]`, `turn_end` `[T]`) for `model` (teacher-forced user logits, windows of
-        `window` frames), `repeat_last` (the last seen token) and `unigram` (training frequencies); NaN where a
-        predictor has nothing (the model's first `lookahead - 1` boundaries, none at lookahead 1); with `head`, also
-        `vap_probe` ([`VoiceActivityHead`] on the same forward).
+        name -> (`silence` `[T, horizon]`, `turn_end` `[T]`) for `model` (the table under the teacher-forced user
+        logits, windows of `window` frames), `vap_head` (the model's voice-activity head on the same forward, when
+        it has one; its own horizon), `repeat_last` (the table under the last seen token) and `unigram` (training
+        frequencies); NaN where a predictor has nothing (the model's first `lookahead - 1` boundaries, none at
+        lookahead 1).
     """
     c = model.config
-    k, L = statistics.codebook, c.user_prediction_lookahead
+    k = statistics.codebook
     table = statistics.table(kind)
-    codes = codes.long().cpu()  # `_features` validates them
+    codes = codes.long().cpu()  # `_forward_signals` validates them
     T = codes.shape[1]
-    hidden, logits = _features(model, codes, k, window)  # row t scores frame t
+    logits, head = _forward_signals(model, codes, k, window)  # boundary b predicts frame b + L - 1
     out = {}
     silence, turn_end = turn_taking_signal(logits, table)
-    # boundary b knows the prediction of frame t = b + L - 1
-    out["model"] = (_shift(silence, L - 1), _shift(turn_end, L - 1))
+    out["model"] = (silence, turn_end)
     if head is not None:
-        silence, turn_end = head(hidden, logits)
-        out["vap_probe"] = (_shift(silence, L - 1), _shift(turn_end, L - 1))
+        out["vap_head"] = (head[:, :-1], head[:, -1])
     row = codes[1 + c.dep_q + k].cpu()
     unigram = statistics.unigram.float()
     previous = torch.cat([torch.tensor([ZERO_TOKEN_ID]), row[:-1]])
@@ -695,7 +721,6 @@ def evaluate_turn_taking(
     max_backchannel_frames: int = 12,
     main_speaker: str = "SPEAKER_MAIN",
     window: int | None = None,
-    head: VoiceActivityHead | None = None,
     timeline_dialogue: int = 0,
     plot_dir: str | os.PathLike | None = None,
 ) -> TurnTakingReport:
@@ -708,7 +733,9 @@ def evaluate_turn_taking(
     teacher-forced system stream would give the answer away: the model sees the system's text of the frame it
     predicts). A silence timer of `ms` decides shift once the user has been silent `timer_frames(ms)` frames, hold
     if the user speaks before; it fires that many frames after the turn end. Backchannel vs barge-in is scored at
-    boundary `onset + onset_delay` with `turn_end` (a backchannel is followed by silence).
+    boundary `onset + onset_delay` with `turn_end` (a backchannel is followed by silence). Per frame, each signal's
+    `turn_end` is also scored against what followed at every boundary where it is known ([`FrameMetrics`]: many
+    more decisions than the pauses, so a steadier comparison of the signals; no timer has an opinion there).
 
     Args:
         model: a model with a user branch (put in eval mode for the call).
@@ -716,7 +743,6 @@ def evaluate_turn_taking(
         alignments: their word alignments (see [`dialogue_alignments`]).
         statistics: from [`fit_turn_taking_statistics`] on the training dialogues.
         kind: `"token"` or `"two_state"` table ([`TurnTakingStatistics.table`]).
-        head: also score a [`VoiceActivityHead`] (predictor `vap_probe`).
         plot_dir: if given, write the plots there ([`plot_turn_taking`]).
 
     Raises:
@@ -734,7 +760,14 @@ def evaluate_turn_taking(
     frame_ms = 1000 / FRAME_RATE
     timer_names = {f"timer_{ms:g}ms": timer_frames(ms) for ms in timers_ms}
     labels: list[bool] = []
-    signal_names = ("model", *(("vap_probe",) if head is not None else ()), "repeat_last", "unigram")
+    c = model.config
+    signal_names = ("model", *(("vap_head",) if model.voice_activity_head is not None else ()), "repeat_last",
+                    "unigram")
+    signal_horizon = {name: (statistics.horizon, statistics.turn_end_frames) for name in signal_names}
+    if model.voice_activity_head is not None:
+        signal_horizon["vap_head"] = (c.voice_activity_horizon, c.voice_activity_turn_end_frames)
+    frame_scores: dict[str, list[torch.Tensor]] = {name: [] for name in signal_names}
+    frame_labels: dict[str, list[torch.Tensor]] = {name: [] for name in signal_names}
     scores: dict[str, list[float]] = {name: [] for name in (*signal_names, *timer_names)}
     anticipation: dict[str, list[float]] = {name: [] for name in scores}
     onset_labels: list[bool] = []
@@ -751,7 +784,15 @@ def evaluate_turn_taking(
             system = voice_activity(words, T, main_speaker, user=False)
             events = find_events(user, system, min_pause_frames=min_pause_frames,
                                  max_backchannel_frames=max_backchannel_frames)
-            signals = user_signals(model, codes, statistics, kind, window, head)
+            signals = user_signals(model, codes, statistics, kind, window)
+            for name in signal_names:
+                horizon, end_frames = signal_horizon[name]
+                targets, known = voice_activity_targets(user.long()[None], T, c.user_prediction_lookahead - 1,
+                                                        horizon, end_frames)
+                turn_end = signals[name][1]
+                keep = known[0, :, -1] & ~turn_end.isnan()
+                frame_scores[name].append(turn_end[keep])
+                frame_labels[name].append(targets[0, keep, -1].bool())
             for pause in events.pauses:
                 decide = pause.end_frame + 1 + decision_delay
                 if decide >= T or (pause.system_onset is not None and pause.system_onset <= decide):
@@ -797,8 +838,10 @@ def evaluate_turn_taking(
         )
     backchannel = {name: binary_metrics(onset_scores[name], onset_labels, threshold)
                    for name in signal_names} if onset_labels else {}
+    frames = {name: frame_metrics(torch.cat(frame_scores[name]), torch.cat(frame_labels[name]))
+              for name in signal_names}
     report = TurnTakingReport(
-        predictors=predictors, backchannel=backchannel, num_shifts=counts["shifts"], num_holds=counts["holds"],
+        predictors=predictors, backchannel=backchannel, frames=frames, num_shifts=counts["shifts"], num_holds=counts["holds"],
         num_backchannels=counts["backchannels"], num_barge_ins=counts["barge_ins"], num_dialogues=len(dataset),
         threshold=threshold, horizon=statistics.horizon, turn_end_frames=statistics.turn_end_frames, kind=kind,
         decision_delay=decision_delay, onset_delay=onset_delay, frame_ms=frame_ms, timeline=timeline,
@@ -902,13 +945,14 @@ def _plot_roc(report: TurnTakingReport, figure: Figure) -> Figure:
 __all__ = [
     "STATISTICS_NAME",
     "BinaryMetrics",
+    "DialoguesWithVoiceActivity",
+    "FrameMetrics",
     "Onset",
     "Pause",
     "ShiftHoldMetrics",
     "TurnTakingEvents",
     "TurnTakingReport",
     "TurnTakingStatistics",
-    "VoiceActivityHead",
     "anticipation_frames",
     "auc",
     "binary_metrics",
@@ -917,9 +961,10 @@ __all__ = [
     "evaluate_turn_taking",
     "find_events",
     "fit_turn_taking_statistics",
-    "fit_voice_activity_head",
+    "frame_metrics",
     "future_silence_targets",
     "plot_turn_taking",
+    "stretch_hold_pauses",
     "timer_frames",
     "turn_taking_signal",
     "user_signals",

@@ -233,3 +233,25 @@ def serving(model_dir: Path, *args: str):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def toy_turn_dialogues(config, n: int = 4, T: int = 40):
+    """Turn-taking toy dialogues: codes whose user semantic token is 7 on silent frames, 20 + (position in the word run) on speech; alignments
+    with the user speaking frames 5-14 and 25-29, the system 17-22."""
+    from hf_moshi_userpred.turn_taking import voice_activity
+
+    words = [["a", [5 * 0.08, 15 * 0.08], "SPEAKER_USER"], ["b", [25 * 0.08, 30 * 0.08], "SPEAKER_USER"],
+             ["c", [17 * 0.08, 23 * 0.08], "SPEAKER_MAIN"]]
+    row = 1 + config.dep_q
+    items = []
+    for i in range(n):
+        torch.manual_seed(i)
+        codes = torch.randint(0, config.card, (1 + config.n_q, T))
+        codes[0] = torch.randint(0, config.text_card, (T,))
+        user = voice_activity(words, T, user=True)
+        semantic = torch.full((T,), 7)
+        semantic[5:15] = 20 + torch.arange(10)
+        semantic[25:30] = 40 + torch.arange(5)
+        codes[row] = torch.where(user, semantic, 7)
+        items.append({"codes": codes, "name": f"toy{i}"})
+    return items, [words] * n

@@ -57,13 +57,16 @@ def test_demo_runs_the_whole_pipeline_and_writes_its_report(demo, capsys):
         assert 0 < summary[key] < 1
     report = (demo / "report.md").read_text()
     images = re.findall(r"!\[[^]]*\]\((plots/[^)]+\.png)\)", report)
-    assert sorted(Path(image).stem for image in images) == ["dialogue_behaviour_timeline", "loss_curves",
-                                                           "per_codebook_accuracy", "reliability", "speculation"]
+    assert sorted(Path(image).stem for image in images) == [
+        "dialogue_behaviour_timeline", "loss_curves", "per_codebook_accuracy", "reliability", "speculation",
+        "turn_taking_roc", "turn_taking_timeline"]
+    assert "| vap_head |" in report and 0 <= summary["turn_signal_frame_auc"] <= 1
     for image in images:
         assert (demo / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model_dir = demo / "model"
     for name in ("config.json", "model.safetensors", "README.md", "tokenizer.model", "mimi/model.safetensors",
-                 "training_config.json", "user_prediction_metrics.json", "modeling_moshi_userpred.py"):
+                 "training_config.json", "user_prediction_metrics.json", "modeling_moshi_userpred.py",
+                 "modeling_moshi_voice_activity.py"):
         assert (model_dir / name).is_file(), name
     for name in ("system.wav", "dialogue.wav", "text.txt", "frames.jsonl", "summary.json"):
         assert (demo / "stream" / name).is_file(), name

@@ -33,6 +33,9 @@ SAID = "hello welcome tomorrow"  # 1, 4 and 3 pieces in the sample's tokenizer
 @pytest.fixture(scope="module")
 def demo(demo_model_dir):
     model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir).eval()
+    # The turn-taking signal of these tests is the table's; the demo model's voice-activity head, which replaces
+    # it when present, is tested in test_voice_activity.py.
+    model.voice_activity_head, model.config.voice_activity_horizon = None, 0
     c = model.config
     encoded = demo_model_dir.parent / "encoded"
     stats = fit_turn_taking_statistics(EncodedDialogues(encoded / "train"), dialogue_alignments(encoded / "train"), c)
@@ -234,8 +237,10 @@ def test_min_silence_frames_before_a_new_turn(demo):
 
 def test_turn_settings_need_a_table_and_the_user_branch(demo):
     model, table = demo.model, demo.table
-    for setting in (dict(max_turn_words=2), dict(min_silence_frames=3), dict(turn_hold_threshold=0.5)):
-        with pytest.raises(ValueError, match="need turn_taking_table"):
+    for setting, need in ((dict(max_turn_words=2), "need turn_taking_table"),
+                          (dict(min_silence_frames=3), "need turn_taking_table"),
+                          (dict(turn_hold_threshold=0.5), "needs a turn-taking signal: turn_taking_table")):
+        with pytest.raises(ValueError, match=need):
             with model.streaming(1, **setting):
                 pass
     with pytest.raises(ValueError, match=r"turn_hold_threshold=0.5 needs the user branch"):

@@ -28,7 +28,7 @@ REPO_ID = "me/tiny-userpred"
 SAMPLE = Path(__file__).parents[1] / "hf_moshi_userpred" / "sample"
 REMOTE_CODE = {"configuration_moshi_userpred.py", "modeling_moshi_userpred.py", "modeling_moshi_transformer.py",
                "modeling_moshi_depformer.py", "modeling_moshi_checkpoint.py", "modeling_moshi_cache.py",
-               "modeling_moshi_codes.py", "generation_moshi_userpred.py", "generation_moshi_config.py",
+               "modeling_moshi_codes.py", "modeling_moshi_voice_activity.py", "generation_moshi_userpred.py", "generation_moshi_config.py",
                "generation_moshi_streaming.py", "generation_moshi_search.py",
                "generation_moshi_text_constraints.py"}
 TRAINING = {

@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 
+from helpers import toy_turn_dialogues
+
 from hf_moshi_userpred.sample import sample_model_config
 from hf_moshi_userpred.turn_taking import (
     STATISTICS_NAME,
@@ -21,8 +23,8 @@ from hf_moshi_userpred.turn_taking import (
     dialogue_alignments,
     evaluate_turn_taking,
     find_events,
+    stretch_hold_pauses,
     fit_turn_taking_statistics,
-    fit_voice_activity_head,
     future_silence_targets,
     timer_frames,
     turn_taking_signal,
@@ -61,6 +63,31 @@ def test_events_of_a_hand_made_dialogue():
         (0, 4, False, 2, None), (7, 10, True, 5, 14), (30, 40, False, 4, None), (45, 50, True, None, 53)]
     assert [(o.start_frame, o.end_frame, o.backchannel) for o in events.onsets] == [(16, 17, True), (30, 40, False)]
     assert len(events.shifts) == 2 and len(events.holds) == 2
+
+
+def test_stretch_hold_pauses_repeats_the_last_silent_frame_and_shifts_later_words():
+    f = 0.08
+    # user 0-4, hold (frames 5-6 silent), user 7-9, system 12-14 (a shift), user 17-18 after it (a hold? no: the
+    # system spoke in between, so 9 -> 12 is a shift and 14 -> 17 is no user pause)
+    words = [["a", [0.0, 5 * f], "SPEAKER_USER"], ["b", [7 * f, 10 * f], "SPEAKER_USER"],
+             ["c", [12 * f, 15 * f], "SPEAKER_MAIN"], ["d", [17 * f, 19 * f], "SPEAKER_USER"]]
+    codes = torch.arange(3 * 20).view(3, 20)
+    stretched, moved = stretch_hold_pauses(codes, words, 3)
+    assert stretched.shape == (3, 23)
+    # frame 6 (the last silent one) now fills frames 6-9; everything from frame 7 on is 3 frames later
+    assert torch.equal(stretched[:, :7], codes[:, :7]) and (stretched[:, 6:10] == codes[:, 6:7]).all()
+    assert torch.equal(stretched[:, 10:], codes[:, 7:])
+    assert moved[0] == words[0]
+    assert [m[1] for m in moved[1:]] == [[pytest.approx(10 * f), pytest.approx(13 * f)],
+                                          [pytest.approx(15 * f), pytest.approx(18 * f)],
+                                          [pytest.approx(20 * f), pytest.approx(22 * f)]]
+    user = voice_activity(moved, 23, user=True)
+    system = voice_activity(moved, 23, user=False)
+    hold = find_events(user, system).holds[0]
+    assert (hold.end_frame, hold.silence_frames) == (4, 5)  # 2 silent frames, now 5
+    assert torch.equal(stretch_hold_pauses(codes, words, [0])[0], codes)
+    with pytest.raises(ValueError, match=r"one per hold \(1\), got \[1, 2\]"):
+        stretch_hold_pauses(codes, words, [1, 2])
 
 
 def test_short_gaps_merge_into_one_unit():
@@ -123,29 +150,9 @@ def test_future_silence_targets_known_values():
 
 
 # ---------------------------------------------------------------------------------------------------- the signal
-def _toy_dialogues(config, n: int = 4, T: int = 40):
-    """Codes whose user semantic token is 7 on silent frames, 20 + (position in the word run) on speech; alignments
-    with the user speaking frames 5-14 and 25-29, the system 17-22."""
-    words = [["a", [5 * 0.08, 15 * 0.08], "SPEAKER_USER"], ["b", [25 * 0.08, 30 * 0.08], "SPEAKER_USER"],
-             ["c", [17 * 0.08, 23 * 0.08], "SPEAKER_MAIN"]]
-    row = 1 + config.dep_q
-    items = []
-    for i in range(n):
-        torch.manual_seed(i)
-        codes = torch.randint(0, config.card, (1 + config.n_q, T))
-        codes[0] = torch.randint(0, config.text_card, (T,))
-        user = voice_activity(words, T, user=True)
-        semantic = torch.full((T,), 7)
-        semantic[5:15] = 20 + torch.arange(10)
-        semantic[25:30] = 40 + torch.arange(5)
-        codes[row] = torch.where(user, semantic, 7)
-        items.append({"codes": codes, "name": f"toy{i}"})
-    return items, [words] * n
-
-
 def test_statistics_learn_the_silence_token_and_what_follows():
     config = sample_model_config(dim=32, num_layers=1)
-    items, alignments = _toy_dialogues(config)
+    items, alignments = toy_turn_dialogues(config)
     stats = fit_turn_taking_statistics(items, alignments, config, horizon=4, turn_end_frames=2, prior_weight=1e-6)
     assert stats.silence_tokens() == [7]
     assert stats.codebook == 0 and stats.num_frames == 4 * 40
@@ -169,7 +176,7 @@ def test_statistics_learn_the_silence_token_and_what_follows():
 
 def test_statistics_round_trip_through_json(tmp_path):
     config = sample_model_config(dim=32, num_layers=1)
-    items, alignments = _toy_dialogues(config, n=2)
+    items, alignments = toy_turn_dialogues(config, n=2)
     stats = fit_turn_taking_statistics(items, alignments, config, horizon=5, turn_end_frames=3)
     path = stats.save(tmp_path)
     loaded = TurnTakingStatistics.load(tmp_path)
@@ -180,7 +187,7 @@ def test_statistics_round_trip_through_json(tmp_path):
         fit_turn_taking_statistics(items, alignments, config, horizon=3, turn_end_frames=4)
 
 
-def test_evaluation_on_a_random_model_and_toy_dialogues(tmp_path):
+def test_evaluation_on_a_random_model_andtoy_turn_dialogues(tmp_path):
     """Plumbing with known events: 4 dialogues, each with one shift (the user's unit 5-14, the system from 17) and
     one barge-in (the user's unit 25-29 starts 3 frames after the system's last frame, 22); the second unit ends
     the dialogue's speech, so it is no pause."""
@@ -189,7 +196,7 @@ def test_evaluation_on_a_random_model_and_toy_dialogues(tmp_path):
     from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
 
     model = MoshiUserPredForConditionalGeneration(config).eval()
-    items, alignments = _toy_dialogues(config)
+    items, alignments = toy_turn_dialogues(config)
     stats = fit_turn_taking_statistics(items, alignments, config)
     report = evaluate_turn_taking(model, items, alignments, stats, plot_dir=tmp_path)
     assert (report.num_shifts, report.num_holds, report.num_dialogues) == (4, 0, 4)
@@ -213,31 +220,6 @@ def test_evaluation_on_a_random_model_and_toy_dialogues(tmp_path):
     assert "| model |" in report.to_markdown() and "timer_700ms" in report.to_markdown()
     assert set(report.plots) == {"turn_taking_roc", "turn_taking_timeline"}
     assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in report.plots)
-
-
-def test_voice_activity_head_fits_the_toy_pattern_and_joins_the_evaluation():
-    """The linear probe on a random model's hidden state and user logits learns what the toy dialogues repeat:
-    the user's silence in the next frames (the hidden state carries the input tokens)."""
-    from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-
-    config = sample_model_config(dim=32, num_layers=1)
-    torch.manual_seed(0)
-    model = MoshiUserPredForConditionalGeneration(config).eval()
-    items, alignments = _toy_dialogues(config)
-    head = fit_voice_activity_head(model, items, alignments, horizon=4, turn_end_frames=2, max_iter=100)
-    assert head.weight.shape == (config.dim + config.card, 5) and head.bias.shape == (5,)
-    with torch.no_grad():
-        out = model(items[0]["codes"][None])
-    silence, turn_end = head(out.last_hidden_state[0], out.user_logits[0, 0])
-    assert silence.shape == (40, 4) and turn_end.shape == (40,)
-    silent = ~voice_activity(alignments[0], 40, user=True)
-    targets, valid = future_silence_targets(silent, 4, 2)
-    silent_next, speech_next = targets[:, 1] & valid[:, 1], ~targets[:, 1] & valid[:, 1]
-    assert silence[silent_next, 1].mean() > silence[speech_next, 1].mean() + 0.2
-    stats = fit_turn_taking_statistics(items, alignments, config, horizon=4, turn_end_frames=2)
-    report = evaluate_turn_taking(model, items, alignments, stats, head=head)
-    assert list(report.predictors)[:4] == ["model", "vap_probe", "repeat_last", "unigram"]
-    assert report.predictors["vap_probe"].shift_hold.recall == 1.0  # each shift's silence follows the same frames
 
 
 # ------------------------------------------------------------------------------- a trained sample model (plumbing)
