@@ -132,12 +132,13 @@ class RealtimeEngine:
             table goes to the session); default: `turn_taking_statistics.json` of the model's folder
             (`model.name_or_path`, where `demo` and `from_pretrained` put it) when there is one, else no signal.
         **generation_kwargs: other generation config fields (e.g. `do_sample=False`, or `turn_hold_threshold=0.5`
-            with the statistics).
+            with a voice-activity head or the statistics).
 
     The per-frame extras (`FrameOutput.extras`): `frame`, `user_prob` and `user_entropy` (of the predicted next
     delay-0 user token; None before the first prediction), `turn_end` (P(the user's turn ends within the signal's
     horizon)) and `user_silence` (P(the user is silent in each of the next `horizon` frames), a list), both from
-    the prediction made once this frame was in and only with the turn-taking statistics and the user branch,
+    the prediction made once this frame was in, with the user branch and a signal (the model's voice-activity head,
+    else the turn-taking statistics),
     `speculation` ("hit", "miss", "not_tried"), `critical_ms` (the tick's critical path: encode, model step,
     decode), `tick_ms` (the whole tick so far), `late` and `gap_filled` (this frame of the user was late; it was
     gap-filled).

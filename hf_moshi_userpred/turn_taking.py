@@ -544,7 +544,8 @@ class TurnTakingReport:
         threshold, horizon, turn_end_frames, kind, decision_delay, onset_delay: the settings.
         frame_ms: one frame in ms.
         timeline: one dialogue's arrays for the timeline plot (`user`, `system` activity, `turn_end` per predictor,
-            `silence` `[T, horizon]` of the model, `events`).
+            `silence` `[T, horizon]` of the model, `events`), and every pause's `scores` (`labels`: shift; per
+            predictor) and every shift's `anticipation_ms` per predictor (to pool several runs).
         plots: name -> PNG path.
     """
 
@@ -846,7 +847,8 @@ def evaluate_turn_taking(
         threshold=threshold, horizon=statistics.horizon, turn_end_frames=statistics.turn_end_frames, kind=kind,
         decision_delay=decision_delay, onset_delay=onset_delay, frame_ms=frame_ms, timeline=timeline,
     )
-    report.timeline["scores"] = {"labels": labels, **scores}
+    report.timeline["scores"] = {"labels": labels, **scores}  # per pause, for pooling over runs and the ROC plot
+    report.timeline["anticipation_ms"] = anticipation  # per shift (-inf: never detected)
     if plot_dir is not None:
         report.plots = plot_turn_taking(report, plot_dir)
     return report

@@ -271,7 +271,7 @@ def test_bad_clients_get_a_reason_and_the_others_go_on(demo_model_dir):
     assert frames == list(range(len(frames))) and len(frames) >= sent - 1
     assert {"user_prob", "user_entropy", "turn_end", "user_silence", "speculation", "critical_ms", "tick_ms", "late",
             "gap_filled"} <= set(good.extras[-1])
-    assert all(0 <= extra["turn_end"] <= 1 for extra in good.extras[1:])  # the demo's statistics, from the folder
+    assert all(0 <= extra["turn_end"] <= 1 for extra in good.extras[1:])  # the demo model's voice-activity head
     assert metrics["server"]["closed_by_server"] >= 5 and metrics["sessions"] == 0
 
 
@@ -503,8 +503,8 @@ def test_extras_carry_the_turn_signal_over_a_websocket(parts, demo_model_dir):
 
 def test_engine_turn_hold_and_no_signal_without_statistics(parts, tmp_path):
     """Through the engine, the turn hold of the generation config works with the folder's statistics: a threshold
-    no P(turn end) reaches holds every word back (sampled text otherwise); a model without statistics has no signal
-    in its extras."""
+    no P(turn end) reaches holds every word back (sampled text otherwise); a model folder without statistics gives
+    the session no table, and the signal comes from the demo model's voice-activity head alone."""
     audio = held_out_user_channels(1, 3.2)[0]
 
     def texts(**kwargs) -> tuple[str, list]:
@@ -528,3 +528,4 @@ def test_engine_turn_hold_and_no_signal_without_statistics(parts, tmp_path):
                             max_sessions=1)
     engine.stop()
     assert engine.turn_taking_statistics is None and engine.session.constraints.table is None
+    assert engine.session.constraints.head_signal
