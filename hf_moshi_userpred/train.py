@@ -161,13 +161,13 @@ def train(
         train_dataset = DialoguesWithVoiceActivity(train_dataset, dialogue_alignments(data_args.train_data))
         if eval_dataset is not None:
             eval_dataset = DialoguesWithVoiceActivity(eval_dataset, dialogue_alignments(data_args.eval_data))
-    if training_args.device.type == "cpu":
-        set_torch_threads(model.num_parameters())
     lora = {}
     if model_args.training_mode == "lora":
         lora = dict(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
                     parts=tuple(part.strip() for part in model_args.lora_parts.split(",")))
     model = prepare_model_for_training(model, model_args.training_mode, **lora)
+    if training_args.device.type == "cpu":  # once the set-up's mistakes have been reported
+        set_torch_threads(model.num_parameters())
 
     trainer = MoshiUserPredTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                    eval_dataset=eval_dataset)

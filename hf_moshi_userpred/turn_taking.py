@@ -46,6 +46,7 @@ import torch
 
 from .configuration_moshi_userpred import MoshiUserPredConfig
 from .generation_moshi_text_constraints import turn_taking_signal  # the streaming session computes it each step too
+from .files import read_json_object
 from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 from .modeling_moshi_voice_activity import voice_activity_targets
 from .text_alignment import validate_alignments
@@ -645,7 +646,10 @@ def dialogue_alignments(encoded_dir: str | os.PathLike) -> list[list]:
     index_path = Path(encoded_dir) / "index.json"
     if not index_path.is_file():
         raise ValueError(f"{encoded_dir} has no index.json (an `encode` output directory is needed for alignments)")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index = read_json_object(index_path, "encoding index")
+    if not isinstance(index.get("manifest"), str) or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{index_path} records no manifest and shards: the alignments are found through the "
+                         "manifest an `encode` run records (re-run `encode` into this folder)")
     root = Path(index["manifest"]).parent
     out = []
     for shard in index["shards"]:

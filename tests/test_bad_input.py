@@ -200,6 +200,13 @@ CASES = {
     "train: missing yaml": (["train", f"{W}/nope.yaml"], "nope.yaml"),
     "train: wrong type": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", f"{T}/out",
                            "--learning_rate", "fast"], "fast"),
+    "train: head mode without a head": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", f"{T}/out",
+                                         "--training_mode", "voice_activity_head"],
+                                        "needs a model with a voice-activity head"),
+    "train: a head without alignments": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir",
+                                          f"{T}/out", "--voice_activity_horizon", "10"], "records no manifest"),
+    "train: a head too short": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", f"{T}/out",
+                                 "--voice_activity_horizon", "2"], "voice_activity_turn_end_frames=5"),
     # --- push (no network in tests: offline mode)
     "push: missing model": (["push", f"{W}/nope", "me/model", "--token", "hf_x"], "nope"),
     "push: bad repo id": (["push", MODEL, "me/my/model", "--token", "hf_x"], "me/my/model"),
