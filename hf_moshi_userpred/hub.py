@@ -148,6 +148,7 @@ def build_model_card(
         user_depformer_num_layers=config.user_depformer_num_layers,
         user_depformer_dim=config.user_depformer_dim,
         user_init=config.user_init,
+        voice_activity_horizon=config.voice_activity_horizon,
         text_card=config.text_card,
         card=config.card,
         has_mimi=all((model_dir / name).is_file() for name in MIMI_FILES),

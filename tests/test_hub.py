@@ -3,6 +3,7 @@ hyper-parameters, metrics, model-index), loading the uploaded folder without the
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -159,6 +160,12 @@ def test_model_card_without_records(trained, tmp_path):
     card = build_model_card(folder, "tiny", training={"results": {"train_loss": 1.5}}, metrics=record)
     assert "| `train_loss` | 1.5 |" in card.text and record["markdown"] in card.text
     assert len(card.data.eval_results) == 3
+    assert "voice-activity head" not in card.text
+    with_head = copy.deepcopy(model)  # the fixture's model stays as it is
+    with_head.add_voice_activity_head(6, 3)
+    with_head.save_pretrained(tmp_path / "with_head")
+    card = build_model_card(tmp_path / "with_head", "tiny")
+    assert "| voice-activity head | P(the user is silent in each of the next 6 frames)" in card.text
 
 
 def break_folder(folder, how: str):
