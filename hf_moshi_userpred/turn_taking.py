@@ -240,8 +240,8 @@ class DialoguesWithVoiceActivity(torch.utils.data.Dataset):
                  main_speaker: str = "SPEAKER_MAIN"):
         if len(dataset) != len(alignments):
             raise ValueError(f"{len(dataset)} dialogues but {len(alignments)} alignment lists")
-        self.dataset, self.alignments, self.main_speaker = dataset, [validate_alignments(a) for a in alignments], \
-            main_speaker
+        self.dataset, self.main_speaker = dataset, main_speaker
+        self.alignments = [validate_alignments(words) for words in alignments]
 
     def __len__(self) -> int:
         return len(self.dataset)
