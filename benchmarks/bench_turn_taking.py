@@ -18,8 +18,8 @@ accuracy above every timer; median anticipation >= 160 ms with fewer false takeo
 
 from __future__ import annotations
 
-import math
 import tempfile
+from statistics import fmean
 from pathlib import Path
 
 import torch
@@ -30,13 +30,12 @@ from hf_moshi_userpred.demo import train_sample_model
 from hf_moshi_userpred.encoding import EncodedDialogues
 from hf_moshi_userpred.sample import sample_model_config
 from hf_moshi_userpred.turn_taking import (
-    binary_metrics,
+    ShiftHoldMetrics,
     dialogue_alignments,
+    dialogue_events,
     evaluate_turn_taking,
-    find_events,
     fit_turn_taking_statistics,
     stretch_hold_pauses,
-    voice_activity,
 )
 
 STEPS, QUICK_STEPS = 900, 30  # the demo's recipe
@@ -54,8 +53,7 @@ def stretched(items: list[dict], alignments: list, generator: torch.Generator) -
     """Every hold pause of every dialogue made `EXTRA_FRAMES` longer (a uniform draw per pause)."""
     out_items, out_alignments = [], []
     for item, words in zip(items, alignments):
-        T = item["codes"].shape[1]
-        holds = find_events(voice_activity(words, T, user=True), voice_activity(words, T, user=False)).holds
+        holds = dialogue_events(words, item["codes"].shape[1]).holds
         extra = torch.randint(EXTRA_FRAMES[0], EXTRA_FRAMES[1] + 1, (len(holds),), generator=generator).tolist()
         codes, moved = stretch_hold_pauses(item["codes"], words, extra)
         out_items.append({"codes": codes, "name": item["name"]})
@@ -67,8 +65,7 @@ def hold_pause_ms(items: list[dict], alignments: list) -> list[float]:
     """The silence of every hold pause, in ms."""
     pauses = []
     for item, words in zip(items, alignments):
-        T = item["codes"].shape[1]
-        holds = find_events(voice_activity(words, T, user=True), voice_activity(words, T, user=False)).holds
+        holds = dialogue_events(words, item["codes"].shape[1]).holds
         pauses += [80.0 * hold.silence_frames for hold in holds]
     return pauses
 
@@ -112,16 +109,14 @@ def score(splits: list[tuple[tuple, tuple]], steps: int, workdir: Path) -> dict:
         hold_pauses += hold_pause_ms(*held_out)
     predictors = {}
     for name in scores:
-        s = binary_metrics(scores[name], labels, 0.5)
-        detected = sorted(anticipation[name])
-        median = detected[(len(detected) - 1) // 2] if detected else None
+        m = ShiftHoldMetrics.from_pauses(scores[name], labels, anticipation[name], 0.5, decision_ms[name])
+        s = m.shift_hold
         predictors[name] = {"balanced_accuracy": s.balanced_accuracy, "auc": s.auc, "shift_recall": s.recall,
                             "false_takeovers": None if s.specificity is None else 1 - s.specificity,
-                            "median_anticipation_ms": None if median in (None, -math.inf) else median,
-                            "decision_ms": decision_ms[name]}
+                            "median_anticipation_ms": m.median_anticipation_ms, "decision_ms": m.decision_ms}
         if name in frames:
-            predictors[name].update(frame_auc=statistics_mean([m.auc for m in frames[name]]),
-                                    frame_log_loss=statistics_mean([m.log_loss for m in frames[name]]))
+            predictors[name].update(frame_auc=mean_of_known([fold.auc for fold in frames[name]]),
+                                    frame_log_loss=mean_of_known([fold.log_loss for fold in frames[name]]))
     timers = {name: p for name, p in predictors.items() if name.startswith("timer_")}
     head = predictors["vap_head"]
     best_timer = max((p["balanced_accuracy"] or 0) for p in timers.values())
@@ -145,9 +140,10 @@ def score(splits: list[tuple[tuple, tuple]], steps: int, workdir: Path) -> dict:
     }
 
 
-def statistics_mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+def mean_of_known(values: list[float | None]) -> float | None:
+    """The mean of the values that are not None (a fold with one outcome only has no AUC)."""
+    known = [value for value in values if value is not None]
+    return fmean(known) if known else None
 
 
 def main() -> None:

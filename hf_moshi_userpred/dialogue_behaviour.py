@@ -66,7 +66,7 @@ import torch
 
 from .audio import padding_ids
 from .modeling_moshi_codes import ZERO_TOKEN_ID
-from .turn_taking import FRAME_RATE, KINDS, TurnTakingEvents, TurnTakingStatistics, find_events, voice_activity
+from .turn_taking import FRAME_RATE, KINDS, TurnTakingEvents, TurnTakingStatistics, dialogue_events
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -420,10 +420,9 @@ def evaluate_dialogue_behaviour(
                                    turn_hold_threshold=threshold, **generation_kwargs) for threshold in hold_thresholds]
             for b, x in enumerate(batch):
                 i, T = first + b, x.shape[1]
-                user = voice_activity(alignments[i], T, main_speaker, user=True)
-                system = voice_activity(alignments[i], T, main_speaker, user=False)
-                events = find_events(user, system, min_pause_frames=min_pause_frames,
-                                     max_backchannel_frames=max_backchannel_frames, context_frames=context_frames)
+                events = dialogue_events(alignments[i], T, main_speaker, min_pause_frames=min_pause_frames,
+                                         max_backchannel_frames=max_backchannel_frames, context_frames=context_frames)
+                user, system = events.user_activity, events.system_activity
                 speech = {RECORDED: system_speech(x[0], T, padding, offset=0, **speech_settings)}
                 turn_end = {}
                 for name, out in zip(names, runs):

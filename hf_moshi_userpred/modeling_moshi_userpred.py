@@ -544,14 +544,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             voice_activity_logits=voice_activity_logits,
         )
         if return_loss:
-            self._add_losses(output, codes, user_loss_weight)
-            if voice_activity_logits is not None and user_activity is not None:
-                targets, known = voice_activity_targets(
-                    user_activity.to(codes.device), T, c.user_prediction_lookahead - 1, c.voice_activity_horizon,
-                    c.voice_activity_turn_end_frames)
-                losses = F.binary_cross_entropy_with_logits(voice_activity_logits.float(), targets, reduction="none")
-                output.voice_activity_loss = (losses * known).sum() / known.sum().clamp_min(1)
-                output.loss = output.loss + c.voice_activity_loss_weight * output.voice_activity_loss
+            self._add_losses(output, codes, user_loss_weight, user_activity)
         return output
 
     def _calibrate_user_logits(self, logits: torch.Tensor, codebook_dim: int) -> torch.Tensor:
@@ -571,7 +564,8 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             return logits, valid[None] & (targets != ZERO_TOKEN_ID)
         return logits, targets != ZERO_TOKEN_ID
 
-    def _add_losses(self, output: MoshiUserPredOutput, codes: torch.Tensor, user_loss_weight: float | None) -> None:
+    def _add_losses(self, output: MoshiUserPredOutput, codes: torch.Tensor, user_loss_weight: float | None,
+                    user_activity: torch.Tensor | None) -> None:
         c = self.config
         text_targets = codes[:, :1]
         padding = (text_targets == c.existing_text_padding_id) | (text_targets == c.existing_text_end_padding_id)
@@ -588,6 +582,13 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             )
             weight = c.user_loss_weight if user_loss_weight is None else user_loss_weight
             output.loss = output.loss + weight * output.user_loss
+        if output.voice_activity_logits is not None and user_activity is not None:
+            targets, known = voice_activity_targets(
+                user_activity.to(codes.device), codes.shape[2], c.user_prediction_lookahead - 1,
+                c.voice_activity_horizon, c.voice_activity_turn_end_frames)
+            losses = F.binary_cross_entropy_with_logits(output.voice_activity_logits.float(), targets, reduction="none")
+            output.voice_activity_loss = (losses * known).sum() / known.sum().clamp_min(1)
+            output.loss = output.loss + c.voice_activity_loss_weight * output.voice_activity_loss
 
     def _codebook_weights(self, num_codebooks: int, codes: torch.Tensor) -> torch.Tensor:
         weights = torch.ones(1, num_codebooks, 1, device=codes.device)

@@ -26,9 +26,7 @@ class MoshiVoiceActivityHead(nn.Module):
 
     def __init__(self, config: MoshiUserPredConfig):
         super().__init__()
-        self.horizon = config.voice_activity_horizon
-        self.turn_end_frames = config.voice_activity_turn_end_frames
-        self.proj = nn.Linear(config.dim, self.horizon + 1)
+        self.proj = nn.Linear(config.dim, config.voice_activity_horizon + 1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden.detach().to(self.proj.weight.dtype))

@@ -378,6 +378,17 @@ def find_events(
     return events
 
 
+def dialogue_events(
+    alignments: Sequence[Sequence], num_frames: int, main_speaker: str = "SPEAKER_MAIN", *,
+    frame_rate: float = FRAME_RATE, **find_events_kwargs: int,
+) -> TurnTakingEvents:
+    """[`find_events`] of one dialogue's word alignments over `num_frames` frames (both speakers' activity from
+    [`voice_activity`], kept on the result as `user_activity` and `system_activity`)."""
+    user = voice_activity(alignments, num_frames, main_speaker, user=True, frame_rate=frame_rate)
+    system = voice_activity(alignments, num_frames, main_speaker, user=False, frame_rate=frame_rate)
+    return find_events(user, system, **find_events_kwargs)
+
+
 def stretch_hold_pauses(
     codes: torch.Tensor, alignments: Sequence[Sequence], extra_frames: int | Sequence[int], *,
     main_speaker: str = "SPEAKER_MAIN", min_pause_frames: int = 2, frame_rate: float = FRAME_RATE,
@@ -406,10 +417,8 @@ def stretch_hold_pauses(
         ValueError: a count per hold that does not match the holds, or a negative count.
     """
     words = validate_alignments(alignments)
-    T = codes.shape[1]
-    user = voice_activity(words, T, main_speaker, user=True, frame_rate=frame_rate)
-    system = voice_activity(words, T, main_speaker, user=False, frame_rate=frame_rate)
-    holds = find_events(user, system, min_pause_frames=min_pause_frames).holds
+    holds = dialogue_events(words, codes.shape[1], main_speaker, frame_rate=frame_rate,
+                            min_pause_frames=min_pause_frames).holds
     counts = [extra_frames] * len(holds) if isinstance(extra_frames, int) else list(extra_frames)
     if len(counts) != len(holds) or any(count < 0 for count in counts):
         raise ValueError(f"extra_frames must be a count >= 0 or one per hold ({len(holds)}), got {extra_frames!r}")
@@ -508,6 +517,17 @@ class ShiftHoldMetrics:
     median_anticipation_ms: float | None
     detected: float | None
     decision_ms: float
+
+    @classmethod
+    def from_pauses(cls, scores: Sequence[float], labels: Sequence[bool], anticipation_ms: Sequence[float],
+                    threshold: float, decision_ms: float) -> ShiftHoldMetrics:
+        """From every pause's score and label (shift) and every shift's anticipation (-inf: never detected), of one
+        run or pooled over several."""
+        detected = [a for a in anticipation_ms if a != -math.inf]
+        return cls(shift_hold=binary_metrics(scores, labels, threshold),
+                   median_anticipation_ms=_median(anticipation_ms),
+                   detected=len(detected) / len(anticipation_ms) if anticipation_ms else None,
+                   decision_ms=decision_ms)
 
 
 @dataclass
@@ -785,15 +805,15 @@ def evaluate_turn_taking(
         for i, (item, words) in enumerate(zip(dataset, alignments)):
             codes = _codes(item).long()
             T = codes.shape[1]
-            user = voice_activity(words, T, main_speaker, user=True)
-            system = voice_activity(words, T, main_speaker, user=False)
-            events = find_events(user, system, min_pause_frames=min_pause_frames,
-                                 max_backchannel_frames=max_backchannel_frames)
+            events = dialogue_events(words, T, main_speaker, min_pause_frames=min_pause_frames,
+                                     max_backchannel_frames=max_backchannel_frames)
+            user, system = events.user_activity, events.system_activity
             signals = user_signals(model, codes, statistics, kind, window)
+            frame_targets = {horizon: voice_activity_targets(user.long()[None], T, c.user_prediction_lookahead - 1,
+                                                             *horizon)
+                             for horizon in set(signal_horizon.values())}  # the table predictors share one
             for name in signal_names:
-                horizon, end_frames = signal_horizon[name]
-                targets, known = voice_activity_targets(user.long()[None], T, c.user_prediction_lookahead - 1,
-                                                        horizon, end_frames)
+                targets, known = frame_targets[signal_horizon[name]]
                 turn_end = signals[name][1]
                 keep = known[0, :, -1] & ~turn_end.isnan()
                 frame_scores[name].append(turn_end[keep])
@@ -834,13 +854,9 @@ def evaluate_turn_taking(
     predictors = {}
     for name in scores:
         is_timer = name in timer_names
-        detected = [a for a in anticipation[name] if a != -math.inf]
-        predictors[name] = ShiftHoldMetrics(
-            shift_hold=binary_metrics(scores[name], labels, 0.5 if is_timer else threshold),
-            median_anticipation_ms=_median(anticipation[name]),
-            detected=len(detected) / len(anticipation[name]) if anticipation[name] else None,
-            decision_ms=(timer_names[name] if is_timer else decision_delay) * frame_ms,
-        )
+        predictors[name] = ShiftHoldMetrics.from_pauses(
+            scores[name], labels, anticipation[name], 0.5 if is_timer else threshold,
+            (timer_names[name] if is_timer else decision_delay) * frame_ms)
     backchannel = {name: binary_metrics(onset_scores[name], onset_labels, threshold)
                    for name in signal_names} if onset_labels else {}
     frames = {name: frame_metrics(torch.cat(frame_scores[name]), torch.cat(frame_labels[name]))
@@ -963,6 +979,7 @@ __all__ = [
     "auc",
     "binary_metrics",
     "delay0_user_codebook",
+    "dialogue_events",
     "dialogue_alignments",
     "evaluate_turn_taking",
     "find_events",
