@@ -43,6 +43,7 @@ import torch
 from transformers import MimiModel
 
 from .audio import check_mimi, text_piece
+from .audio_limiter import AudioLimiter
 from .mimi_streaming import MimiStreamingCodec
 from .turn_taking import STATISTICS_NAME, TurnTakingStatistics
 
@@ -182,6 +183,7 @@ class RealtimeEngine:
         self.codec = MimiStreamingCodec(mimi, max_sessions, num_codebooks=c.dep_q)
         self.frame_size = self.codec.frame_size
         self.sampling_rate = mimi.config.sampling_rate
+        self.limiter = AudioLimiter(max_sessions, self.sampling_rate)  # one gain per slot: no audio leaves [-1, 1]
         if turn_taking_statistics is None and model.name_or_path:
             saved = Path(model.name_or_path) / STATISTICS_NAME
             if saved.is_file():
@@ -318,6 +320,8 @@ class RealtimeEngine:
             mask[joined] = True
             self.session.reset(mask.to(self.device))
             self.codec.reset(mask)
+            for slot in joined:
+                self.limiter.reset(slot)
         if not any(slots):
             return
         self.ticks += 1
@@ -366,8 +370,10 @@ class RealtimeEngine:
             if bool(valid.any()):
                 pcm = self.codec.decode(tokens[:, 1:], valid).float().cpu().numpy()
                 texts = tokens[:, 0, 0].tolist()
-                for slot in valid.nonzero()[:, 0].tolist():
-                    outputs[slot] = (pcm[slot], text_piece(self.tokenizer, texts[slot], self.model.config))
+                decoded = valid.nonzero()[:, 0].tolist()
+                limited = self.limiter(pcm[decoded], channels=decoded)
+                for row, slot in enumerate(decoded):
+                    outputs[slot] = (limited[row], text_piece(self.tokenizer, texts[slot], self.model.config))
         critical_ms = 1000 * (time.perf_counter() - start)
         frames = {}
         for slot, conversation in enumerate(slots):

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import sentencepiece
 import torch
 from transformers import MimiModel
@@ -36,6 +37,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .audio import FRAME_RATE, check_mimi, load_mimi, load_mono, load_tokenizer, padding_ids, text_piece
+from .audio_limiter import AudioLimiter
 from .files import atomic_write, write_json
 from .generation_moshi_config import STREAMS
 
@@ -276,10 +278,13 @@ def stream_user_audio(
         text = "".join(text_piece(tokenizer, token, c) for token in words).strip()
     else:
         text = " ".join(map(str, words))
-    system_audio = _decode(mimi, audio_codes)
     samples_per_frame = round(rate / FRAME_RATE)
+    # the limiter runs frame by frame, as in `serve`: the WAV sounds like the live conversation
+    system_audio = AudioLimiter(1, rate).limit_all(_decode(mimi, audio_codes).numpy(), samples_per_frame)
     num_frames = user_codes.shape[1]
-    dialogue = _dialogue(system_audio, audio[: num_frames * samples_per_frame], num_frames, samples_per_frame)
+    # the user's recording as it is (a float file may hold samples past full scale: those alone are clipped)
+    user_heard = audio[: num_frames * samples_per_frame].clamp(-1.0, 1.0)
+    dialogue = _dialogue(torch.from_numpy(system_audio), user_heard, num_frames, samples_per_frame)
 
     statuses = [frame["speculative"] for frame in frames]
     critical = [frame["critical_ms"] for frame in frames]
@@ -399,13 +404,13 @@ def _dialogue(system: torch.Tensor, user: torch.Tensor, num_frames: int, samples
     return dialogue
 
 
-def _write_outputs(result: StreamResult, frames: list[dict], system_audio: torch.Tensor, dialogue: torch.Tensor,
+def _write_outputs(result: StreamResult, frames: list[dict], system_audio: np.ndarray, dialogue: torch.Tensor,
                    rate: int) -> None:
     import soundfile
 
-    # float samples: exact, and an untrained decoder's output may leave [-1, 1]
-    def wav(audio: torch.Tensor):
-        return lambda path: soundfile.write(path, audio.numpy(), rate, subtype="FLOAT", format="WAV")
+    # float samples: exact (the limiter already keeps them within [-1, 1])
+    def wav(audio: torch.Tensor | np.ndarray):
+        return lambda path: soundfile.write(path, np.asarray(audio), rate, subtype="FLOAT", format="WAV")
 
     files = result.files
     atomic_write(files["system_audio"], wav(system_audio))

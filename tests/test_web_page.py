@@ -213,6 +213,7 @@ def test_conversation_in_the_browser(demo_model_dir, fake_microphone):
     model, user = audio[:, 0], audio[:, 1]
     assert np.sqrt(np.mean(user**2)) > 1e-3, "the user (right) channel is silent: the microphone was not recorded"
     assert np.abs(model).max() > 1e-3, "the model (left) channel is silent: no model audio was played"
+    assert np.abs(model).max() <= 1.0, "the page played the model's voice past full scale"
     assert ended["audioSecondsPlayed"] > 0
 
 

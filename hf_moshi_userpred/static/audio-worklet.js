@@ -17,6 +17,9 @@ class MoshiAudioProcessor extends AudioWorkletProcessor {
     this.port.onmessage = (event) => {
       const data = event.data;
       if (data.type === "audio") {
+        // the server limits the model's voice to -1 dBFS; Opus can overshoot a little, and a model served by
+        // anything else may not limit at all: never hand the speakers more than full scale
+        for (let i = 0; i < data.pcm.length; i++) data.pcm[i] = Math.max(-1, Math.min(1, data.pcm[i]));
         this.queue.push(data.pcm);
         this.buffered += data.pcm.length;
         while (this.buffered > this.maxBuffered && this.queue.length > 1) {
