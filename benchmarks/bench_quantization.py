@@ -34,9 +34,9 @@ from benchmarks.common import (
     write_results,
 )
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.conversion import quantization_config
-from hf_moshi_userpred.encoding import EncodedDialogues
-from hf_moshi_userpred.evaluation import evaluate_user_prediction
+from hf_moshi_userpred.hub.conversion import quantization_config
+from hf_moshi_userpred.data.encoding import EncodedDialogues
+from hf_moshi_userpred.evaluation.user_prediction import evaluate_user_prediction
 
 SCHEMES = ("int8", "int4")
 STEPS, QUICK_STEPS = 250, 20

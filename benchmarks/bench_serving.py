@@ -69,7 +69,7 @@ def build_parts(config: str, model_dir: Path | None, quick: bool):
     from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
 
     from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
-    from hf_moshi_userpred.audio import load_mimi, load_tokenizer
+    from hf_moshi_userpred.data.audio import load_mimi, load_tokenizer
 
     if config == "demo":
         model = MoshiUserPredForConditionalGeneration.from_pretrained(model_dir).eval()
@@ -87,7 +87,7 @@ def build_parts(config: str, model_dir: Path | None, quick: bool):
 
 def build_engine(config: str, model_dir: Path | None, quick: bool, sessions: int, top_k: int, threads: int | None):
     """The engine the server scenario serves (module level: an `EngineProcess` builds it in its child)."""
-    from hf_moshi_userpred.realtime_engine import RealtimeEngine
+    from hf_moshi_userpred.serving.engine import RealtimeEngine
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -98,8 +98,8 @@ def build_engine(config: str, model_dir: Path | None, quick: bool, sessions: int
 def serve_scenario(args: argparse.Namespace) -> None:
     """The server process: one engine of `--sessions` slots on `--port` until SIGTERM, in a process of its own
     (what `serve` does) or, with `--in-process`, in the server's."""
-    from hf_moshi_userpred.engine_process import EngineProcess
-    from hf_moshi_userpred.server import MoshiServer, run_server
+    from hf_moshi_userpred.serving.engine_process import EngineProcess
+    from hf_moshi_userpred.serving.server import MoshiServer, run_server
 
     build = functools.partial(build_engine, args.config, args.model, args.quick, args.sessions, args.top_k,
                               args.threads)

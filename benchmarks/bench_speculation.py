@@ -46,8 +46,8 @@ from benchmarks.common import (
     write_results,
 )
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.encoding import EncodedDialogues
-from hf_moshi_userpred.evaluation import evaluate_user_prediction
+from hf_moshi_userpred.data.encoding import EncodedDialogues
+from hf_moshi_userpred.evaluation.user_prediction import evaluate_user_prediction
 
 NAME = "speculation"
 TOP_KS = (1, 2, 4, 8)

@@ -26,10 +26,10 @@ import torch
 
 from benchmarks.common import base_parser, demo_model_dir, setup, write_results
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.demo import train_sample_model
-from hf_moshi_userpred.encoding import EncodedDialogues
+from hf_moshi_userpred.cli.demo import train_sample_model
+from hf_moshi_userpred.data.encoding import EncodedDialogues
 from hf_moshi_userpred.sample import sample_model_config
-from hf_moshi_userpred.turn_taking import (
+from hf_moshi_userpred.evaluation.turn_taking import (
     ShiftHoldMetrics,
     dialogue_alignments,
     dialogue_events,

@@ -25,7 +25,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads the flag once
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi would otherwise compile kernels lazily (minutes on CPU)
 
-from hf_moshi_userpred.files import write_json  # noqa: E402
+from hf_moshi_userpred.utils.files import write_json  # noqa: E402
 from hf_moshi_userpred.sample import moshiko_shaped_lm_kwargs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def demo_model_dir(args: argparse.Namespace) -> Path:
         return args.model.resolve()
     cache, steps = (QUICK_DEMO_CACHE, QUICK_STEPS) if args.quick else (DEMO_CACHE, DEMO_STEPS)
     if args.retrain or not (cache / "model" / "config.json").is_file():
-        from hf_moshi_userpred.demo import run_demo
+        from hf_moshi_userpred.cli.demo import run_demo
 
         run_demo(cache, steps=steps, progress=False)
     return cache / "model"

@@ -11,23 +11,23 @@ __version__ = "0.1.0"
 # transformers' auto classes are imported (or any name of this package is used), so
 # `import hf_moshi_userpred; AutoModel.from_pretrained(folder)` still finds them.
 _MODEL = {
-    "MoshiUserPredConfig": "configuration_moshi_userpred",
-    "MoshiUserPredGenerationConfig": "generation_moshi_config",
-    "MoshiStreamingSession": "generation_moshi_streaming",
-    "MoshiStreamStepOutput": "generation_moshi_streaming",
-    "MoshiUserTurnOutput": "generation_moshi_text_constraints",
-    "SpeculationStats": "generation_moshi_streaming",
-    "MoshiGenerateOutput": "generation_moshi_userpred",
-    "MoshiUserPredForConditionalGeneration": "modeling_moshi_userpred",
-    "MoshiUserPredOutput": "modeling_moshi_userpred",
-    "MoshiUserPredPreTrainedModel": "modeling_moshi_userpred",
-    "masked_cross_entropy": "modeling_moshi_userpred",
+    "MoshiUserPredConfig": "models.configuration_moshi_userpred",
+    "MoshiUserPredGenerationConfig": "models.generation_moshi_config",
+    "MoshiStreamingSession": "models.generation_moshi_streaming",
+    "MoshiStreamStepOutput": "models.generation_moshi_streaming",
+    "MoshiUserTurnOutput": "models.generation_moshi_text_constraints",
+    "SpeculationStats": "models.generation_moshi_streaming",
+    "MoshiGenerateOutput": "models.generation_moshi_userpred",
+    "MoshiUserPredForConditionalGeneration": "models.modeling_moshi_userpred",
+    "MoshiUserPredOutput": "models.modeling_moshi_userpred",
+    "MoshiUserPredPreTrainedModel": "models.modeling_moshi_userpred",
+    "masked_cross_entropy": "models.modeling_moshi_userpred",
 }
 _AUTO_MODULES = ("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto")
 # Also watched: this package's model module. When transformers' auto modules run while transformers itself is still
 # importing (some optional backends, e.g. torchao, import them from inside `import transformers`), registering fails
 # there; once the model module has run, transformers is complete and it succeeds.
-_WATCHED_MODULES = (*_AUTO_MODULES, f"{__name__}.modeling_moshi_userpred")
+_WATCHED_MODULES = (*_AUTO_MODULES, f"{__name__}.models.modeling_moshi_userpred")
 _registered = False
 
 
@@ -38,8 +38,8 @@ def _register() -> None:
         return
     from transformers import AutoConfig, AutoModel
 
-    from .configuration_moshi_userpred import MoshiUserPredConfig
-    from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+    from .models.configuration_moshi_userpred import MoshiUserPredConfig
+    from .models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
     AutoConfig.register(MoshiUserPredConfig.model_type, MoshiUserPredConfig, exist_ok=True)
     AutoModel.register(MoshiUserPredConfig, MoshiUserPredForConditionalGeneration, exist_ok=True)
@@ -92,28 +92,28 @@ else:
 # Fine-tuning, data, evaluation, Hub and audio-streaming names, imported on first use: inference does not need the
 # Trainer stack, audio I/O, jinja or matplotlib.
 _LAZY = {
-    "DialogueSegments": "data_collator",
-    "MoshiSegmentCollator": "data_collator",
-    "EncodeSummary": "encoding",
-    "EncodedDialogues": "encoding",
-    "encode_dataset": "encoding",
-    "load_mimi": "audio",
-    "load_mono": "audio",
-    "load_stereo": "audio",
-    "load_tokenizer": "audio",
-    "evaluate_user_prediction": "evaluation",
-    "UserPredictionReport": "evaluation",
-    "PushResult": "hub",
-    "build_model_card": "hub",
-    "push_to_hub": "hub",
-    "StreamResult": "streaming_audio",
-    "stream_user_audio": "streaming_audio",
-    "run_demo": "demo",
-    "interleave_text": "text_alignment",
-    "MoshiUserPredTrainer": "trainer",
-    "MoshiUserPredTrainingArguments": "trainer",
-    "UserLossCurriculum": "trainer",
-    "prepare_model_for_training": "training_modes",
+    "DialogueSegments": "data.collator",
+    "MoshiSegmentCollator": "data.collator",
+    "EncodeSummary": "data.encoding",
+    "EncodedDialogues": "data.encoding",
+    "encode_dataset": "data.encoding",
+    "load_mimi": "data.audio",
+    "load_mono": "data.audio",
+    "load_stereo": "data.audio",
+    "load_tokenizer": "data.audio",
+    "evaluate_user_prediction": "evaluation.user_prediction",
+    "UserPredictionReport": "evaluation.user_prediction",
+    "PushResult": "hub.push",
+    "build_model_card": "hub.push",
+    "push_to_hub": "hub.push",
+    "StreamResult": "serving.stream_recording",
+    "stream_user_audio": "serving.stream_recording",
+    "run_demo": "cli.demo",
+    "interleave_text": "data.text_alignment",
+    "MoshiUserPredTrainer": "training.trainer",
+    "MoshiUserPredTrainingArguments": "training.trainer",
+    "UserLossCurriculum": "training.trainer",
+    "prepare_model_for_training": "training.modes",
 }
 
 

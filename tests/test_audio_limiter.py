@@ -4,7 +4,7 @@ independent, bad settings named."""
 import numpy as np
 import pytest
 
-from hf_moshi_userpred.audio_limiter import AudioLimiter
+from hf_moshi_userpred.serving.audio_limiter import AudioLimiter
 
 RATE, FRAME = 24000, 1920
 CEILING = 10 ** (-1 / 20)

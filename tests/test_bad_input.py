@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.cli import main
+from hf_moshi_userpred.cli.main import main
 from hf_moshi_userpred.sample import SAMPLE_DIR, SAMPLE_MIMI, SAMPLE_TOKENIZER, sample_model_config
 
 PROG = "hf-moshi-userpred"
@@ -256,7 +256,7 @@ def test_unreachable_hub_fails_fast_with_one_line(world, capsys, monkeypatch):
 
 def test_push_without_token_says_how_to_get_one(world, capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("hf_moshi_userpred.hub.get_token", lambda: None)
+    monkeypatch.setattr("hf_moshi_userpred.hub.push.get_token", lambda: None)
     assert main(["push", str(world / "model"), "me/model"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no Hub token" in err[0] and "--token" in err[0], err
@@ -264,7 +264,7 @@ def test_push_without_token_says_how_to_get_one(world, capsys, monkeypatch, tmp_
 
 # ------------------------------------------------------------------------------------------ help and start-up
 def test_help_states_each_default_once():
-    from hf_moshi_userpred.cli import build_parser
+    from hf_moshi_userpred.cli.main import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices
     checked = 0
@@ -289,7 +289,7 @@ def test_help_and_argument_errors_start_in_under_a_second_without_torch(tmp_path
     import time
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    probe = ("import sys, hf_moshi_userpred.cli as cli\n"
+    probe = ("import sys, hf_moshi_userpred.cli.main as cli\n"
              "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
              "print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)

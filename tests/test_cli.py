@@ -14,9 +14,9 @@ import soundfile
 import torch
 
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.audio import load_stereo
-from hf_moshi_userpred.cli import build_parser, main
-from hf_moshi_userpred.modeling_moshi_codes import check_codes
+from hf_moshi_userpred.data.audio import load_stereo
+from hf_moshi_userpred.cli.main import build_parser, main
+from hf_moshi_userpred.models.modeling_moshi_codes import check_codes
 from hf_moshi_userpred.sample import SAMPLE_DIR
 
 pytestmark = pytest.mark.slow  # subprocesses / end-to-end runs
@@ -111,13 +111,13 @@ def test_convert_to_moshi_and_back_keeps_the_shared_logits(demo, tmp_path, capsy
 
 
 def _eval_window(demo: Path) -> torch.Tensor:
-    from hf_moshi_userpred.encoding import EncodedDialogues
+    from hf_moshi_userpred.data.encoding import EncodedDialogues
 
     return EncodedDialogues(demo / "encoded" / "eval")[0]["codes"][None, :, :50]
 
 
 def test_push_command_uploads_to_a_stand_in_hub(demo, tmp_path, monkeypatch, capsys):
-    import hf_moshi_userpred.hub as hub
+    import hf_moshi_userpred.hub.push as hub
     from helpers import LocalHub
 
     monkeypatch.setattr(hub, "HfApi", lambda *args, **kwargs: LocalHub(tmp_path / "hub"))
@@ -188,7 +188,7 @@ def test_argument_mistakes_are_one_line_with_exit_code_2(capsys, argv, command):
 
 def test_console_script_and_module_entry_point():
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert '[project.scripts]\nhf-moshi-userpred = "hf_moshi_userpred.cli:main"' in pyproject
+    assert '[project.scripts]\nhf-moshi-userpred = "hf_moshi_userpred.cli.main:main"' in pyproject
     result = subprocess.run([sys.executable, "-m", "hf_moshi_userpred", "--help"], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     assert result.returncode == 0 and "convert" in result.stdout and "stream" in result.stdout

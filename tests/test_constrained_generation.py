@@ -16,9 +16,9 @@ import torch
 
 from helpers import GREEDY, PARITY_CONFIGS
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.audio import load_tokenizer
-from hf_moshi_userpred.encoding import EncodedDialogues
-from hf_moshi_userpred.turn_taking import (
+from hf_moshi_userpred.data.audio import load_tokenizer
+from hf_moshi_userpred.data.encoding import EncodedDialogues
+from hf_moshi_userpred.evaluation.turn_taking import (
     delay0_user_codebook,
     dialogue_alignments,
     fit_turn_taking_statistics,

@@ -14,8 +14,8 @@ from transformers.utils import logging
 
 from helpers import PARITY_CONFIGS, assert_same_as_moshi, make_reference, random_codes
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.audio import load_mimi
-from hf_moshi_userpred.conversion import (
+from hf_moshi_userpred.data.audio import load_mimi
+from hf_moshi_userpred.hub.conversion import (
     KYUTAI_MIMI_NAME,
     KYUTAI_TOKENIZER_NAME,
     convert_kyutai_checkpoint,

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from hf_moshi_userpred import cpu_threads
-from hf_moshi_userpred.cpu_threads import SMALL_MODEL_PARAMETERS, choose_torch_threads, free_cores, set_torch_threads
+from hf_moshi_userpred.utils import cpu_threads
+from hf_moshi_userpred.utils.cpu_threads import SMALL_MODEL_PARAMETERS, choose_torch_threads, free_cores, set_torch_threads
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_set_torch_threads_logs_and_respects_omp_num_threads(machine, monkeypatc
 def test_the_cli_loads_a_small_model_with_one_thread(tmp_path, monkeypatch, caplog):
     from helpers import tiny_model
 
-    from hf_moshi_userpred.cli import _load_model
+    from hf_moshi_userpred.cli.main import _load_model
 
     tiny_model().save_pretrained(tmp_path)
     before = torch.get_num_threads()

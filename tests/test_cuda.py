@@ -43,7 +43,7 @@ def test_cuda_graphs_equal_eager(dtype, top_k):
 def test_quantized_streaming_with_cuda_graphs(scheme, tmp_path):
     """torchao's CUDA weight-only layouts (int4: tinygemm, two weights per byte, bfloat16) stream with CUDA graphs,
     equal to the eager quantized step, with logits close to the unquantized model's."""
-    from hf_moshi_userpred.conversion import quantization_config
+    from hf_moshi_userpred.hub.conversion import quantization_config
 
     torch.manual_seed(0)
     config = MoshiUserPredConfig.from_moshi_lm_kwargs(PARITY_CONFIGS["moshiko_small"], hidden_scale=3,

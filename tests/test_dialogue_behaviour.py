@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_moshi_userpred.dialogue_behaviour import (
+from hf_moshi_userpred.evaluation.dialogue_behaviour import (
     BehaviourOutcomes,
     dialogue_behaviour,
     evaluate_dialogue_behaviour,
     system_speech,
 )
-from hf_moshi_userpred.turn_taking import find_events
+from hf_moshi_userpred.evaluation.turn_taking import find_events
 
 PAD, END_PAD = 3, 0
 
@@ -144,8 +144,8 @@ def test_evaluation_on_the_trained_sample_model_with_and_without_the_turn_hold(d
     starts). The recorded system, measured the same way, behaves as its recording: no takeover in a hold pause,
     every turn end answered, no backchannel answered."""
     from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-    from hf_moshi_userpred.encoding import EncodedDialogues
-    from hf_moshi_userpred.turn_taking import STATISTICS_NAME, TurnTakingStatistics, dialogue_alignments
+    from hf_moshi_userpred.data.encoding import EncodedDialogues
+    from hf_moshi_userpred.evaluation.turn_taking import STATISTICS_NAME, TurnTakingStatistics, dialogue_alignments
 
     encoded = demo_model_dir.parent / "encoded"
     model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir).eval()
@@ -174,8 +174,8 @@ def test_evaluation_on_the_trained_sample_model_with_and_without_the_turn_hold(d
 
 def test_evaluation_options_and_bad_input(demo_model_dir, one_thread):
     from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-    from hf_moshi_userpred.encoding import EncodedDialogues
-    from hf_moshi_userpred.turn_taking import TurnTakingStatistics, dialogue_alignments
+    from hf_moshi_userpred.data.encoding import EncodedDialogues
+    from hf_moshi_userpred.evaluation.turn_taking import TurnTakingStatistics, dialogue_alignments
 
     model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir)
     stats = TurnTakingStatistics.load(demo_model_dir)
@@ -206,7 +206,7 @@ def test_evaluate_turn_taking_command_reports_the_behaviour(demo_model_dir, one_
     table next to the signal's, in turn_taking_report.md with the timeline plot and in the metrics JSON."""
     import json
 
-    from hf_moshi_userpred.cli import main
+    from hf_moshi_userpred.cli.main import main
 
     encoded = demo_model_dir.parent / "encoded"
     out = tmp_path / "eval"

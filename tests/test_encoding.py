@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from transformers import MimiConfig, MimiModel
 from transformers.testing_utils import CaptureLogger
 
-from hf_moshi_userpred import encoding
-from hf_moshi_userpred.audio import load_mimi, load_stereo
-from hf_moshi_userpred.encoding import EncodedDialogues, encode_dataset
-from hf_moshi_userpred.text_alignment import interleave_text, place_words
+from hf_moshi_userpred.data import encoding
+from hf_moshi_userpred.data.audio import load_mimi, load_stereo
+from hf_moshi_userpred.data.encoding import EncodedDialogues, encode_dataset
+from hf_moshi_userpred.data.text_alignment import interleave_text, place_words
 
 RATE = 24_000
 NUM_CODEBOOKS = 3  # of the tiny Mimi's 4: encoding must truncate the residual stack

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from hf_moshi_userpred.engine_process import EngineProcess
-from hf_moshi_userpred.realtime_engine import RealtimeEngine
+from hf_moshi_userpred.serving.engine_process import EngineProcess
+from hf_moshi_userpred.serving.engine import RealtimeEngine
 
 
 def broken_engine(model_dir: str) -> RealtimeEngine:

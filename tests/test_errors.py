@@ -159,7 +159,7 @@ def saved_folders(tmp_path_factory):
     import json
     import shutil
 
-    from hf_moshi_userpred.conversion import export_to_moshi
+    from hf_moshi_userpred.hub.conversion import export_to_moshi
     from hf_moshi_userpred.sample import SAMPLE_MIMI
 
     root = tmp_path_factory.mktemp("folders")
@@ -225,7 +225,7 @@ def test_from_pretrained_still_loads_a_model_and_reports_clean_loading_info(save
     ],
 )
 def test_load_mimi_refuses_other_folders(saved_folders, folder, message):
-    from hf_moshi_userpred.audio import load_mimi
+    from hf_moshi_userpred.data.audio import load_mimi
 
     with pytest.raises(ValueError, match=message):
         load_mimi(saved_folders["root"] / folder)
@@ -236,7 +236,7 @@ def test_load_mimi_refuses_weights_that_do_not_match(saved_folders, tmp_path):
     import json
     import shutil
 
-    from hf_moshi_userpred.audio import load_mimi
+    from hf_moshi_userpred.data.audio import load_mimi
 
     shutil.copytree(saved_folders["mimi"], tmp_path / "mimi")
     config = json.loads((tmp_path / "mimi" / "config.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import random_codes, tiny_model
-from hf_moshi_userpred.evaluation import UserPredictionReport, evaluate_user_prediction, plot_user_prediction
+from hf_moshi_userpred.evaluation.user_prediction import UserPredictionReport, evaluate_user_prediction, plot_user_prediction
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -234,7 +234,7 @@ def test_errors(model):
 
 def test_top_k_above_the_vocabulary_is_refused():
     from helpers import tiny_model
-    from hf_moshi_userpred.evaluation import evaluate_user_prediction
+    from hf_moshi_userpred.evaluation.user_prediction import evaluate_user_prediction
     from helpers import random_codes
 
     model = tiny_model()
@@ -248,8 +248,8 @@ def test_top_k_above_the_vocabulary_is_refused():
 @pytest.fixture(scope="module")
 def held_out_model(demo_model_dir):
     """The 30-step demo model and the held-out dialogues the demo encoded next to it."""
-    from hf_moshi_userpred.encoding import EncodedDialogues
-    from hf_moshi_userpred.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+    from hf_moshi_userpred.data.encoding import EncodedDialogues
+    from hf_moshi_userpred.models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
     model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir).eval()
     return model, list(EncodedDialogues(demo_model_dir.parent / "encoded" / "eval"))
@@ -271,7 +271,7 @@ def direct_nll(model, data, temperature: float) -> list[float]:
 
 
 def test_calibration_fits_the_nll_minimum_and_tracks_a_rescaled_head(one_thread, held_out_model):
-    from hf_moshi_userpred.evaluation import calibrate_user_prediction
+    from hf_moshi_userpred.evaluation.user_prediction import calibrate_user_prediction
 
     model, data = held_out_model
     data = [{"codes": item["codes"][:, : model.config.streaming_window]} for item in data]  # one window each
@@ -343,8 +343,8 @@ def test_a_bad_temperature_is_refused(value):
 def test_evaluate_calibrate_writes_the_temperature_into_the_config(one_thread, demo_model_dir, tmp_path, capsys):
     import shutil
 
-    from hf_moshi_userpred.cli import main
-    from hf_moshi_userpred.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+    from hf_moshi_userpred.cli.main import main
+    from hf_moshi_userpred.models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
     model_dir = tmp_path / "model"
     shutil.copytree(demo_model_dir, model_dir)

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from hf_moshi_userpred.files import atomic_directory, atomic_write, read_json_object, write_json
+from hf_moshi_userpred.utils.files import atomic_directory, atomic_write, read_json_object, write_json
 
 
 def listing(folder) -> list[str]:

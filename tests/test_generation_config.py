@@ -11,7 +11,7 @@ from transformers import CompileConfig, GenerationConfig, WatermarkingConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from helpers import tiny_model
-from hf_moshi_userpred.generation_moshi_config import (
+from hf_moshi_userpred.models.generation_moshi_config import (
     AUDIO_USER_FIELDS,
     REFUSED_FIELDS,
     SAMPLING_FIELDS,

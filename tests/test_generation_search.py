@@ -9,7 +9,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from helpers import GREEDY, tiny_model
-from hf_moshi_userpred.generation_moshi_search import search_generate
+from hf_moshi_userpred.models.generation_moshi_search import search_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # streaming tiny models: one intra-op thread (see conftest)
 
@@ -62,7 +62,7 @@ def test_beams_beat_greedy_on_the_trained_sample_model(demo_model_dir):
     one-beam search's score is greedy's). The 30-step demo model writes only padding, which greedy already finds;
     with the padding suppressed it must choose among words, and the beams find strictly likelier ones."""
     from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-    from hf_moshi_userpred.encoding import EncodedDialogues
+    from hf_moshi_userpred.data.encoding import EncodedDialogues
 
     model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir).eval()
     c = model.config

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from helpers import LocalHub, assert_same_outputs, load_without_package, random_codes, tiny_remote_model
 from hf_moshi_userpred import EncodedDialogues
-from hf_moshi_userpred.evaluation import evaluate_user_prediction
-from hf_moshi_userpred.hub import (
+from hf_moshi_userpred.evaluation.user_prediction import evaluate_user_prediction
+from hf_moshi_userpred.hub.push import (
     DEFAULT_TAGS,
     METRICS_NAME,
     TRAINING_CONFIG_NAME,

@@ -18,7 +18,7 @@ from transformers import MimiConfig, MimiModel
 from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
 
 import hf_moshi_userpred
-from hf_moshi_userpred.mimi_streaming import MimiStreamingCodec
+from hf_moshi_userpred.serving.mimi_streaming import MimiStreamingCodec
 
 SAMPLE = Path(hf_moshi_userpred.__file__).parent / "sample"
 # float32 rounding, relative to the peak of the output: the untrained decoders peak near 90, where a float32 ulp is

@@ -15,8 +15,8 @@ import torch
 
 from helpers import GREEDY, assert_same_outputs, load_without_package, random_codes, tiny_model
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.cli import main
-from hf_moshi_userpred.conversion import quantization_config
+from hf_moshi_userpred.cli.main import main
+from hf_moshi_userpred.hub.conversion import quantization_config
 from hf_moshi_userpred.sample import SAMPLE_MIMI, SAMPLE_TOKENIZER
 
 # RMS logit error of a quantized random tiny model, relative to the RMS of the unquantized logits (measured: int8

@@ -26,8 +26,8 @@ import sphn
 
 from helpers import serving
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.audio import load_mimi, load_tokenizer
-from hf_moshi_userpred.realtime_engine import RealtimeEngine
+from hf_moshi_userpred.data.audio import load_mimi, load_tokenizer
+from hf_moshi_userpred.serving.engine import RealtimeEngine
 from hf_moshi_userpred.sample import SAMPLE_DIR
 
 RATE, FRAME = 24_000, 1920
@@ -444,7 +444,7 @@ def test_engine_failure_closes_conversations_with_1011(parts):
     1011 and a reason, and /health answers 503."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from hf_moshi_userpred.server import MoshiServer
+    from hf_moshi_userpred.serving.server import MoshiServer
 
     engine = RealtimeEngine(*parts, max_sessions=2, seed=0)
 
@@ -479,8 +479,8 @@ def test_extras_carry_the_turn_signal_over_a_websocket(parts, demo_model_dir):
     import torch
     from aiohttp.test_utils import TestServer
 
-    from hf_moshi_userpred.server import MoshiServer
-    from hf_moshi_userpred.turn_taking import TurnTakingStatistics
+    from hf_moshi_userpred.serving.server import MoshiServer
+    from hf_moshi_userpred.evaluation.turn_taking import TurnTakingStatistics
 
     saved = TurnTakingStatistics.load(demo_model_dir)
     engine = RealtimeEngine(*parts, max_sessions=1, seed=0)

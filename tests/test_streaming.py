@@ -9,13 +9,13 @@ import torch
 
 from helpers import GREEDY, PARITY_CONFIGS, make_reference
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.generation_moshi_config import (
+from hf_moshi_userpred.models.generation_moshi_config import (
     MoshiUserPredGenerationConfig,
     build_logits_processor,
     sample_from_scores,
 )
-from hf_moshi_userpred.generation_moshi_streaming import SpeculationStats
-from hf_moshi_userpred.generation_moshi_userpred import MoshiGenerateOutput
+from hf_moshi_userpred.models.generation_moshi_streaming import SpeculationStats
+from hf_moshi_userpred.models.generation_moshi_userpred import MoshiGenerateOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,11 +16,11 @@ import torch
 
 from helpers import GREEDY
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.audio import load_mimi, load_mono, load_stereo
-from hf_moshi_userpred.audio_limiter import AudioLimiter
+from hf_moshi_userpred.data.audio import load_mimi, load_mono, load_stereo
+from hf_moshi_userpred.serving.audio_limiter import AudioLimiter
 from hf_moshi_userpred.sample import SAMPLE_DIR
 from hf_moshi_userpred.sample import sample_model_config as sample_config
-from hf_moshi_userpred.streaming_audio import stream_user_audio
+from hf_moshi_userpred.serving.stream_recording import stream_user_audio
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RATE = 24_000  # the sample Mimi's
@@ -257,7 +257,7 @@ def test_realtime_warns_when_steps_cannot_keep_up(model, mimi, user_wav, tmp_pat
     """Frames 10 us apart: no step keeps up, and the run says so (once while streaming, once at the end)."""
     from transformers.testing_utils import CaptureLogger
 
-    import hf_moshi_userpred.streaming_audio as streaming_audio
+    import hf_moshi_userpred.serving.stream_recording as streaming_audio
 
     monkeypatch.setattr(streaming_audio, "FRAME_PERIOD_S", 1e-5)
     with CaptureLogger(streaming_audio.logger) as captured:

@@ -9,14 +9,14 @@ import torch
 
 from helpers import tiny_model
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.data_collator import DialogueSegments, MoshiSegmentCollator
-from hf_moshi_userpred.trainer import (
+from hf_moshi_userpred.data.collator import DialogueSegments, MoshiSegmentCollator
+from hf_moshi_userpred.training.trainer import (
     MoshiUserPredTrainer,
     MoshiUserPredTrainingArguments,
     UserLossCurriculum,
     parse_stages,
 )
-from hf_moshi_userpred.training_modes import (
+from hf_moshi_userpred.training.modes import (
     apply_lora,
     freeze_all_but_user_branch,
     lora_target_modules,
@@ -154,7 +154,7 @@ def test_a_user_branch_run_that_would_train_nothing_is_refused(tmp_path, overrid
 
 
 def test_a_full_run_whose_user_weight_stays_0_warns(tmp_path, monkeypatch):
-    import hf_moshi_userpred.trainer as trainer_module
+    import hf_moshi_userpred.training.trainer as trainer_module
 
     warnings = []
     monkeypatch.setattr(trainer_module.logger, "warning", warnings.append)

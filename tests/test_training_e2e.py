@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.encoding import EncodedDialogues, encode_dataset
-from hf_moshi_userpred.evaluation import evaluate_user_prediction
+from hf_moshi_userpred.data.encoding import EncodedDialogues, encode_dataset
+from hf_moshi_userpred.evaluation.user_prediction import evaluate_user_prediction
 from hf_moshi_userpred.sample import SAMPLE_DIR as SAMPLE
 from hf_moshi_userpred.sample import SAMPLE_NUM_CODEBOOKS as NUM_CODEBOOKS
 from hf_moshi_userpred.sample import sample_model_config as sample_config
 from hf_moshi_userpred.sample import sample_training_arguments
-from hf_moshi_userpred.train import main as train_main
-from hf_moshi_userpred.trainer import MoshiUserPredTrainer
+from hf_moshi_userpred.training.train import main as train_main
+from hf_moshi_userpred.training.trainer import MoshiUserPredTrainer
 
 pytestmark = pytest.mark.slow  # subprocesses / end-to-end runs
 
@@ -107,7 +107,7 @@ def test_entry_point_errors_are_one_line_with_exit_code_2(encoded, tmp_path, cap
     capsys.readouterr()
     assert train_main([x for pair in base.items() for x in pair]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and err[0].startswith("hf_moshi_userpred.train: error:")
+    assert len(err) == 1 and message in err[0] and err[0].startswith("hf_moshi_userpred.training.train: error:")
 
 
 def test_accelerate_launch_two_processes(encoded, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from helpers import toy_turn_dialogues
 
 from hf_moshi_userpred.sample import sample_model_config
-from hf_moshi_userpred.turn_taking import (
+from hf_moshi_userpred.evaluation.turn_taking import (
     STATISTICS_NAME,
     Pause,
     TurnTakingStatistics,
@@ -225,7 +225,7 @@ def test_evaluation_on_a_random_model_andtoy_turn_dialogues(tmp_path):
 # ------------------------------------------------------------------------------- a trained sample model (plumbing)
 def test_signal_and_evaluation_on_the_trained_sample_model(demo_model_dir, tmp_path):
     from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-    from hf_moshi_userpred.encoding import EncodedDialogues
+    from hf_moshi_userpred.data.encoding import EncodedDialogues
 
     encoded = demo_model_dir.parent / "encoded"
     model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir).eval()
@@ -260,7 +260,7 @@ def test_signal_and_evaluation_on_the_trained_sample_model(demo_model_dir, tmp_p
 
 
 def test_evaluate_turn_taking_command(demo_model_dir, tmp_path, capsys):
-    from hf_moshi_userpred.cli import main
+    from hf_moshi_userpred.cli.main import main
 
     encoded = demo_model_dir.parent / "encoded"
     out = tmp_path / "eval"

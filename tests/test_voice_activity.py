@@ -9,10 +9,10 @@ import torch
 from helpers import toy_turn_dialogues
 
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.data_collator import DialogueSegments, MoshiSegmentCollator
-from hf_moshi_userpred.modeling_moshi_voice_activity import voice_activity_targets
+from hf_moshi_userpred.data.collator import DialogueSegments, MoshiSegmentCollator
+from hf_moshi_userpred.models.modeling_moshi_voice_activity import voice_activity_targets
 from hf_moshi_userpred.sample import sample_model_config
-from hf_moshi_userpred.turn_taking import (
+from hf_moshi_userpred.evaluation.turn_taking import (
     DialoguesWithVoiceActivity,
     evaluate_turn_taking,
     fit_turn_taking_statistics,
@@ -124,8 +124,8 @@ def test_collator_cuts_the_activity_at_the_segment_and_past_it():
 def test_trainer_trains_the_head_alone_and_it_learns_the_toy_pattern(tmp_path):
     from transformers import PrinterCallback
 
-    from hf_moshi_userpred.trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
-    from hf_moshi_userpred.training_modes import prepare_model_for_training
+    from hf_moshi_userpred.training.trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+    from hf_moshi_userpred.training.modes import prepare_model_for_training
 
     torch.manual_seed(0)
     model = MoshiUserPredForConditionalGeneration(sample_model_config(dim=32, num_layers=1))
@@ -184,7 +184,7 @@ def test_streaming_signal_is_the_heads_and_drives_the_hold_without_a_table():
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_train_command_adds_and_trains_a_head(demo_model_dir, tmp_path):
-    from hf_moshi_userpred.cli import main
+    from hf_moshi_userpred.cli.main import main
 
     encoded = demo_model_dir.parent / "encoded"
     out = tmp_path / "run"

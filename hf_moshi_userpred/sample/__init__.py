@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..configuration_moshi_userpred import MoshiUserPredConfig
+from ..models.configuration_moshi_userpred import MoshiUserPredConfig
 
 if TYPE_CHECKING:
-    from ..trainer import MoshiUserPredTrainingArguments
+    from ..training.trainer import MoshiUserPredTrainingArguments
 
 SAMPLE_DIR = Path(__file__).resolve().parent
 SAMPLE_MIMI = SAMPLE_DIR / "mimi"
@@ -68,7 +68,7 @@ def sample_training_arguments(
     """The demo's recipe for [`sample_model_config`] (the tests' learning bar trains with it): text and system
     audio alone for the first 6% of the steps, then the user loss at half weight, then at full weight (it is the
     task the demo is about); held-out losses six times during training."""
-    from ..trainer import MoshiUserPredTrainingArguments  # the Trainer stack only when training
+    from ..training.trainer import MoshiUserPredTrainingArguments  # the Trainer stack only when training
 
     first, second = max(steps * 6 // 100, 1), max(steps * 12 // 100, 2)
     return MoshiUserPredTrainingArguments(

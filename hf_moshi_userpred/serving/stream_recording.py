@@ -36,10 +36,10 @@ from transformers import MimiModel
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .audio import FRAME_RATE, check_mimi, load_mimi, load_mono, load_tokenizer, padding_ids, text_piece
+from ..data.audio import FRAME_RATE, check_mimi, load_mimi, load_mono, load_tokenizer, padding_ids, text_piece
 from .audio_limiter import AudioLimiter
-from .files import atomic_write, write_json
-from .generation_moshi_config import STREAMS
+from ..utils.files import atomic_write, write_json
+from ..models.generation_moshi_config import STREAMS
 
 logger = logging.get_logger(__name__)
 FRAME_PERIOD_S = 1 / FRAME_RATE  # a live microphone's 80 ms between frames (`realtime=True` paces frames by it)

@@ -64,14 +64,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .audio import padding_ids
-from .modeling_moshi_codes import ZERO_TOKEN_ID
+from ..data.audio import padding_ids
+from ..models.modeling_moshi_codes import ZERO_TOKEN_ID
 from .turn_taking import FRAME_RATE, KINDS, TurnTakingEvents, TurnTakingStatistics, dialogue_events
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+    from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
 FRAME_MS = 1000 / FRAME_RATE
 DEFAULT_BRIDGE_FRAMES = 6  # 480 ms: a longer silence between two words of the text stream ends an utterance
@@ -459,7 +459,7 @@ def plot_dialogue_behaviour(report: DialogueBehaviourReport, plot_dir: str | os.
     Raises:
         ImportError: matplotlib is missing (`pip install 'hf_moshi_userpred[plots]'`).
     """
-    from .evaluation import save_figures
+    from .user_prediction import save_figures
 
     if not report.timeline:
         return {}

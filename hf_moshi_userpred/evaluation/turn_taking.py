@@ -44,17 +44,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .configuration_moshi_userpred import MoshiUserPredConfig
-from .generation_moshi_text_constraints import turn_taking_signal  # the streaming session computes it each step too
-from .files import read_json_object
-from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
-from .modeling_moshi_voice_activity import voice_activity_targets
-from .text_alignment import validate_alignments
+from ..models.configuration_moshi_userpred import MoshiUserPredConfig
+from ..models.generation_moshi_text_constraints import turn_taking_signal  # the streaming session computes it each step too
+from ..utils.files import read_json_object
+from ..models.modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
+from ..models.modeling_moshi_voice_activity import voice_activity_targets
+from ..data.text_alignment import validate_alignments
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+    from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
 FRAME_RATE = 12.5  # Mimi frames per second
 DEFAULT_HORIZON = 10  # frames (800 ms)
@@ -894,7 +894,7 @@ def plot_turn_taking(report: TurnTakingReport, plot_dir: str | os.PathLike) -> d
     Raises:
         ImportError: matplotlib is missing (`pip install 'hf_moshi_userpred[plots]'`).
     """
-    from .evaluation import save_figures
+    from .user_prediction import save_figures
 
     drawings = {"turn_taking_roc": (lambda figure: _plot_roc(report, figure), (5, 5))}
     if report.timeline.get("user") is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
+from ..models.modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 
 
 def _codes_of(item: Mapping | torch.Tensor) -> torch.Tensor:

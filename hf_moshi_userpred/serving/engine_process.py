@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .realtime_engine import FrameOutput, RealtimeEngine
+from .engine import FrameOutput, RealtimeEngine
 
 logger = logging.getLogger(__name__)
 

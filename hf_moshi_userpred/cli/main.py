@@ -79,8 +79,8 @@ def _load_model(path: str, dtype: str | None = None, device: str = "cpu"):
     """The model directory at `path` (refused unless it is a complete model of this package), on `device`."""
     import torch
 
-    from .cpu_threads import set_torch_threads
-    from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+    from ..utils.cpu_threads import set_torch_threads
+    from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
     _check_device(device)
     folder = _existing_path(path)
@@ -92,8 +92,8 @@ def _load_model(path: str, dtype: str | None = None, device: str = "cpu"):
 
 # ---------------------------------------------------------------------------------------------------- commands
 def _convert(args: argparse.Namespace) -> None:
-    from .conversion import convert_kyutai_checkpoint, export_to_moshi, quantize_model_directory
-    from .modeling_moshi_userpred import describe_model_folder
+    from ..hub.conversion import convert_kyutai_checkpoint, export_to_moshi, quantize_model_directory
+    from ..models.modeling_moshi_userpred import describe_model_folder
 
     _check_device(args.device)
     if args.to_moshi and args.quantize:
@@ -118,7 +118,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from .encoding import encode_dataset
+    from ..data.encoding import encode_dataset
 
     _check_device(args.device)
     summary = encode_dataset(args.manifest, args.output, mimi=args.mimi, tokenizer=args.tokenizer,
@@ -131,9 +131,9 @@ def _encode(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .encoding import EncodedDialogues
-    from .evaluation import evaluate_user_prediction
-    from .files import METRICS_NAME, write_json
+    from ..data.encoding import EncodedDialogues
+    from ..evaluation.user_prediction import evaluate_user_prediction
+    from ..utils.files import METRICS_NAME, write_json
 
     dataset = EncodedDialogues(args.data)
     reference = EncodedDialogues(args.reference) if args.reference else None
@@ -158,8 +158,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace, model, dataset):
     """`evaluate --calibrate`: fit the user branch's temperatures on DATA, apply them to `model` and write them into
     MODEL/config.json (that one key; the file is replaced atomically)."""
-    from .evaluation import calibrate_user_prediction
-    from .files import read_json_object, write_json
+    from ..evaluation.user_prediction import calibrate_user_prediction
+    from ..utils.files import read_json_object, write_json
 
     calibration = calibrate_user_prediction(model, dataset, batch_size=args.batch_size, window=args.window)
     model.config.user_logit_temperature = calibration.temperature
@@ -175,10 +175,10 @@ def _evaluate_turn_taking(args: argparse.Namespace, model, dataset, out: Path) -
     """`evaluate --turn-taking`: the turn-taking signal's statistics from MODEL/turn_taking_statistics.json, else
     fitted on --reference; shift/hold, anticipation and backchannel metrics on DATA's alignments; the system's
     dialogue behaviour streaming DATA without and with the turn hold at --threshold; turn_taking_report.md."""
-    from .dialogue_behaviour import evaluate_dialogue_behaviour
-    from .encoding import EncodedDialogues
-    from .files import atomic_write, write_json
-    from .turn_taking import (STATISTICS_NAME, TurnTakingStatistics, dialogue_alignments, evaluate_turn_taking,
+    from ..evaluation.dialogue_behaviour import evaluate_dialogue_behaviour
+    from ..data.encoding import EncodedDialogues
+    from ..utils.files import atomic_write, write_json
+    from ..evaluation.turn_taking import (STATISTICS_NAME, TurnTakingStatistics, dialogue_alignments, evaluate_turn_taking,
                               fit_turn_taking_statistics)
 
     if not 0 <= args.threshold <= 1:
@@ -214,9 +214,9 @@ def _evaluate_turn_taking(args: argparse.Namespace, model, dataset, out: Path) -
 
 
 def _stream(args: argparse.Namespace) -> None:
-    from .audio import load_mimi
-    from .files import MIMI_FOLDER, TOKENIZER_NAME
-    from .streaming_audio import stream_user_audio
+    from ..data.audio import load_mimi
+    from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME
+    from ..serving.stream_recording import stream_user_audio
 
     _existing_path(args.model)
     user_audio = _existing_path(args.user_audio)  # before the model load: a typo fails at once
@@ -250,9 +250,9 @@ def _serve(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .engine_process import EngineProcess
-    from .realtime_engine import RealtimeEngine
-    from .server import MoshiServer, run_server
+    from ..serving.engine_process import EngineProcess
+    from ..serving.engine import RealtimeEngine
+    from ..serving.server import MoshiServer, run_server
 
     if args.max_sessions < 1:
         raise ValueError(f"--max-sessions must be at least 1, got {args.max_sessions}")
@@ -285,8 +285,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .files import read_json_object
-    from .hub import push_to_hub
+    from ..utils.files import read_json_object
+    from ..hub.push import push_to_hub
 
     training = read_json_object(args.training, "training record") if args.training else None
     metrics = read_json_object(args.metrics, "metrics file") if args.metrics else None
@@ -497,10 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_progress_messages(getattr(args, "quiet", False))
     if args.command == "train":
-        from .train import main as train_main
+        from ..training.train import main as train_main
 
         return train_main(args.train_args, prog=f"{PROG} train")
-    from .conversion import progress_bars
+    from ..hub.conversion import progress_bars
 
     try:
         with progress_bars(not getattr(args, "quiet", False)):  # Transformers' loading and saving bars too

@@ -30,7 +30,7 @@ from pathlib import Path
 import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .realtime_engine import FrameOutput, RealtimeEngine
+from .engine import FrameOutput, RealtimeEngine
 
 logger = logging.getLogger(__name__)
 

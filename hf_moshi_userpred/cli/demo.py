@@ -33,16 +33,16 @@ import torch
 from transformers import PrinterCallback
 from transformers.utils import logging
 
-from .audio import load_mimi, load_stereo
-from .conversion import progress_bars
-from .cpu_threads import set_torch_threads
-from .dialogue_behaviour import DialogueBehaviourReport, evaluate_dialogue_behaviour, setting_name
-from .encoding import EncodedDialogues, encode_dataset
-from .evaluation import UserPredictionReport, evaluate_user_prediction, save_figures
-from .files import METRICS_NAME, MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, atomic_write, write_json
-from .hub import build_model_card
-from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
-from .sample import (
+from ..data.audio import load_mimi, load_stereo
+from ..hub.conversion import progress_bars
+from ..utils.cpu_threads import set_torch_threads
+from ..evaluation.dialogue_behaviour import DialogueBehaviourReport, evaluate_dialogue_behaviour, setting_name
+from ..data.encoding import EncodedDialogues, encode_dataset
+from ..evaluation.user_prediction import UserPredictionReport, evaluate_user_prediction, save_figures
+from ..utils.files import METRICS_NAME, MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, atomic_write, write_json
+from ..hub.push import build_model_card
+from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+from ..sample import (
     SAMPLE_DIR,
     SAMPLE_MIMI,
     SAMPLE_NUM_CODEBOOKS,
@@ -50,11 +50,11 @@ from .sample import (
     sample_model_config,
     sample_training_arguments,
 )
-from .streaming_audio import StreamResult, stream_user_audio
-from .train import write_training_config
-from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
-from .training_modes import prepare_model_for_training
-from .turn_taking import (
+from ..serving.stream_recording import StreamResult, stream_user_audio
+from ..training.train import write_training_config
+from ..training.trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
+from ..training.modes import prepare_model_for_training
+from ..evaluation.turn_taking import (
     DEFAULT_HORIZON,
     DEFAULT_TURN_END_FRAMES,
     DialoguesWithVoiceActivity,

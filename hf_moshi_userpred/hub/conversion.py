@@ -42,9 +42,9 @@ from torch import nn
 from transformers import TorchAoConfig
 from transformers.utils import logging
 
-from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
-from .files import MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, check_output_dir, read_json_object
-from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, describe_model_folder
+from ..models.configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
+from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, check_output_dir, read_json_object
+from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, describe_model_folder
 
 # moshi's defaults for a checkpoint directory (moshi.models.loaders: MOSHI_NAME, MIMI_NAME, TEXT_TOKENIZER_NAME).
 KYUTAI_WEIGHTS_NAME = "model.safetensors"

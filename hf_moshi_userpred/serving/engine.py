@@ -42,10 +42,10 @@ import sentencepiece
 import torch
 from transformers import MimiModel
 
-from .audio import check_mimi, text_piece
+from ..data.audio import check_mimi, text_piece
 from .audio_limiter import AudioLimiter
 from .mimi_streaming import MimiStreamingCodec
-from .turn_taking import STATISTICS_NAME, TurnTakingStatistics
+from ..evaluation.turn_taking import STATISTICS_NAME, TurnTakingStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +225,9 @@ class RealtimeEngine:
         Raises:
             ValueError: the folder is not a complete model of this package, or lacks the Mimi or tokenizer.
         """
-        from .audio import load_mimi, load_tokenizer
-        from .files import MIMI_FOLDER, TOKENIZER_NAME
-        from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+        from ..data.audio import load_mimi, load_tokenizer
+        from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME
+        from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
         if threads is not None:
             torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ import sentencepiece
 import torch
 from transformers import MimiModel
 
-from .files import MIMI_FOLDER
+from ..utils.files import MIMI_FOLDER
 
 FRAME_RATE = 12.5  # Mimi frames per second that Moshi models are trained on
 

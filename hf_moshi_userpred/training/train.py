@@ -1,8 +1,8 @@
 """Fine-tune a Moshi user-prediction model on encoded dialogues: the training entry point.
 
-    python -m hf_moshi_userpred.train --model_name_or_path MODEL --train_data ENCODED --output_dir OUT [flags]
-    python -m hf_moshi_userpred.train config.yaml            # the same fields in YAML (or JSON)
-    accelerate launch --num_processes 2 -m hf_moshi_userpred.train ...
+    python -m hf_moshi_userpred.training.train --model_name_or_path MODEL --train_data ENCODED --output_dir OUT [flags]
+    python -m hf_moshi_userpred.training.train config.yaml            # the same fields in YAML (or JSON)
+    accelerate launch --num_processes 2 -m hf_moshi_userpred.training.train ...
 
 Flags are the fields of [`MoshiUserPredModelArguments`], [`MoshiUserPredDataArguments`] and
 [`MoshiUserPredTrainingArguments`] (every `transformers.TrainingArguments` field included), parsed by
@@ -22,13 +22,13 @@ from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .cpu_threads import set_torch_threads
-from .encoding import EncodedDialogues
-from .files import TRAINING_CONFIG_NAME, write_json
-from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+from ..utils.cpu_threads import set_torch_threads
+from ..data.encoding import EncodedDialogues
+from ..utils.files import TRAINING_CONFIG_NAME, write_json
+from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
-from .turn_taking import DialoguesWithVoiceActivity, dialogue_alignments
-from .training_modes import LORA_PARTS, TRAINING_MODES, prepare_model_for_training
+from ..evaluation.turn_taking import DialoguesWithVoiceActivity, dialogue_alignments
+from .modes import LORA_PARTS, TRAINING_MODES, prepare_model_for_training
 
 logger = logging.get_logger(__name__)
 
@@ -217,7 +217,7 @@ def write_training_config(
     return path
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "hf_moshi_userpred.train") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "hf_moshi_userpred.training.train") -> int:
     try:
         train(*parse_arguments(argv, prog=prog))
     except (ValueError, ImportError, OSError) as error:  # user mistakes, missing files and extras: one line

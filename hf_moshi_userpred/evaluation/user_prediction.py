@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .data_collator import DialogueSegments
-from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
-from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, shift_time
+from ..data.collator import DialogueSegments
+from ..models.modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
+from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, shift_time
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

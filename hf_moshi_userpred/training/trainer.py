@@ -22,9 +22,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from .data_collator import DialogueSegments, MoshiSegmentCollator
-from .modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
-from .modeling_moshi_userpred import MoshiUserPredOutput
+from ..data.collator import DialogueSegments, MoshiSegmentCollator
+from ..models.modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
+from ..models.modeling_moshi_userpred import MoshiUserPredOutput
 
 logger = logging.get_logger(__name__)
 

@@ -28,8 +28,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_imports
 
-from .configuration_moshi_userpred import MoshiUserPredConfig
-from .files import METRICS_NAME, MIMI_FOLDER, TOKENIZER_NAME, TRAINING_CONFIG_NAME, read_json_object
+from ..models.configuration_moshi_userpred import MoshiUserPredConfig
+from ..utils.files import METRICS_NAME, MIMI_FOLDER, TOKENIZER_NAME, TRAINING_CONFIG_NAME, read_json_object
 
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 

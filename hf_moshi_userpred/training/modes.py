@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
+from ..models.modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
 
 TRAINING_MODES = ("full", "user_branch", "voice_activity_head", "lora")
 LORA_PARTS = ("transformer", "text_linear", "depformer", "user_depformer")

@@ -1,0 +1,1 @@
+"""The `hf-moshi-userpred` command line: the parser, and one module per command."""

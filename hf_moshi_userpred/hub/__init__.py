@@ -1,0 +1,1 @@
+"""The Hub: kyutai checkpoints both ways, quantization, the model card and pushing a model."""
