@@ -92,7 +92,7 @@ def build_engine(config: str, model_dir: Path | None, quick: bool, sessions: int
     if threads is not None:
         torch.set_num_threads(threads)
     model, mimi, tokenizer = build_parts(config, model_dir, quick)
-    return RealtimeEngine(model, mimi, tokenizer, max_sessions=sessions, speculate_top_k=top_k, seed=0)
+    return RealtimeEngine(model, mimi, tokenizer, max_conversations=sessions, speculate_top_k=top_k, seed=0)
 
 
 def serve_scenario(args: argparse.Namespace) -> None:
@@ -232,7 +232,7 @@ def measure(args: argparse.Namespace, config: str, sessions: int, channels: list
     tick, critical = metrics["tick_ms"], metrics["critical_ms"]
     realtime = tick["p99"] is not None and tick["p99"] < 1000 * FRAME_S and dropped == 0 and metrics["overruns"] == 0
     row = {
-        "sessions": sessions, "frames_sent": sent, "dropped_frames": dropped, "late_frames": metrics["late_frames"],
+        "conversations": sessions, "frames_sent": sent, "dropped_frames": dropped, "late_frames": metrics["late_frames"],
         "tick_ms": tick, "critical_ms": critical, "overruns": metrics["overruns"],
         "catch_up_steps": metrics["catch_up_steps"], "answer_latency": latency,
         "hit_rate": metrics["speculation"]["hit_rate"], "server_cpu_cores": server_cpu, "clients_cpu_cores": clients_cpu,
@@ -276,11 +276,11 @@ def main() -> None:
                 rows.append(measure(args, config, sessions, channels, in_process))
                 if rows[-1]["dropped_frames"] or rows[-1]["tick_ms"]["p50"] > 1000 * FRAME_S:
                     break  # well past real time: larger K only drop more
-            largest = max([row["sessions"] for row in rows if row["realtime"]], default=0)
+            largest = max([row["conversations"] for row in rows if row["realtime"]], default=0)
             results[config][mode] = {"rows": rows, "largest_realtime_sessions": largest}
             if config == "demo":
                 target = min(DEMO_TARGET, max(ladder))
-                results[config][mode]["target"] = {"sessions": target, "met": largest >= target}
+                results[config][mode]["target"] = {"conversations": target, "met": largest >= target}
     results["settings"] = {"seconds": args.seconds, "speculate_top_k": TOP_K, "threads": torch.get_num_threads()}
     path = write_results(NAME, results, args.out)
     print(f"wrote {path}")

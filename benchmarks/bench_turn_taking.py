@@ -19,6 +19,7 @@ accuracy above every timer; median anticipation >= 160 ms with fewer false takeo
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from statistics import fmean
 from pathlib import Path
 
@@ -26,17 +27,15 @@ import torch
 
 from benchmarks.common import base_parser, demo_model_dir, setup, write_results
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
-from hf_moshi_userpred.cli.demo import train_sample_model
+from hf_moshi_userpred.demo.pipeline import train_sample_model
 from hf_moshi_userpred.data.encoding import EncodedDialogues
 from hf_moshi_userpred.sample import sample_model_config
-from hf_moshi_userpred.evaluation.turn_taking import (
-    ShiftHoldMetrics,
-    dialogue_alignments,
-    dialogue_events,
-    evaluate_turn_taking,
-    fit_turn_taking_statistics,
-    stretch_hold_pauses,
-)
+from hf_moshi_userpred.data.text_alignment import validate_alignments
+from hf_moshi_userpred.models.configuration_moshi_userpred import FRAME_RATE
+from hf_moshi_userpred.data.voice_activity import dialogue_alignments, fit_turn_taking_statistics
+from hf_moshi_userpred.evaluation.turn_taking import evaluate_turn_taking
+from hf_moshi_userpred.evaluation.turn_taking_events import dialogue_events
+from hf_moshi_userpred.evaluation.turn_taking_metrics import ShiftHoldMetrics
 
 STEPS, QUICK_STEPS = 900, 30  # the demo's recipe
 FOLDS = 5  # cross-validation: every dialogue of the sample held out once
@@ -47,6 +46,54 @@ ANTICIPATION_TARGET_MS = 160
 def dialogues(encoded: Path, split: str) -> tuple[list[dict], list]:
     data = EncodedDialogues(encoded / split)
     return [data[i] for i in range(len(data))], dialogue_alignments(encoded / split)
+
+
+def stretch_hold_pauses(
+    codes: torch.Tensor, alignments: Sequence[Sequence], extra_frames: int | Sequence[int], *,
+    main_speaker: str = "SPEAKER_MAIN", min_pause_frames: int = 2, frame_rate: float = FRAME_RATE,
+) -> tuple[torch.Tensor, list]:
+    """One dialogue with its user pauses inside a turn (the holds of [`find_events`]) made longer.
+
+    Why: in recorded conversation, pauses inside a turn are often as long as the gaps between turns (Heldner & Edlund
+    2010), which is what makes a silence timer take the floor too early; the shipped sample's are all under 0.33 s,
+    so a timer of 500 ms is never wrong on it. Lengthening them gives a harder test (and training data that does
+    not reward reading a turn end off the silence's length).
+
+    Each hold's last silent frame (both speakers silent; the user speaks next) is repeated `extra_frames` more times
+    in every row of `codes` (text padding and both speakers' silence codes: the codec is causal, so that frame is
+    what more silence encodes to, up to the codec's rare code changes in long silences), and every word from there
+    on starts and ends that much later.
+
+    Args:
+        codes: `[1 + n_q, T]`.
+        alignments: its moshi-finetune word alignments.
+        extra_frames: frames added to every hold, or one count per hold in order.
+
+    Returns:
+        The new codes `[1 + n_q, T + added]` and alignments.
+
+    Raises:
+        ValueError: a count per hold that does not match the holds, or a negative count.
+    """
+    words = validate_alignments(alignments)
+    holds = dialogue_events(words, codes.shape[1], main_speaker, frame_rate=frame_rate,
+                            min_pause_frames=min_pause_frames).holds
+    counts = [extra_frames] * len(holds) if isinstance(extra_frames, int) else list(extra_frames)
+    if len(counts) != len(holds) or any(count < 0 for count in counts):
+        raise ValueError(f"extra_frames must be a count >= 0 or one per hold ({len(holds)}), got {extra_frames!r}")
+    pieces, start, shifts = [], 0, []
+    for pause, count in zip(holds, counts):
+        last_silent = pause.end_frame + pause.silence_frames  # the frame before the user speaks again
+        pieces += [codes[:, start:last_silent], codes[:, last_silent : last_silent + 1].expand(-1, count)]
+        start = last_silent
+        shifts.append((last_silent / frame_rate, count / frame_rate))
+    pieces.append(codes[:, start:])
+
+    def later(time: float) -> float:
+        return round(time + sum(seconds for at, seconds in shifts if time >= at - 1e-9), 6)
+
+    stretched = [[word, [later(begin), later(end)], speaker] for word, (begin, end), speaker in words]
+    return torch.cat(pieces, dim=1), stretched
 
 
 def stretched(items: list[dict], alignments: list, generator: torch.Generator) -> tuple[list[dict], list]:

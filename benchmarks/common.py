@@ -52,7 +52,7 @@ def demo_model_dir(args: argparse.Namespace) -> Path:
         return args.model.resolve()
     cache, steps = (QUICK_DEMO_CACHE, QUICK_STEPS) if args.quick else (DEMO_CACHE, DEMO_STEPS)
     if args.retrain or not (cache / "model" / "config.json").is_file():
-        from hf_moshi_userpred.cli.demo import run_demo
+        from hf_moshi_userpred.demo.pipeline import run_demo
 
         run_demo(cache, steps=steps, progress=False)
     return cache / "model"

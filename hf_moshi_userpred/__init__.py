@@ -2,9 +2,16 @@
 
 import importlib
 import importlib.abc
+import logging
 import sys
 
 __version__ = "0.1.0"
+
+# torchao (the `quant` extra), which transformers' quantizers import whenever it is installed, logs at import that its
+# CUDA-only extensions do not load on a CPU build, and torch that torchao registers its enums needlessly: lines that
+# say nothing to someone who imports this package (or runs its command line) for anything but CUDA quantization.
+for _noisy_logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy_logger).setLevel(logging.ERROR)
 
 # Every name is imported on first use, so `import hf_moshi_userpred` (and the command line's `--help`) does not pay
 # for torch and transformers. The config and model are registered with `AutoConfig`/`AutoModel` as soon as
@@ -108,7 +115,7 @@ _LAZY = {
     "push_to_hub": "hub.push",
     "StreamResult": "serving.stream_recording",
     "stream_user_audio": "serving.stream_recording",
-    "run_demo": "cli.demo",
+    "run_demo": "demo.pipeline",
     "interleave_text": "data.text_alignment",
     "MoshiUserPredTrainer": "training.trainer",
     "MoshiUserPredTrainingArguments": "training.trainer",

@@ -36,7 +36,7 @@ def moshi_lm():
 def demo_model_dir(tmp_path_factory):
     """A model folder the way `demo` writes it (weights, tokenizer.model, mimi/), trained for 30 steps on the
     shipped sample: what `serve` and the web page are tested with (about 40 s, once per session)."""
-    from hf_moshi_userpred.cli.demo import run_demo
+    from hf_moshi_userpred.demo.pipeline import run_demo
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

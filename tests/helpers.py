@@ -238,7 +238,7 @@ def serving(model_dir: Path, *args: str):
 def toy_turn_dialogues(config, n: int = 4, T: int = 40):
     """Turn-taking toy dialogues: codes whose user semantic token is 7 on silent frames, 20 + (position in the word run) on speech; alignments
     with the user speaking frames 5-14 and 25-29, the system 17-22."""
-    from hf_moshi_userpred.evaluation.turn_taking import voice_activity
+    from hf_moshi_userpred.data.voice_activity import voice_activity
 
     words = [["a", [5 * 0.08, 15 * 0.08], "SPEAKER_USER"], ["b", [25 * 0.08, 30 * 0.08], "SPEAKER_USER"],
              ["c", [17 * 0.08, 23 * 0.08], "SPEAKER_MAIN"]]

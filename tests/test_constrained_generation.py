@@ -18,12 +18,8 @@ from helpers import GREEDY, PARITY_CONFIGS
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
 from hf_moshi_userpred.data.audio import load_tokenizer
 from hf_moshi_userpred.data.encoding import EncodedDialogues
-from hf_moshi_userpred.evaluation.turn_taking import (
-    delay0_user_codebook,
-    dialogue_alignments,
-    fit_turn_taking_statistics,
-    turn_taking_signal,
-)
+from hf_moshi_userpred.data.voice_activity import delay0_user_codebook, dialogue_alignments, fit_turn_taking_statistics
+from hf_moshi_userpred.evaluation.turn_taking import turn_taking_signal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FRAMES = 90  # of each of two held-out dialogues

@@ -62,7 +62,7 @@ def test_set_torch_threads_logs_and_respects_omp_num_threads(machine, monkeypatc
 def test_the_cli_loads_a_small_model_with_one_thread(tmp_path, monkeypatch, caplog):
     from helpers import tiny_model
 
-    from hf_moshi_userpred.cli.main import _load_model
+    from hf_moshi_userpred.cli.arguments import load_model
 
     tiny_model().save_pretrained(tmp_path)
     before = torch.get_num_threads()
@@ -70,7 +70,7 @@ def test_the_cli_loads_a_small_model_with_one_thread(tmp_path, monkeypatch, capl
     torch.set_num_threads(2)
     try:
         with caplog.at_level(logging.DEBUG, logger="hf_moshi_userpred"):
-            _load_model(str(tmp_path))
+            load_model(str(tmp_path))
         assert torch.get_num_threads() == 1
         assert "too small to split over threads" in caplog.text
     finally:

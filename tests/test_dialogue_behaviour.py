@@ -13,7 +13,7 @@ from hf_moshi_userpred.evaluation.dialogue_behaviour import (
     evaluate_dialogue_behaviour,
     system_speech,
 )
-from hf_moshi_userpred.evaluation.turn_taking import find_events
+from hf_moshi_userpred.evaluation.turn_taking_events import find_events
 
 PAD, END_PAD = 3, 0
 
@@ -145,7 +145,7 @@ def test_evaluation_on_the_trained_sample_model_with_and_without_the_turn_hold(d
     every turn end answered, no backchannel answered."""
     from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
     from hf_moshi_userpred.data.encoding import EncodedDialogues
-    from hf_moshi_userpred.evaluation.turn_taking import STATISTICS_NAME, TurnTakingStatistics, dialogue_alignments
+    from hf_moshi_userpred.data.voice_activity import STATISTICS_NAME, TurnTakingStatistics, dialogue_alignments
 
     encoded = demo_model_dir.parent / "encoded"
     model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir).eval()
@@ -175,7 +175,7 @@ def test_evaluation_on_the_trained_sample_model_with_and_without_the_turn_hold(d
 def test_evaluation_options_and_bad_input(demo_model_dir, one_thread):
     from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
     from hf_moshi_userpred.data.encoding import EncodedDialogues
-    from hf_moshi_userpred.evaluation.turn_taking import TurnTakingStatistics, dialogue_alignments
+    from hf_moshi_userpred.data.voice_activity import TurnTakingStatistics, dialogue_alignments
 
     model = MoshiUserPredForConditionalGeneration.from_pretrained(demo_model_dir)
     stats = TurnTakingStatistics.load(demo_model_dir)

@@ -17,7 +17,7 @@ from hf_moshi_userpred.serving.engine import RealtimeEngine
 
 def broken_engine(model_dir: str) -> RealtimeEngine:
     """An engine whose tick fails, built in the child (this module is importable there: spawn passes sys.path)."""
-    engine = RealtimeEngine.from_pretrained(model_dir, max_sessions=1)
+    engine = RealtimeEngine.from_pretrained(model_dir, max_conversations=1)
 
     def tick() -> None:
         raise RuntimeError("boom in the tick")
@@ -36,10 +36,10 @@ def wait_for(condition, timeout: float = 20.0) -> bool:
 
 
 def test_conversations_through_the_engine_process(demo_model_dir):
-    engine = EngineProcess(functools.partial(RealtimeEngine.from_pretrained, str(demo_model_dir), max_sessions=2,
+    engine = EngineProcess(functools.partial(RealtimeEngine.from_pretrained, str(demo_model_dir), max_conversations=2,
                                              speculate_top_k=2, seed=0, threads=1))
     try:
-        assert (engine.max_sessions, engine.sampling_rate, engine.frame_size) == (2, 24000, 1920)
+        assert (engine.max_conversations, engine.sampling_rate, engine.frame_size) == (2, 24000, 1920)
         received: dict[int, list] = {0: [], 1: []}
         lock = threading.Lock()
 
@@ -50,7 +50,7 @@ def test_conversations_through_the_engine_process(demo_model_dir):
             return deliver
 
         first, second = engine.join(collect(0)), engine.join(collect(1))
-        assert {first.slot, second.slot} == {0, 1} and engine.active_sessions == 2
+        assert {first.slot, second.slot} == {0, 1} and engine.active_conversations == 2
         assert engine.join(collect(0)) is None  # busy: both slots taken
         engine.start()
         rng = np.random.default_rng(0)
@@ -68,11 +68,11 @@ def test_conversations_through_the_engine_process(demo_model_dir):
         with pytest.raises(ValueError, match="finite"):
             first.push_audio(np.array([np.nan], dtype=np.float32))  # refused here, before the pipe
         metrics = engine.metrics()
-        assert metrics["sessions"] == 2 and metrics["ticks"] >= 10 and metrics["tick_ms"]["p50"] > 0
+        assert metrics["conversations"] == 2 and metrics["ticks"] >= 10 and metrics["tick_ms"]["p50"] > 0
         engine.leave(first)
         engine.leave(first)  # idempotent
-        assert engine.active_sessions == 1
-        assert wait_for(lambda: engine.metrics()["sessions"] == 1)
+        assert engine.active_conversations == 1
+        assert wait_for(lambda: engine.metrics()["conversations"] == 1)
         assert engine.join(collect(0)) is not None  # the freed slot is taken again
         assert engine.error is None and engine.running
     finally:
@@ -98,7 +98,7 @@ def test_a_failing_engine_is_reported_to_the_server_side(demo_model_dir):
 
 
 def test_an_engine_process_that_dies_is_reported(demo_model_dir):
-    engine = EngineProcess(functools.partial(RealtimeEngine.from_pretrained, str(demo_model_dir), max_sessions=1))
+    engine = EngineProcess(functools.partial(RealtimeEngine.from_pretrained, str(demo_model_dir), max_conversations=1))
     try:
         engine.start()
         os.kill(engine.pid, signal.SIGKILL)  # e.g. the kernel's out-of-memory killer

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 from helpers import LocalHub, assert_same_outputs, load_without_package, random_codes, tiny_remote_model
+import hf_moshi_userpred
 from hf_moshi_userpred import EncodedDialogues
 from hf_moshi_userpred.evaluation.user_prediction import evaluate_user_prediction
 from hf_moshi_userpred.hub.push import (
@@ -27,11 +28,8 @@ from hf_moshi_userpred.hub.push import (
 
 REPO_ID = "me/tiny-userpred"
 SAMPLE = Path(__file__).parents[1] / "hf_moshi_userpred" / "sample"
-REMOTE_CODE = {"configuration_moshi_userpred.py", "modeling_moshi_userpred.py", "modeling_moshi_transformer.py",
-               "modeling_moshi_depformer.py", "modeling_moshi_checkpoint.py", "modeling_moshi_cache.py",
-               "modeling_moshi_codes.py", "modeling_moshi_voice_activity.py", "generation_moshi_userpred.py", "generation_moshi_config.py",
-               "generation_moshi_streaming.py", "generation_moshi_search.py",
-               "generation_moshi_text_constraints.py"}
+# the remote code is the models/ room, whole and alone
+REMOTE_CODE = {path.name for path in (Path(hf_moshi_userpred.__file__).parent / "models").glob("*.py")} - {"__init__.py"}
 TRAINING = {
     "model": {"model_name_or_path": "kyutai/moshiko-pytorch-bf16", "training_mode": "full"},
     "data": {"train_data": "encoded/train", "eval_data": None},

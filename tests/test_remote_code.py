@@ -20,10 +20,42 @@ def test_trust_remote_code_reproduces_logits_and_streaming(tmp_path):
                                  "AutoModel": "modeling_moshi_userpred.MoshiUserPredForConditionalGeneration"}
     for name in ("configuration_moshi_userpred.py", "modeling_moshi_userpred.py", "modeling_moshi_transformer.py",
                  "modeling_moshi_depformer.py", "modeling_moshi_checkpoint.py", "modeling_moshi_cache.py",
-                 "modeling_moshi_codes.py", "generation_moshi_userpred.py", "generation_moshi_config.py",
-                 "generation_moshi_streaming.py", "generation_config.json"):
+                 "modeling_moshi_codes.py", "modeling_moshi_loading.py", "modeling_moshi_streaming_step.py",
+                 "generation_moshi_userpred.py", "generation_moshi_config.py", "generation_moshi_streaming.py",
+                 "generation_moshi_cuda_graphs.py", "generation_config.json"):
         assert (folder / name).is_file(), name
     codes = random_codes(model.config, frames=10)
     stdout, remote = load_without_package(folder, codes, tmp_path)
     assert "MoshiUserPredConfig MoshiUserPredForConditionalGeneration MoshiUserPredGenerationConfig 7" in stdout
     assert_same_outputs(model, codes, remote)
+
+
+def test_a_model_saved_before_the_layout_move_still_loads_both_ways(tmp_path):
+    """`tests/fixtures/model_saved_before_layout` was saved by the flat package (commit fac5d90), with its outputs:
+    it loads through its own remote code where the package is absent, and through the package's auto classes."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModel
+
+    import hf_moshi_userpred  # noqa: F401  (registers the auto classes)
+
+    folder = tmp_path / "old_model"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "model_saved_before_layout", folder)
+    codes, expected = torch.load(folder / "codes.pt"), torch.load(folder / "expected_outputs.pt")
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == \
+        "modeling_moshi_userpred.MoshiUserPredForConditionalGeneration"
+
+    _, remote = load_without_package(folder, codes, tmp_path)
+    for name, value in expected.items():
+        assert torch.equal(remote[name].nan_to_num(), value.nan_to_num()), name
+
+    model = AutoModel.from_pretrained(folder).eval()
+    assert type(model).__module__ == "hf_moshi_userpred.models.modeling_moshi_userpred"
+    with torch.no_grad():
+        out = model(codes, return_loss=True)
+    streamed = model.generate(codes[:, 1 + model.config.dep_q:], progress=False, do_sample=False, audio_do_sample=False)
+    for name, value in expected.items():
+        got = getattr(out if hasattr(out, name) else streamed, name)
+        assert torch.equal(got.nan_to_num(), value.nan_to_num()), name

@@ -200,7 +200,7 @@ def test_kyutai_clients_hold_conversations_at_once(demo_model_dir):
         assert np.abs(played).max() <= 1.0
     # the 30-step model mostly writes padding: text from the three conversations together
     assert sum(len(printer.tokens) for printer in printers) > 0
-    assert metrics["sessions_served"] == 3 and metrics["sessions"] == 0
+    assert metrics["conversations_served"] == 3 and metrics["conversations"] == 0
 
 
 # ------------------------------------------------------------------------------------ faults, isolated
@@ -240,7 +240,7 @@ def test_bad_clients_get_a_reason_and_the_others_go_on(demo_model_dir):
                                ("stops_sending", stops_sending)]:
                 closes[name] = await expect_close(url, send)
                 _, health = await get_json(url + "/health")
-                closes[name + "_sessions_after"] = health["sessions"]
+                closes[name + "_sessions_after"] = health["conversations"]
             # a client that disconnects in the middle of a frame (half a frame sent, then the socket dropped)
             ws = await session.ws_connect(url.replace("http", "ws") + "/api/chat")
             await ws.receive(timeout=10)
@@ -249,7 +249,7 @@ def test_bad_clients_get_a_reason_and_the_others_go_on(demo_model_dir):
             ws._response.connection.transport.abort()
             await asyncio.sleep(1.0)
             _, health = await get_json(url + "/health")
-            closes["dropped_sessions_after"] = health["sessions"]
+            closes["dropped_sessions_after"] = health["conversations"]
             return closes, await good
 
     with serving(demo_model_dir, "--max-sessions", "3", "--idle-timeout", "2", "--max-message-bytes", "4096",
@@ -274,7 +274,7 @@ def test_bad_clients_get_a_reason_and_the_others_go_on(demo_model_dir):
     assert {"user_prob", "user_entropy", "turn_end", "user_silence", "speculation", "critical_ms", "tick_ms", "late",
             "gap_filled"} <= set(good.extras[-1])
     assert all(0 <= extra["turn_end"] <= 1 for extra in good.extras[1:])  # the demo model's voice-activity head
-    assert metrics["server"]["closed_by_server"] >= 5 and metrics["sessions"] == 0
+    assert metrics["server"]["closed_by_server"] >= 5 and metrics["conversations"] == 0
 
 
 @pytest.mark.slow
@@ -308,11 +308,11 @@ def test_busy_health_metrics_and_clean_shutdown(demo_model_dir):
         busy, health, handshake, metrics, closing = asyncio.run(main(url, process))
         assert process.wait(timeout=20) == 0
     assert busy[0] == aiohttp.WSMsgType.CLOSE and busy[1] == 1013
-    assert "server busy: all 1 sessions are in use" in busy[2]
-    assert health == (200, {"status": "ok", "sessions": 1, "max_sessions": 1})
+    assert "server busy: all 1 conversation slots are in use" in busy[2]
+    assert health == (200, {"status": "ok", "conversations": 1, "max_conversations": 1})
     assert handshake == b"\x00"
     status, metrics = metrics
-    assert status == 200 and metrics["sessions"] == 1 and metrics["server"]["refused_busy"] == 1
+    assert status == 200 and metrics["conversations"] == 1 and metrics["server"]["refused_busy"] == 1
     for key in ("p50", "p95", "p99"):
         assert metrics["tick_ms"][key] > 0 and metrics["critical_ms"][key] > 0
     assert metrics["ticks"] >= 20 and 0 <= metrics["speculation"]["hit_rate"] <= 1
@@ -326,11 +326,11 @@ def parts(demo_model_dir, one_thread):
     return model, load_mimi(demo_model_dir / "mimi"), load_tokenizer(demo_model_dir / "tokenizer.model")
 
 
-def engine_run(parts, max_sessions: int, plan: dict, ticks: int, **kwargs) -> dict:
+def engine_run(parts, max_conversations: int, plan: dict, ticks: int, **kwargs) -> dict:
     """Ticks an engine by hand. `plan[name] = (slot_join_tick, leave_tick, audio, late_ticks)`; returns per name the
     list of outputs it received."""
     # ticked by hand: a long period leaves time to speculate whatever the machine's load
-    engine = RealtimeEngine(*parts, max_sessions=max_sessions, do_sample=False, audio_do_sample=False,
+    engine = RealtimeEngine(*parts, max_conversations=max_conversations, do_sample=False, audio_do_sample=False,
                             speculate_top_k=2, seed=0, frame_period_s=10.0, **kwargs)
     received, conversations, fed = {name: [] for name in plan}, {}, {name: 0 for name in plan}
     try:
@@ -379,7 +379,7 @@ def test_engine_gap_fills_late_frames_and_drops_them_on_arrival(parts):
     """With gap filling on, a late frame is stepped on the prediction (flagged late and gap-filled) and the real
     frame, when it arrives after its tick, is dropped: the conversation stays in time."""
     audio = held_out_user_channels(1, 2.0)[0]
-    engine = RealtimeEngine(*parts, max_sessions=2, gap_fill_threshold=0.0, max_gap_frames=2, jitter_frames=0,
+    engine = RealtimeEngine(*parts, max_conversations=2, gap_fill_threshold=0.0, max_gap_frames=2, jitter_frames=0,
                             seed=0)
     outputs = []
     conversation = engine.join(outputs.append)
@@ -416,11 +416,11 @@ def test_engine_without_the_user_branch(parts):
 
 
 def test_engine_rejects_bad_settings(parts):
-    with pytest.raises(ValueError, match="max_sessions must be a positive integer, got 0"):
-        RealtimeEngine(*parts, max_sessions=0)
+    with pytest.raises(ValueError, match="max_conversations must be a positive integer, got 0"):
+        RealtimeEngine(*parts, max_conversations=0)
     with pytest.raises(ValueError, match="frame_period_s must be positive"):
         RealtimeEngine(*parts, frame_period_s=0)
-    engine = RealtimeEngine(*parts, max_sessions=1)
+    engine = RealtimeEngine(*parts, max_conversations=1)
     try:
         conversation = engine.join(lambda output: None)
         assert engine.join(lambda output: None) is None  # busy
@@ -432,7 +432,7 @@ def test_engine_rejects_bad_settings(parts):
 
 def test_serve_cli_errors_are_one_line(tmp_path):
     for args, message in [(["serve", str(tmp_path / "missing")], "does not exist"),
-                          (["serve", str(tmp_path), "--max-sessions", "0"], "--max-sessions must be at least 1")]:
+                          (["serve", str(tmp_path), "--max-sessions", "0"], "--max-conversations must be at least 1")]:
         result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -446,7 +446,7 @@ def test_engine_failure_closes_conversations_with_1011(parts):
 
     from hf_moshi_userpred.serving.server import MoshiServer
 
-    engine = RealtimeEngine(*parts, max_sessions=2, seed=0)
+    engine = RealtimeEngine(*parts, max_conversations=2, seed=0)
 
     def broken_step(*args, **kwargs):
         raise RuntimeError("a bug in the step")
@@ -480,10 +480,10 @@ def test_extras_carry_the_turn_signal_over_a_websocket(parts, demo_model_dir):
     from aiohttp.test_utils import TestServer
 
     from hf_moshi_userpred.serving.server import MoshiServer
-    from hf_moshi_userpred.evaluation.turn_taking import TurnTakingStatistics
+    from hf_moshi_userpred.data.voice_activity import TurnTakingStatistics
 
     saved = TurnTakingStatistics.load(demo_model_dir)
-    engine = RealtimeEngine(*parts, max_sessions=1, seed=0)
+    engine = RealtimeEngine(*parts, max_conversations=1, seed=0)
     assert torch.equal(engine.turn_taking_statistics.token_table, saved.token_table)
     audio = held_out_user_channels(1, 2.4)[0]
 
@@ -511,7 +511,7 @@ def test_engine_turn_hold_and_no_signal_without_statistics(parts, tmp_path):
     audio = held_out_user_channels(1, 3.2)[0]
 
     def texts(**kwargs) -> tuple[str, list]:
-        engine = RealtimeEngine(*parts, max_sessions=1, speculate_top_k=0, seed=0, frame_period_s=10.0, **kwargs)
+        engine = RealtimeEngine(*parts, max_conversations=1, speculate_top_k=0, seed=0, frame_period_s=10.0, **kwargs)
         outputs = []
         conversation = engine.join(outputs.append)
         try:
@@ -528,7 +528,7 @@ def test_engine_turn_hold_and_no_signal_without_statistics(parts, tmp_path):
     assert all(e["turn_end"] is not None for e in extras)
     parts[0].save_pretrained(tmp_path)  # a model folder without turn_taking_statistics.json
     engine = RealtimeEngine(MoshiUserPredForConditionalGeneration.from_pretrained(tmp_path), *parts[1:],
-                            max_sessions=1)
+                            max_conversations=1)
     engine.stop()
     assert engine.turn_taking_statistics is None and engine.session.constraints.table is None
     assert engine.session.constraints.head_signal

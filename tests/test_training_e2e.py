@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,8 @@ def _save_tiny_model(path: Path) -> None:
 
 def test_entry_point_from_a_yaml_config(encoded, tmp_path, capsys):
     _save_tiny_model(tmp_path / "model")
+    shutil.copy(SAMPLE / "tokenizer.model", tmp_path / "model" / "tokenizer.model")
+    shutil.copytree(SAMPLE / "mimi", tmp_path / "model" / "mimi")
     config = tmp_path / "train.yaml"
     config.write_text(
         f"model_name_or_path: {tmp_path / 'model'}\ntrain_data: {encoded['train']}\neval_data: {encoded['eval']}\n"
@@ -89,6 +92,10 @@ def test_entry_point_from_a_yaml_config(encoded, tmp_path, capsys):
     assert 0 <= metrics["eval_user_delay0_accuracy"] <= 1 and metrics["eval_loss"] > 0
     reloaded = MoshiUserPredForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert reloaded.config.num_codebooks == 1 + 2 * NUM_CODEBOOKS
+    # the trained folder carries the base model's tokenizer and Mimi: it streams and serves as it is
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (SAMPLE / "tokenizer.model").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out" / "mimi").iterdir()) == sorted(
+        p.name for p in (SAMPLE / "mimi").iterdir())
 
 
 @pytest.mark.parametrize(

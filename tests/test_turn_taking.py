@@ -13,23 +13,17 @@ import torch
 from helpers import toy_turn_dialogues
 
 from hf_moshi_userpred.sample import sample_model_config
-from hf_moshi_userpred.evaluation.turn_taking import (
+from hf_moshi_userpred.data.voice_activity import (
     STATISTICS_NAME,
-    Pause,
     TurnTakingStatistics,
-    anticipation_frames,
-    auc,
-    binary_metrics,
     dialogue_alignments,
-    evaluate_turn_taking,
-    find_events,
-    stretch_hold_pauses,
     fit_turn_taking_statistics,
     future_silence_targets,
-    timer_frames,
-    turn_taking_signal,
     voice_activity,
 )
+from hf_moshi_userpred.evaluation.turn_taking import evaluate_turn_taking, turn_taking_signal
+from hf_moshi_userpred.evaluation.turn_taking_events import Pause, find_events
+from hf_moshi_userpred.evaluation.turn_taking_metrics import anticipation_frames, auc, binary_metrics, timer_frames
 
 
 def activity(T: int, *spans: tuple[int, int]) -> torch.Tensor:
@@ -66,6 +60,9 @@ def test_events_of_a_hand_made_dialogue():
 
 
 def test_stretch_hold_pauses_repeats_the_last_silent_frame_and_shifts_later_words():
+    # here, not at the top: benchmarks/ imports only from the repository root (`python -m pytest` puts it on the path)
+    from benchmarks.bench_turn_taking import stretch_hold_pauses
+
     f = 0.08
     # user 0-4, hold (frames 5-6 silent), user 7-9, system 12-14 (a shift), user 17-18 after it (a hold? no: the
     # system spoke in between, so 9 -> 12 is a shift and 14 -> 17 is no user pause)

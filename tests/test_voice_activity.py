@@ -12,12 +12,8 @@ from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGe
 from hf_moshi_userpred.data.collator import DialogueSegments, MoshiSegmentCollator
 from hf_moshi_userpred.models.modeling_moshi_voice_activity import voice_activity_targets
 from hf_moshi_userpred.sample import sample_model_config
-from hf_moshi_userpred.evaluation.turn_taking import (
-    DialoguesWithVoiceActivity,
-    evaluate_turn_taking,
-    fit_turn_taking_statistics,
-    voice_activity,
-)
+from hf_moshi_userpred.data.voice_activity import DialoguesWithVoiceActivity, fit_turn_taking_statistics, voice_activity
+from hf_moshi_userpred.evaluation.turn_taking import evaluate_turn_taking
 
 
 def head_model(horizon: int = 4, turn_end_frames: int = 2, seed: int = 0) -> MoshiUserPredForConditionalGeneration:

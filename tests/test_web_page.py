@@ -169,7 +169,7 @@ async def _health(url: str) -> dict:
 
 def wait_for_free_slot(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while (health := asyncio.run(_health(url)))["sessions"] > 0:
+    while (health := asyncio.run(_health(url)))["conversations"] > 0:
         assert time.monotonic() < deadline, f"the slot was not freed: {health}"
         time.sleep(0.2)
 
@@ -240,7 +240,7 @@ def test_error_states(demo_model_dir, fake_microphone):
             else:
                 assert visible_text(driver, "retry") == "Retry"
             driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
-        assert asyncio.run(_health(url))["sessions"] == 0  # neither took a slot
+        assert asyncio.run(_health(url))["conversations"] == 0  # neither took a slot
 
         holder = SlotHolder(url)
         holder.start()
@@ -251,7 +251,7 @@ def test_error_states(demo_model_dir, fake_microphone):
             busy = wait_for(driver, lambda s: s["state"] not in ("idle", "connecting", "waiting"), 30, "a refusal")
             assert busy["state"] == "busy" and busy["closeCode"] == 1013, busy
             message = visible_text(driver, "message")
-            assert "all 1 sessions are in use" in message and "try again later" in message, message
+            assert "all 1 conversation slots are in use" in message and "try again later" in message, message
             assert visible_text(driver, "retry") == "Retry"
         finally:
             holder.release()

@@ -14,9 +14,9 @@ import sentencepiece
 import torch
 from transformers import MimiModel
 
+from ..models.configuration_moshi_userpred import FRAME_RATE
+from ..utils.errors import error_summary
 from ..utils.files import MIMI_FOLDER
-
-FRAME_RATE = 12.5  # Mimi frames per second that Moshi models are trained on
 
 
 def load_mimi(name_or_path: str | os.PathLike | MimiModel, device: str | torch.device = "cpu") -> MimiModel:
@@ -77,8 +77,7 @@ def _load_mimi_checked(name: str) -> MimiModel:
     try:
         mimi, info = MimiModel.from_pretrained(name, output_loading_info=True)
     except (OSError, ValueError, SafetensorError) as error:
-        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ValueError(f"could not load a Mimi model from {name!r}: {first}") from error
+        raise ValueError(f"could not load a Mimi model from {name!r}: {error_summary(error)}") from error
     bad = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(bad.values()):
         counts = ", ".join(f"{len(keys)} {kind.split('_')[0]}" for kind, keys in bad.items() if keys)
@@ -125,6 +124,17 @@ def load_tokenizer(
 def padding_ids(config) -> tuple[int, int]:
     """The text stream's padding and end-of-padding ids: what the model writes between words."""
     return config.existing_text_padding_id, config.existing_text_end_padding_id
+
+
+def check_tokenizer(tokenizer: sentencepiece.SentencePieceProcessor, config) -> None:
+    """The tokenizer must have a piece for every token of the model's text vocabulary.
+
+    Raises:
+        ValueError: naming both sizes.
+    """
+    if tokenizer.get_piece_size() < config.text_card_out:
+        raise ValueError(f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model's text vocabulary has "
+                         f"{config.text_card_out} tokens: it is not the model's tokenizer")
 
 
 def text_piece(tokenizer: sentencepiece.SentencePieceProcessor, token: int, config) -> str:

@@ -6,7 +6,7 @@ once with consecutive segments (`DialogueSegments`). Short dialogues and the las
 token -1, which the model embeds as nothing and never scores.
 
 Dialogues may carry the user's voice activity per frame (`"user_activity"` `[T]`: 1 speaks, 0 silent, -1 unknown;
-`turn_taking.DialoguesWithVoiceActivity` adds it from word alignments): for a model with a voice-activity head the
+`voice_activity.DialoguesWithVoiceActivity` adds it from word alignments): for a model with a voice-activity head the
 batch then holds `"user_activity"` `[B, segment_frames + lookahead - 1 + horizon]`, cut at the segment's offset and
 reaching past it by the frames the head forecasts, the targets of its loss.
 """

@@ -30,11 +30,16 @@ from safetensors.torch import load_file, save_file
 from transformers import MimiModel
 from transformers.utils import logging
 
-from .audio import load_mimi, load_stereo, load_tokenizer
-from ..utils.files import atomic_write, read_json_object, write_json
 from ..models.modeling_moshi_codes import check_codes
-from .text_alignment import (DEFAULT_MAX_DROPPED_FRACTION, check_max_dropped_fraction, check_usable, place_words,
-                             validate_alignments)
+from ..utils.files import atomic_write, read_json_object, write_json
+from .audio import load_mimi, load_stereo, load_tokenizer
+from .text_alignment import (
+    DEFAULT_MAX_DROPPED_FRACTION,
+    check_max_dropped_fraction,
+    check_usable,
+    place_words,
+    validate_alignments,
+)
 
 logger = logging.get_logger(__name__)
 

@@ -65,8 +65,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.audio import padding_ids
+from ..data.voice_activity import KINDS, TurnTakingStatistics, activity_spans
+from ..models.configuration_moshi_userpred import FRAME_RATE
 from ..models.modeling_moshi_codes import ZERO_TOKEN_ID
-from .turn_taking import FRAME_RATE, KINDS, TurnTakingEvents, TurnTakingStatistics, dialogue_events
+from .report_format import milliseconds, percent
+from .turn_taking_events import TurnTakingEvents, dialogue_events
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -304,9 +307,10 @@ class DialogueBehaviourReport:
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in self.settings.items():
             lines.append(
-                f"| {name} | {_percent(m.pause_takeover_rate)} | {_percent(m.response_rate)} | "
-                f"{_ms(m.median_response_ms)} | {_ms(m.mean_response_ms)} | {_percent(m.backchannel_takeover_rate)} | "
-                f"{_percent(m.stop_rate)} ({m.num_barge_ins}) | {_ms(m.median_stop_ms)} | {_percent(m.speech_share)} |")
+                f"| {name} | {percent(m.pause_takeover_rate, 0)} | {percent(m.response_rate, 0)} | "
+                f"{milliseconds(m.median_response_ms)} | {milliseconds(m.mean_response_ms)} | "
+                f"{percent(m.backchannel_takeover_rate, 0)} | {percent(m.stop_rate, 0)} ({m.num_barge_ins}) | "
+                f"{milliseconds(m.median_stop_ms)} | {percent(m.speech_share, 0)} |")
         first = next(iter(self.settings.values()))
         frames = "" if self.frames_per_dialogue is None else f" (first {self.frames_per_dialogue} frames each)"
         lines.append(
@@ -317,14 +321,6 @@ class DialogueBehaviourReport:
             f"{self.hangover_frames * self.frame_ms:.0f} ms after each token; {self.frame_ms:.0f} ms frames. Turn hold: {self.signal}, the "
             f"text held on padding while P(turn end) < threshold; sampling seed {self.seed}.")
         return "\n".join(lines)
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f} ms"
 
 
 def setting_name(threshold: float | None) -> str:
@@ -466,12 +462,6 @@ def plot_dialogue_behaviour(report: DialogueBehaviourReport, plot_dir: str | os.
     return save_figures(plot_dir, {"dialogue_behaviour_timeline": (lambda f: _plot_timeline(report, f), (11, 5))})
 
 
-def _spans(active: torch.Tensor, seconds: float) -> list[tuple[float, float]]:
-    """`(start_s, duration_s)` of the runs of `active`."""
-    edges = torch.diff(torch.cat([torch.zeros(1), active.float(), torch.zeros(1)])).nonzero().flatten().tolist()
-    return [(a * seconds, (b - a) * seconds) for a, b in zip(edges[::2], edges[1::2])]
-
-
 def _plot_timeline(report: DialogueBehaviourReport, figure: Figure) -> Figure:
     t = report.timeline
     seconds = report.frame_ms / 1000
@@ -480,7 +470,7 @@ def _plot_timeline(report: DialogueBehaviourReport, figure: Figure) -> Figure:
     rows += [(f"system: {name}", spoken, "C2" if name == RECORDED else "C3")
              for name, spoken in t["speech"].items()]
     for y, (label, active, color) in enumerate(reversed(rows)):
-        activity.broken_barh(_spans(active, seconds), (y - 0.35, 0.7), color=color)
+        activity.broken_barh(activity_spans(active, seconds), (y - 0.35, 0.7), color=color)
     activity.set(yticks=range(len(rows)), yticklabels=[label for label, _, _ in reversed(rows)],
                  title=f"Dialogue {t['name']}: who speaks (system rows: from the text stream)")
     boundaries = [b * seconds for b in range(t["user"].shape[0])]

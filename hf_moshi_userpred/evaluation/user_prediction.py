@@ -22,6 +22,7 @@ import torch
 from ..data.collator import DialogueSegments
 from ..models.modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, shift_time
+from .report_format import percent
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -120,20 +121,16 @@ class UserPredictionReport:
                 (f"delay-0 top-{k} accuracy", "delay0_top_k_accuracy"), ("sequence accuracy", "sequence_accuracy")]
         predictors = (self.model, self.repeat_last, self.unigram)
         lines = ["| | model | repeat_last | unigram |", "|---|---:|---:|---:|"]
-        lines += [f"| {label} | " + " | ".join(_percent(getattr(p, name)) for p in predictors) + " |"
+        lines += [f"| {label} | " + " | ".join(percent(getattr(p, name)) for p in predictors) + " |"
                   for label, name in rows]
         for cb in range(len(self.tokens_per_codebook)):
             label = f"codebook {cb} ({'delay 0' if cb in self.delay0_rows else 'delayed'})"
-            lines.append(f"| {label} | " + " | ".join(_percent(p.per_codebook_accuracy[cb]) for p in predictors) + " |")
+            lines.append(f"| {label} | " + " | ".join(percent(p.per_codebook_accuracy[cb]) for p in predictors) + " |")
         delay0_ece = "-" if self.delay0_ece is None else f"{self.delay0_ece:.4f}"
         lines.append(f"\n{self.num_tokens} user tokens ({self.num_delay0_tokens} delay-0) over {self.num_frames} "
                      f"frames, lookahead {self.lookahead}; model ECE {self.ece:.4f} (delay-0: {delay0_ece}); "
                      f"unigram counted on the {self.unigram_source}.")
         return "\n".join(lines)
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float | None:

@@ -43,8 +43,16 @@ from transformers import TorchAoConfig
 from transformers.utils import logging
 
 from ..models.configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
-from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, check_output_dir, read_json_object
-from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, describe_model_folder
+from ..models.modeling_moshi_loading import describe_model_folder
+from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+from ..utils.files import (
+    MIMI_FOLDER,
+    TOKENIZER_NAME,
+    atomic_directory,
+    check_output_dir,
+    copy_codec_files,
+    read_json_object,
+)
 
 # moshi's defaults for a checkpoint directory (moshi.models.loaders: MOSHI_NAME, MIMI_NAME, TEXT_TOKENIZER_NAME).
 KYUTAI_WEIGHTS_NAME = "model.safetensors"
@@ -327,8 +335,7 @@ def quantize_model_directory(
     output = check_output_dir(output_dir, overwrite, source=source)
     with progress_bars(progress), atomic_directory(output, overwrite=overwrite) as staging:
         _save_quantized(source, staging, scheme, device)
-        if (source / MIMI_FOLDER).is_dir():
-            shutil.copytree(source / MIMI_FOLDER, staging / MIMI_FOLDER)
+        copy_codec_files(source, staging)
         for entry in sorted(source.iterdir()):  # the loose files; not checkpoints or other folders (a training run's)
             if entry.is_file() and not (staging / entry.name).exists() and entry.name != "README.md" \
                     and entry.suffix not in _WEIGHT_SUFFIXES and not entry.name.endswith(".safetensors.index.json"):

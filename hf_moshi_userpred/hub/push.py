@@ -29,6 +29,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_imports
 
 from ..models.configuration_moshi_userpred import MoshiUserPredConfig
+from ..utils.errors import error_summary
 from ..utils.files import METRICS_NAME, MIMI_FOLDER, TOKENIZER_NAME, TRAINING_CONFIG_NAME, read_json_object
 
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
@@ -225,8 +226,7 @@ def push_to_hub(
     except Exception as error:
         if not _is_hub_failure(error):
             raise
-        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ValueError(f"push to {repo_id!r} failed ({type(error).__name__}: {first}); check the network, "
+        raise ValueError(f"push to {repo_id!r} failed ({type(error).__name__}: {error_summary(error)}); check the network, "
                          "HF_HUB_OFFLINE and that the token may write to the repository") from error
     return PushResult(repo_id=repo_id, commit_url=commit.commit_url, files=sorted(contents))
 

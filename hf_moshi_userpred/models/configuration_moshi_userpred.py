@@ -12,6 +12,11 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+# Mimi's frame rate, which every Moshi model is trained on: one step of the model per 80 ms of audio. The one
+# definition of the package's frame grid (alignment, streaming, serving, evaluation).
+FRAME_RATE = 12.5
+FRAME_PERIOD_S = 1 / FRAME_RATE
+
 NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
 POSITIONAL_EMBEDDINGS = ("sin", "rope", "sin_rope", "rope_concat", "none")
 GATINGS = ("none", "silu", "gelu", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "mish", "softsign", "identity")
@@ -399,4 +404,4 @@ class MoshiUserPredConfig(PreTrainedConfig):
         return out
 
 
-__all__ = ["MoshiUserPredConfig"]
+__all__ = ["FRAME_PERIOD_S", "FRAME_RATE", "MoshiUserPredConfig"]

@@ -76,7 +76,7 @@ REFUSED_FIELDS: dict[str, tuple[object, str]] = {
     "compile_config": (None, "the streaming step is replayed as CUDA graphs instead (cuda_graphs=)"),
     "disable_compile": (None, "the streaming step is replayed as CUDA graphs instead (cuda_graphs=)"),
     "prefill_chunk_size": (None, "there is no prompt to prefill: frames arrive one at a time"),
-    "continuous_batching_config": (None, "use `serve --max-sessions` (RealtimeEngine) for continuous batching"),
+    "continuous_batching_config": (None, "use `serve --max-conversations` (RealtimeEngine) for continuous batching"),
     "low_memory": (None, "contrastive search runs its top_k * top_k candidate slots in one batch"),
     "dola_layers": (None, "DoLa decoding is not implemented on Moshi's streams"),
     "token_healing": (None, "there is no prompt to heal"),

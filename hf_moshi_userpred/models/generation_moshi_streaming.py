@@ -11,9 +11,9 @@ One streaming call `o` (docs/design.md §2) reads user frame `o` and, like moshi
    one batched forward against the shared cache, so that a correct guess leaves nothing on the critical
    path when the frame arrives (docs/design.md §3).
 
-The session drives the model only through its streaming step API (`make_streaming_caches`, `system_step`,
-`user_step`); what it owns is the per-slot state: the token ring that realises the delays, the offsets, the
-pending user predictions and the precomputed speculative step. What the text stream may say next (forced text,
+The session drives the model only through its streaming step API (modeling_moshi_streaming_step.py), never its
+caches or modules; it owns the per-slot state: the token ring that realises the delays, the offsets, the pending
+user predictions and the precomputed speculative step. What the text stream may say next (forced text,
 the turn holds) and the turn-taking signal are `MoshiTextConstraints`'s (generation_moshi_text_constraints.py),
 which the step consults for a mask on the text logits and updates once the step's text token is known.
 """
@@ -30,11 +30,13 @@ from transformers import LogitsProcessorList
 from transformers.utils import ModelOutput
 
 from .generation_moshi_config import STREAMS, MoshiUserPredGenerationConfig, build_logits_processor, sample_from_scores
+from .generation_moshi_cuda_graphs import CUDAGraphed
 from .generation_moshi_text_constraints import MoshiTextConstraints, MoshiUserTurnOutput, WordTokenizer
 from .modeling_moshi_codes import UNGENERATED_TOKEN_ID, check_codes
 
 if TYPE_CHECKING:  # the model module imports this one (through the generation mixin)
-    from .modeling_moshi_userpred import MoshiSystemStepOutput, MoshiUserPredForConditionalGeneration
+    from .modeling_moshi_streaming_step import MoshiSystemStepOutput
+    from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
 
 @dataclass
@@ -144,7 +146,7 @@ class MoshiStreamingSession:
         c = model.config
         self.model, self.config, self.batch_size = model, generation_config, batch_size
         self.generator = generator
-        self.graphs: dict[int, _CUDAGraphed] | None = {} if cuda_graphs else None
+        self.graphs: dict[int, CUDAGraphed] | None = {} if cuda_graphs else None
         self.active = True
         device = model.device
         self.delays = torch.tensor(c.delays, device=device)
@@ -161,7 +163,6 @@ class MoshiStreamingSession:
         self.exec_mask = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.top_k = generation_config.speculate_top_k if self.predicts_user else 0
         self.caches = model.make_streaming_caches(batch_size, self.top_k)
-        self.kv = self.caches.transformer
         self.text_history = torch.full((batch_size, generation_config.repetition_history),
                                        c.existing_text_padding_id, device=device)
         padding_ids = (c.existing_text_padding_id, c.existing_text_end_padding_id)
@@ -182,7 +183,7 @@ class MoshiStreamingSession:
         # gap-filled rows
         self.deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.constraints = MoshiTextConstraints(c, generation_config, batch_size, device, turn_taking_table, tokenizer,
-                                                self.predicts_user, model.voice_activity_head is not None)
+                                                self.predicts_user, model.has_voice_activity_head)
         self.user_turn: MoshiUserTurnOutput | None = None  # the turn-taking signal of the last look-ahead
 
     # ------------------------------------------------------------------------------------------ control
@@ -228,7 +229,7 @@ class MoshiStreamingSession:
             self.look_ahead()
         self.offsets.masked_fill_(mask, 0)
         self.tokens.masked_fill_(mask[:, None, None], UNGENERATED_TOKEN_ID)
-        self.kv.reset(mask)
+        self.model.reset_streaming_caches(self.caches, mask)
         self.text_history.masked_fill_(mask[:, None], self.model.config.existing_text_padding_id)
         self.missing.masked_fill_(mask, False)
         self.constraints.reset(mask)
@@ -252,7 +253,7 @@ class MoshiStreamingSession:
         if self.deferred is not None:
             self.look_ahead(speculate=False)
         index = index.to(self.model.device)
-        self.kv.reorder(index)
+        self.model.reorder_streaming_caches(self.caches, index)
         self.constraints.reorder(index)
         state = [self.tokens, self.offsets, self.exec_mask, self.missing, self.text_history]
         if self.predicts_user:
@@ -276,6 +277,11 @@ class MoshiStreamingSession:
         if not self.active:
             raise RuntimeError("this streaming session is closed: call step() inside "
                                "`with model.streaming(batch_size=B) as stream:`")
+
+    @property
+    def kv(self):
+        """The main transformer's KV cache, to inspect (tests, benchmarks); changed only through the model's API."""
+        return self.caches.transformer
 
     def nbytes(self) -> int:
         """Bytes of the state allocated for the session (caches, token ring, prediction buffers): constant over a
@@ -339,7 +345,7 @@ class MoshiStreamingSession:
             choice = match.float().argmax(dim=1)
         if spec is None or bool((run & ~hit).any()):
             step = self._run_system_step(inputs[:, None], self._noise())
-            self.kv.commit(step.pending, self.offsets, mask=run & ~hit)
+            self.model.commit_system_step(self.caches, step.pending, self.offsets, mask=run & ~hit)
             if spec is None:
                 hidden, text, audio = step.hidden[:, 0], step.text[:, 0], step.audio[:, 0]
             else:
@@ -351,7 +357,7 @@ class MoshiStreamingSession:
             self.next_noise = None
             hidden, text, audio = _pick(spec.hidden, choice), _pick(spec.text, choice), _pick(spec.audio, choice)
         if spec is not None:
-            self.kv.commit(spec.pending, self.offsets, choice, mask=hit)
+            self.model.commit_system_step(self.caches, spec.pending, self.offsets, choice, mask=hit)
         self.constraints.advance(text, self.text_history[:, -1], inputs[:, self.user_offset :], self.exec_mask)
         tokens = self._commit_tokens(text, audio)
         critical = time.perf_counter() - start
@@ -444,7 +450,7 @@ class MoshiStreamingSession:
         if self.graphs is None:
             return self._system_step(inputs, *noise)
         if inputs.shape[1] not in self.graphs:
-            self.graphs[inputs.shape[1]] = _CUDAGraphed(self._system_step)
+            self.graphs[inputs.shape[1]] = CUDAGraphed(self._system_step)
         return self.graphs[inputs.shape[1]](inputs, *noise)
 
     def _system_step(self, inputs: torch.Tensor, text_noise: torch.Tensor | None,
@@ -519,8 +525,8 @@ class MoshiStreamingSession:
 
         tokens, logits = self.model.user_step(hidden, text, self.caches, sample_user)
         # The signal: the model's voice-activity head when it has one, else the turn-taking table's.
-        head = self.model.voice_activity_head
-        signal = head.signal(hidden) if self.constraints.head_signal else self.constraints.table_signal(logits)
+        signal = (self.model.voice_activity_signal(hidden) if self.constraints.head_signal
+                  else self.constraints.table_signal(logits))
         self.user_turn = self.constraints.observe_turn(signal, self.exec_mask)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         probs = log_probs.gather(-1, tokens[..., None])[..., 0].exp()
@@ -579,33 +585,6 @@ class MoshiStreamingSession:
 
     def close(self) -> None:
         self.active = False
-
-
-class _CUDAGraphed:
-    """Replays `func` as one CUDA graph, as moshi does for its step: an eager warm-up call, then a capture.
-
-    Tensor arguments are copied into static buffers, so every call must use the same shapes; the outputs are
-    static tensors that the next call overwrites. Non-tensor arguments must not change.
-    """
-
-    def __init__(self, func):
-        self.func, self.graph, self.args, self.output, self.warm = func, None, None, None, False
-
-    def __call__(self, *args):
-        if not self.warm:
-            self.warm = True
-            return self.func(*args)
-        if self.graph is None:
-            self.args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = self.func(*self.args)
-        else:
-            for static, value in zip(self.args, args):
-                if isinstance(static, torch.Tensor):
-                    static.copy_(value)
-        self.graph.replay()
-        return self.output
 
 
 def _expand(noise: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -10,16 +10,17 @@ Architecture (moshi's `LMModel` plus one branch):
 
 All logits are un-delayed: `logits[:, k, t]` scores `codes[:, row_k, t]`, with `mask` False where no
 prediction exists (delay tails, filled with NaN) or the target is the zero token -1.
+
+This file keeps the model; its streaming step API is `modeling_moshi_streaming_step.py` (a mixin), and the file I/O
+around loading and saving (folder checks, load reports, kyutai checkpoint files) is `modeling_moshi_loading.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,15 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput, logging
 
 from .configuration_moshi_userpred import USER_INITS, MoshiUserPredConfig
 from .generation_moshi_userpred import MoshiUserPredGenerationMixin
-from .modeling_moshi_cache import MoshiKVCache
 from .modeling_moshi_checkpoint import convert_from_moshi, convert_to_moshi
 from .modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 from .modeling_moshi_depformer import MoshiDepformer, MoshiScaledEmbedding
+from .modeling_moshi_loading import load_complete_model, make_weights_readable, read_moshi_checkpoint
+from .modeling_moshi_streaming_step import MoshiStreamingStepMixin
 from .modeling_moshi_transformer import MoshiLayerScale, MoshiRMSNorm, MoshiTransformer, create_norm
 from .modeling_moshi_voice_activity import MoshiVoiceActivityHead, voice_activity_targets
 
@@ -80,46 +81,6 @@ class MoshiUserPredOutput(ModelOutput):
     user_mask: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     voice_activity_logits: torch.Tensor | None = None
-
-
-@dataclass
-class MoshiStreamingCaches:
-    """The key/value caches of one streaming session of `B` slots (see [`MoshiKVCache`]).
-
-    Attributes:
-        transformer: the main transformer's ring buffer, `config.streaming_window` positions, room for `k`
-            alternatives per step when speculating.
-        depformer: the system Depformer's cache for one frame of `B` slots.
-        speculative_depformer: the same for `B * k` alternatives (speculation on), else None.
-        user_depformer: the user Depformer's cache (user branch on), else None.
-    """
-
-    transformer: MoshiKVCache
-    depformer: MoshiKVCache
-    speculative_depformer: MoshiKVCache | None = None
-    user_depformer: MoshiKVCache | None = None
-
-    def nbytes(self) -> int:
-        caches = (self.transformer, self.depformer, self.speculative_depformer, self.user_depformer)
-        return sum(cache.nbytes() for cache in caches if cache is not None)
-
-
-@dataclass
-class MoshiSystemStepOutput(ModelOutput):
-    r"""What [`MoshiUserPredForConditionalGeneration.system_step`] produced for `n` alternative inputs per slot.
-
-    Args:
-        hidden (`torch.FloatTensor` `[B, n, dim]`): the main transformer's output (after `out_norm`).
-        text (`torch.LongTensor` `[B, n]`): the sampled text token.
-        audio (`torch.LongTensor` `[B, n, dep_q]`): the sampled system audio codebooks.
-        pending (`list`): the main transformer's new key/value entries, not yet in the cache: the caller commits
-            the alternative it keeps (`MoshiKVCache.commit`).
-    """
-
-    hidden: torch.Tensor | None = None
-    text: torch.Tensor | None = None
-    audio: torch.Tensor | None = None
-    pending: list | None = None
 
 
 def shift_time(
@@ -206,80 +167,13 @@ class MoshiUserPredPreTrainedModel(PreTrainedModel):
         Raises:
             ValueError: naming the folder (or repo id) and what it holds instead.
         """
-        name = None if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path)
-        if name is None or kwargs.get("state_dict") is not None or kwargs.get("gguf_file") is not None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        local = os.path.isdir(name)
-        if local:
-            problem = describe_model_folder(os.path.join(name, kwargs.get("subfolder") or ""),
-                                            check_config=kwargs.get("config") is None)
-            if problem is not None:
-                raise ValueError(f"{name!r} is not a model directory of hf_moshi_userpred: {problem}")
-        elif os.path.exists(name):
-            raise ValueError(f"{name!r} is a file, not a model directory (a folder with config.json and "
-                             "model.safetensors)")
-        elif _looks_like_a_path(name):
-            raise ValueError(f"model directory {name!r} does not exist")
-        want_info = kwargs.pop("output_loading_info", False)
-        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
-        where = f"{name!r}" if local else f"the Hub repository {name!r}"
-        # Mis-shaped tensors are let through and reported below with their shapes; Transformers' multi-line load
-        # report is dropped (every case it reports is refused here, in one line).
-        report_logger = logging.get_logger("transformers.modeling_utils")
-        report_filter = _DropLoadReport()
-        report_logger.addFilter(report_filter)
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                  output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-        except OSError as error:
-            if local:
-                raise ValueError(f"cannot load the model in {name!r}: {_first_line(error)}") from error
-            raise ValueError(f"{name!r} is neither a local model directory nor a Hub repository that can be "
-                             f"loaded: {_first_line(error)}") from error
-        except RuntimeError as error:
-            if "size mismatch" in str(error) or "ignore_mismatched_sizes" in str(error):
-                raise ValueError(f"the weights in {where} do not have the shapes its config.json describes (was "
-                                 f"config.json edited or copied from another model?): {_first_line(error)}") from error
-            if "automatic conversion of the weights" in str(error):  # e.g. a torchao layout with no kernel here
-                # The cause is in the load report dropped above: its first exception line.
-                cause = re.search(r"^\w+(?:Error|Exception): .+$", "\n".join(report_filter.dropped), re.MULTILINE)
-                quantization = kwargs.get("quantization_config")
-                scheme = getattr(quantization, "quant_type", quantization)
-                how = "" if quantization is None else f" with {type(scheme).__name__}"
-                raise ValueError(f"cannot convert the weights in {where}{how}: "
-                                 f"{cause[0] if cause else _first_line(error)}") from error
-            raise
-        except Exception as error:  # safetensors' own error type (not importable from remote code)
-            if type(error).__name__ == "SafetensorError":
-                raise ValueError(f"the weights in {where} are truncated or corrupt ({error}): re-download or "
-                                 "re-save the model") from error
-            raise
-        finally:
-            report_logger.removeFilter(report_filter)
-        bad = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        if ignore_mismatched:
-            bad["mismatched_keys"] = []
-        if any(bad.values()):
-            counts = ", ".join(f"{len(keys)} {kind.split('_')[0]}" for kind, keys in bad.items() if keys)
-            examples = ", ".join(key if isinstance(key, str) else f"{key[0]}: checkpoint {tuple(key[1])} vs config {tuple(key[2])}"
-                                 for keys in bad.values() for key in keys[:2])
-            hint = (" (kyutai layout: run `hf-moshi-userpred convert` on it first)"
-                    if any(_is_kyutai_key(str(key)) for key in bad["unexpected_keys"]) else "")
-            raise ValueError(f"the weights in {where} do not match its config ({counts} tensors, e.g. {examples})"
-                             f"{hint}: refusing to run a partly random model")
-        return (model, info) if want_info else model
+        return load_complete_model(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with the weight files given the permissions the umask gives new files
         (safetensors writes them 0600, unlike config.json), so a saved model is as readable as the rest of its folder."""
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        mask = os.umask(0)
-        os.umask(mask)
-        if os.path.isdir(save_directory):
-            for name in os.listdir(save_directory):
-                path = os.path.join(save_directory, name)
-                if name.endswith((".safetensors", ".bin")) and os.path.isfile(path) and not os.path.islink(path):
-                    os.chmod(path, 0o666 & ~mask)
+        make_weights_readable(save_directory)
         return result
 
     @torch.no_grad()
@@ -309,128 +203,46 @@ class MoshiUserPredPreTrainedModel(PreTrainedModel):
             init.constant_(module.scale, module.init_value)
 
 
-class _DropLoadReport(logging.logging.Filter):
-    """Drops Transformers' multi-line weight-loading report (`from_pretrained` raises one line instead), keeping it in
-    `dropped` for that line."""
-
-    def __init__(self):
-        super().__init__()
-        self.dropped: list[str] = []
-
-    def filter(self, record) -> bool:
-        if "LOAD REPORT" in str(record.msg):
-            self.dropped.append(str(record.msg))
-            return False
-        return True
-
-
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-_KYUTAI_ONLY_KEYS = re.compile(r"^(linears\.\d+\.|depformer_in\.|depformer_emb\.|depformer_text_emb\.|"
-                               r"depformer_norms\.|depformer\.layers\.|.*\.self_attn\.(in_proj_weight|out_proj\.))")
-
-
-def _is_kyutai_key(key: str) -> bool:
-    """A tensor name only kyutai's moshi layout uses (ours groups the system Depformer under `depformer.`)."""
-    return bool(_KYUTAI_ONLY_KEYS.match(key))
-
-
-def _looks_like_a_path(name: str) -> bool:
-    """True when `name` cannot be a Hub repo id (`name` or `namespace/name`) and so must be a local path."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-            or name.endswith("/") or "/" in name and os.path.isdir(name.split("/")[0]))
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def _safetensors_keys(path: str) -> list[str] | None:
-    """The tensor names in a safetensors file's header (standard library only), None if it is not readable."""
-    try:
-        with open(path, "rb") as file:
-            (size,) = struct.unpack("<Q", file.read(8))
-            if size > 100_000_000:
-                return None
-            header = json.loads(file.read(size))
-    except (OSError, ValueError, struct.error):
-        return None
-    return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else None
-
-
-def describe_model_folder(folder: str | os.PathLike, check_config: bool = True) -> str | None:
-    """None when `folder` looks like a model directory of this package, else what it holds instead (one phrase).
-
-    Only `config.json`'s `model_type` and the file names (plus, for a folder without config, the tensor names in
-    the safetensors header) are read: cheap, and before any model is built.
-    """
-    folder = os.fspath(folder)
-    config_file = os.path.join(folder, "config.json")
-    files = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-    if not os.path.isfile(config_file):
-        if "adapter_config.json" in files:
-            return ("it holds a LoRA adapter (adapter_config.json) without its base model: load the base model and "
-                    "the adapter with peft, or train with merge_lora")
-        weights = [name for name in sorted(files) if name.endswith(".safetensors")]
-        if weights:
-            keys = _safetensors_keys(os.path.join(folder, weights[0])) or []
-            if any(_is_kyutai_key(key) for key in keys) or "text_emb.weight" in keys:
-                return (f"no config.json, and {weights[0]} is a moshi checkpoint (kyutai layout): run "
-                        "`hf-moshi-userpred convert` on it first")
-            return f"no config.json beside its weights ({', '.join(weights)}); it cannot be loaded without one"
-        return "no config.json in it (convert a kyutai checkpoint or train a model first)"
-    if check_config:
-        try:
-            with open(config_file, encoding="utf-8") as file:
-                config = json.load(file)
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            return f"its config.json cannot be read as JSON ({error})"
-        if not isinstance(config, dict):
-            return f"its config.json holds a {type(config).__name__}, not a JSON object"
-        model_type = config.get("model_type")
-        if model_type != MoshiUserPredConfig.model_type:
-            if model_type is None and ("moshi_name" in config or {"dep_q", "n_q", "card"} <= set(config)):
-                return ("it is in kyutai's moshi layout (config.json of moshi LM kwargs, as `convert --to-moshi` "
-                        "writes): run `hf-moshi-userpred convert` on it first")
-            if model_type == "mimi":
-                return "it holds a Mimi codec (model_type 'mimi'), not a Moshi model"
-            return (f"its config.json has model_type={model_type!r}, expected {MoshiUserPredConfig.model_type!r}")
-    if not files & set(_WEIGHT_FILES):
-        return f"no weights beside its config.json (expected one of {', '.join(_WEIGHT_FILES)})"
-    return None
-
-
 def _build_depformer(config: MoshiUserPredConfig, user: bool) -> MoshiDepformer:
-    prefix = "user_depformer_" if user else "depformer_"
+    c = config
+    # Each branch's own fields, read by name (the config has already filled the user branch's unset ones with the
+    # system's values).
+    if user:
+        branch = dict(
+            dim=c.user_depformer_dim, num_steps=c.user_dep_q, num_heads=c.user_depformer_num_heads,
+            num_layers=c.user_depformer_num_layers, dim_feedforward=c.user_depformer_dim_feedforward,
+            multi_linear=c.user_depformer_multi_linear, weights_per_step=c.user_depformer_weights_per_step,
+            schedule=None, low_rank_embeddings=c.user_depformer_low_rank_embeddings, pos_emb=c.user_depformer_pos_emb,
+            out_norm=c.user_depformer_norm,
+        )
+    else:
+        branch = dict(
+            dim=c.depformer_dim, num_steps=c.dep_q, num_heads=c.depformer_num_heads,
+            num_layers=c.depformer_num_layers, dim_feedforward=c.depformer_dim_feedforward,
+            multi_linear=c.depformer_multi_linear, weights_per_step=c.depformer_weights_per_step,
+            schedule=c.depformer_weights_per_step_schedule, low_rank_embeddings=c.depformer_low_rank_embeddings,
+            pos_emb=c.depformer_pos_emb, out_norm=c.depformer_norm,
+        )
     return MoshiDepformer(
-        input_dim=config.dim,
-        dim=getattr(config, prefix + "dim"),
-        num_steps=config.user_dep_q if user else config.dep_q,
-        num_heads=getattr(config, prefix + "num_heads"),
-        num_layers=getattr(config, prefix + "num_layers"),
-        dim_feedforward=getattr(config, prefix + "dim_feedforward"),
-        card=config.card,
-        text_card=config.text_card,
-        multi_linear=getattr(config, prefix + "multi_linear"),
-        weights_per_step=getattr(config, prefix + "weights_per_step"),
-        schedule=None if user else config.depformer_weights_per_step_schedule,
-        low_rank_embeddings=getattr(config, prefix + "low_rank_embeddings"),
-        pos_emb=getattr(config, prefix + "pos_emb"),
-        out_norm=getattr(config, prefix + "norm"),
+        input_dim=c.dim,
+        card=c.card,
+        text_card=c.text_card,
+        **branch,
         # Transformer options the user Depformer shares with the system one.
-        norm=config.norm,
-        gating=config.depformer_gating,
-        layer_scale=config.depformer_layer_scale,
-        kv_repeat=config.depformer_kv_repeat,
-        max_period=config.depformer_max_period,
-        positional_scale=config.depformer_positional_scale,
-        norm_emb=config.norm_emb,
-        bias_proj=config.bias_proj,
+        norm=c.norm,
+        gating=c.depformer_gating,
+        layer_scale=c.depformer_layer_scale,
+        kv_repeat=c.depformer_kv_repeat,
+        max_period=c.depformer_max_period,
+        positional_scale=c.depformer_positional_scale,
+        norm_emb=c.norm_emb,
+        bias_proj=c.bias_proj,
     )
 
 
-class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiUserPredPreTrainedModel):
+class MoshiUserPredForConditionalGeneration(
+    MoshiUserPredGenerationMixin, MoshiStreamingStepMixin, MoshiUserPredPreTrainedModel
+):
     """Moshi's LM (text head + system-audio Depformer) with a Depformer predicting the user's next audio tokens.
 
     Parameter names equal moshi `LMModel`'s except inside the system Depformer, grouped as `depformer.*`
@@ -533,7 +345,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
                 self.user_depformer(hidden, text_tokens, future[:, :-1]), codes[:, rows],
                 [d - (lookahead - 1) for d in delays[rows]],
             )
-            user_logits = self._calibrate_user_logits(user_logits, codebook_dim=1)
+            user_logits = self.calibrate_user_logits(user_logits, codebook_dim=1)
         voice_activity_logits = None
         if self.voice_activity_head is not None:  # cheap, and it reads the hidden state only: run even without the branch
             voice_activity_logits = self.voice_activity_head(hidden)
@@ -547,8 +359,9 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             self._add_losses(output, codes, user_loss_weight, user_activity)
         return output
 
-    def _calibrate_user_logits(self, logits: torch.Tensor, codebook_dim: int) -> torch.Tensor:
-        """`logits` of the user codebooks (along `codebook_dim`) divided by `config.user_logit_temperature`."""
+    def calibrate_user_logits(self, logits: torch.Tensor, codebook_dim: int) -> torch.Tensor:
+        """`logits` of the user codebooks (`user_dep_q` along `codebook_dim`, e.g. `[B, user_dep_q, T, card]` or
+        `[B, user_dep_q, card]`) divided by `config.user_logit_temperature` (unchanged when it is None)."""
         temperature = self.config.user_logit_temperature
         if temperature is None:
             return logits
@@ -594,85 +407,6 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
         weights = torch.ones(1, num_codebooks, 1, device=codes.device)
         weights[:, 0] = self.config.first_codebook_weight_multiplier
         return weights.expand(codes.shape[0], num_codebooks, codes.shape[2])
-
-    # ------------------------------------------------------------------------------- streaming step API
-    def make_streaming_caches(self, batch_size: int, speculate_top_k: int = 0) -> MoshiStreamingCaches:
-        """Allocate the caches of a streaming session of `batch_size` slots, once (flat memory, CUDA-graph safe).
-
-        Args:
-            batch_size: slots.
-            speculate_top_k: alternatives per step a speculative session runs (0: none).
-        """
-        transformer = self.transformer.make_cache(batch_size, self.config.streaming_window)
-        speculative = None
-        if speculate_top_k:
-            transformer.reserve(speculate_top_k)
-            speculative = self.depformer.make_cache(batch_size * speculate_top_k)
-        user = self.user_depformer.make_cache(batch_size) if self.user_depformer is not None else None
-        return MoshiStreamingCaches(transformer, self.depformer.make_cache(batch_size), speculative, user)
-
-    def system_step(
-        self,
-        inputs: torch.Tensor,
-        positions: torch.Tensor,
-        caches: MoshiStreamingCaches,
-        sample_text: Callable[[torch.Tensor], torch.Tensor],
-        sample_audio: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> MoshiSystemStepOutput:
-        """One streaming position of the main transformer, then the text token and the system's audio codebooks:
-        the critical path of a frame. Pure tensor work (no host synchronisation), so it can be CUDA-graphed.
-
-        Args:
-            inputs: `[B, n, 1 + n_q]` delayed tokens of the position, `n` alternatives per slot (n > 1: speculation;
-                each alternative attends to the cache and itself).
-            positions: `[B]` the position of every slot.
-            caches: from `make_streaming_caches`; the transformer's new entries are left pending.
-            sample_text: `sample_text(logits [B * n, text_card_out]) -> tokens [B * n]`.
-            sample_audio: `sample_audio(step, logits [B * n, card], sequence [B * n, step + 1]) -> tokens [B * n]`
-                (see `MoshiDepformer.generate_frame`).
-
-        Returns:
-            [`MoshiSystemStepOutput`].
-        """
-        B, n, K = inputs.shape
-        x = self.embed(inputs.reshape(B * n, K, 1)).view(B, n, -1)
-        hidden = self.out_norm(self.transformer(x, positions[:, None].expand(B, n), cache=caches.transformer))
-        text = sample_text(self.text_linear(hidden).reshape(B * n, -1))
-        depformer_cache = caches.depformer if n == 1 else caches.speculative_depformer
-        audio, _ = self.depformer.generate_frame(hidden.reshape(B * n, -1), text, depformer_cache, sample_audio)
-        return MoshiSystemStepOutput(hidden=hidden, text=text.view(B, n), audio=audio.view(B, n, -1),
-                                     pending=caches.transformer.take_pending())
-
-    def user_step(
-        self,
-        hidden: torch.Tensor,
-        text: torch.Tensor,
-        caches: MoshiStreamingCaches,
-        sample: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The user Depformer on one frame: run after `system_step`, so it adds nothing to the critical path.
-
-        Args:
-            hidden: `[B, dim]` the committed `system_step` hidden state of every slot.
-            text: `[B]` the committed text token.
-            caches: from `make_streaming_caches`.
-            sample: as `sample_audio` of `system_step`, over the user codebooks (it sees the calibrated logits).
-
-        Returns:
-            tokens `[B, user_dep_q]` and logits `[B, user_dep_q, card]` (calibrated by
-            `config.user_logit_temperature` when set).
-        """
-        if self.user_depformer is None:
-            raise ValueError("user_step: the model has no user branch (predict_user_audio=False)")
-        temperature = self.config.user_logit_temperature
-        if temperature is None:
-            return self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample)
-
-        def sample_calibrated(step: int, logits: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
-            return sample(step, logits / temperature[step], sequence)
-
-        tokens, logits = self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample_calibrated)
-        return tokens, self._calibrate_user_logits(logits, codebook_dim=1)
 
     def add_voice_activity_head(self, horizon: int = 10, turn_end_frames: int = 5) -> MoshiVoiceActivityHead:
         """Gives the model a new, randomly initialised voice-activity head (replacing any it has) and records it in
@@ -729,7 +463,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
             config = MoshiUserPredConfig(**config_overrides)
         else:
             config = MoshiUserPredConfig.from_moshi_lm_kwargs(dict(lm_kwargs), **config_overrides)
-        state_dict = _read_checkpoint(checkpoint)
+        state_dict = read_moshi_checkpoint(checkpoint)
         if dtype is None:
             dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
         with torch.device("meta"):
@@ -818,20 +552,7 @@ class MoshiUserPredForConditionalGeneration(MoshiUserPredGenerationMixin, MoshiU
         return name
 
 
-def _read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    if isinstance(checkpoint, Mapping):
-        return checkpoint
-    path = os.fspath(checkpoint)
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"moshi checkpoint {path!r}: expected a .safetensors file or a state dict")
-    if not os.path.isfile(path):
-        raise ValueError(f"moshi checkpoint {path!r} does not exist")
-    return load_state_dict(path)
-
-
 __all__ = [
-    "MoshiStreamingCaches",
-    "MoshiSystemStepOutput",
     "MoshiUserPredForConditionalGeneration",
     "MoshiUserPredOutput",
     "MoshiUserPredPreTrainedModel",

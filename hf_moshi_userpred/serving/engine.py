@@ -1,6 +1,6 @@
 """The real-time engine behind `serve`: many live conversations through one batched streaming session.
 
-kyutai's server holds one conversation at a time (a lock around the whole session). Here `max_sessions`
+kyutai's server holds one conversation at a time (a lock around the whole session). Here `max_conversations`
 conversations share one [`MoshiStreamingSession`] of as many slots and one [`MimiStreamingCodec`], and a clock
 ticks every 80 ms (one Mimi frame). Each tick, in the engine's own thread:
 
@@ -42,35 +42,18 @@ import sentencepiece
 import torch
 from transformers import MimiModel
 
-from ..data.audio import check_mimi, text_piece
+from ..data.audio import check_mimi, check_tokenizer, text_piece
+from ..data.voice_activity import STATISTICS_NAME, TurnTakingStatistics
+from ..models.configuration_moshi_userpred import FRAME_PERIOD_S
 from .audio_limiter import AudioLimiter
+from .engine_protocol import FrameOutput, user_audio
 from .mimi_streaming import MimiStreamingCodec
-from ..evaluation.turn_taking import STATISTICS_NAME, TurnTakingStatistics
 
 logger = logging.getLogger(__name__)
 
-FRAME_PERIOD_S = 0.08  # one Mimi frame at 12.5 Hz
 # speculate only while the tick would still end within this share of the period: the rest absorbs the jitter of
 # arrivals and scheduling, so that a tick that speculates still ends before the next frames are due
 SPECULATION_BUDGET = 0.7
-
-
-@dataclass
-class FrameOutput:
-    """What a conversation receives for one of its frames.
-
-    Args:
-        frame: index of the conversation's frame (0 for the first one it sent).
-        audio: the system's next 80 ms, `[frame_size]` float32 at Mimi's rate, or None while the model warms up
-            (its first `max(delays)` frames).
-        text: the text piece the model wrote ("" for padding).
-        extras: the per-frame extras (see [`RealtimeEngine`]), sent after the look-ahead; None in the audio message.
-    """
-
-    frame: int
-    audio: np.ndarray | None = None
-    text: str = ""
-    extras: dict | None = None
 
 
 @dataclass
@@ -90,9 +73,7 @@ class Conversation:
 
     def push_audio(self, pcm: np.ndarray) -> None:
         """Appends the user's audio (float32 samples at Mimi's rate, any length); the engine takes whole frames."""
-        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        if not np.isfinite(pcm).all():
-            raise ValueError("audio samples must be finite (got NaN or infinity)")
+        pcm = user_audio(pcm)
         with self.lock:
             self.buffer = np.concatenate([self.buffer, pcm])
 
@@ -114,13 +95,13 @@ class Conversation:
 
 
 class RealtimeEngine:
-    """Serves up to `max_sessions` live conversations on one model, one 80 ms tick for all of them.
+    """Serves up to `max_conversations` live conversations on one model, one 80 ms tick for all of them.
 
     Args:
         model ([`MoshiUserPredForConditionalGeneration`]): the model, in eval mode on its device.
         mimi (`MimiModel`): the codec the model was trained with (same device).
         tokenizer (`sentencepiece.SentencePieceProcessor`): the text tokenizer, for the text pieces.
-        max_sessions (`int`): slots, i.e. conversations served at once.
+        max_conversations (`int`): slots, i.e. conversations served at once.
         speculate_top_k (`int`): candidate next user tokens precomputed per slot in the idle time (0: off).
         gap_fill_threshold (`float`, *optional*): turns gap filling on: a late frame is replaced by the predicted
             user tokens whose probability reaches it (see the generation config); off: a late slot pauses.
@@ -151,7 +132,7 @@ class RealtimeEngine:
         mimi: MimiModel,
         tokenizer: sentencepiece.SentencePieceProcessor,
         *,
-        max_sessions: int = 8,
+        max_conversations: int = 8,
         speculate_top_k: int = 4,
         gap_fill_threshold: float | None = None,
         max_gap_frames: int = 3,
@@ -161,8 +142,8 @@ class RealtimeEngine:
         turn_taking_statistics: TurnTakingStatistics | None = None,
         **generation_kwargs,
     ):
-        if not isinstance(max_sessions, int) or max_sessions < 1:
-            raise ValueError(f"max_sessions must be a positive integer, got {max_sessions!r}")
+        if not isinstance(max_conversations, int) or max_conversations < 1:
+            raise ValueError(f"max_conversations must be a positive integer, got {max_conversations!r}")
         if not isinstance(max_gap_frames, int) or max_gap_frames < 0:
             raise ValueError(f"max_gap_frames must be a non-negative integer, got {max_gap_frames!r}")
         if not isinstance(jitter_frames, int) or jitter_frames < 0:
@@ -174,23 +155,21 @@ class RealtimeEngine:
         if c.dep_q != c.n_q - c.dep_q:
             raise ValueError(f"the engine streams one codec for both speakers: it needs as many system as user "
                              f"codebooks, got dep_q={c.dep_q} and n_q - dep_q={c.n_q - c.dep_q}")
-        if tokenizer.get_piece_size() < c.text_card_out:
-            raise ValueError(f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model's text vocabulary "
-                             f"has {c.text_card_out} tokens: it is not the model's tokenizer")
-        self.model, self.tokenizer, self.max_sessions = model, tokenizer, max_sessions
+        check_tokenizer(tokenizer, c)
+        self.model, self.tokenizer, self.max_conversations = model, tokenizer, max_conversations
         self.frame_period_s, self.max_gap_frames, self.jitter_frames = frame_period_s, max_gap_frames, jitter_frames
         self.gap_filling = gap_fill_threshold is not None
-        self.codec = MimiStreamingCodec(mimi, max_sessions, num_codebooks=c.dep_q)
+        self.codec = MimiStreamingCodec(mimi, max_conversations, num_codebooks=c.dep_q)
         self.frame_size = self.codec.frame_size
         self.sampling_rate = mimi.config.sampling_rate
-        self.limiter = AudioLimiter(max_sessions, self.sampling_rate)  # one gain per slot: no audio leaves [-1, 1]
+        self.limiter = AudioLimiter(max_conversations, self.sampling_rate)  # one gain per slot: no audio leaves [-1, 1]
         if turn_taking_statistics is None and model.name_or_path:
             saved = Path(model.name_or_path) / STATISTICS_NAME
             if saved.is_file():
                 turn_taking_statistics = TurnTakingStatistics.load(saved)
         self.turn_taking_statistics = turn_taking_statistics
         table = None if turn_taking_statistics is None else turn_taking_statistics.table("token")
-        self._streaming = model.streaming(max_sessions, speculate_top_k=speculate_top_k,
+        self._streaming = model.streaming(max_conversations, speculate_top_k=speculate_top_k,
                                           gap_fill_threshold=gap_fill_threshold, seed=seed,
                                           turn_taking_table=table, **generation_kwargs)
         self.session = self._streaming.__enter__()
@@ -198,7 +177,7 @@ class RealtimeEngine:
         self.device = model.device
         self.threads = torch.get_num_threads()  # the engine's thread uses the constructing thread's setting
 
-        self.conversations: list[Conversation | None] = [None] * max_sessions
+        self.conversations: list[Conversation | None] = [None] * max_conversations
         self.joined: list[int] = []  # slots to reset at the next tick
         self.lock = threading.Lock()  # guards conversations / joined between the engine and the server
         self.running = False
@@ -226,8 +205,8 @@ class RealtimeEngine:
             ValueError: the folder is not a complete model of this package, or lacks the Mimi or tokenizer.
         """
         from ..data.audio import load_mimi, load_tokenizer
-        from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME
         from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+        from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -239,9 +218,9 @@ class RealtimeEngine:
         return cls(model, load_mimi(folder / MIMI_FOLDER, device), load_tokenizer(folder / TOKENIZER_NAME),
                    **engine_kwargs)
 
-    # ---------------------------------------------------------------------------------------- sessions
+    # ----------------------------------------------------------------------------------- conversations
     def join(self, deliver: Callable[[FrameOutput], None]) -> Conversation | None:
-        """Takes a free slot for a new conversation, or returns None when all `max_sessions` are in use.
+        """Takes a free slot for a new conversation, or returns None when all `max_conversations` are in use.
 
         `deliver` is called from the engine's thread with each [`FrameOutput`]; it must not block (a server hands
         the output to its event loop).
@@ -264,7 +243,7 @@ class RealtimeEngine:
                 self.conversations[conversation.slot] = None
 
     @property
-    def active_sessions(self) -> int:
+    def active_conversations(self) -> int:
         with self.lock:
             return sum(conversation is not None for conversation in self.conversations)
 
@@ -316,7 +295,7 @@ class RealtimeEngine:
             slots = list(self.conversations)
             joined, self.joined = self.joined, []
         if joined:
-            mask = torch.zeros(self.max_sessions, dtype=torch.bool)
+            mask = torch.zeros(self.max_conversations, dtype=torch.bool)
             mask[joined] = True
             self.session.reset(mask.to(self.device))
             self.codec.reset(mask)
@@ -336,7 +315,7 @@ class RealtimeEngine:
             self._step(behind, time.perf_counter(), first=False)
 
     def _step(self, slots: list[Conversation | None], start: float, first: bool) -> None:
-        B = self.max_sessions
+        B = self.max_conversations
         audio = np.zeros((B, self.frame_size), dtype=np.float32)
         run, missing, late = [False] * B, [False] * B, [False] * B
         for slot, conversation in enumerate(slots):
@@ -429,9 +408,9 @@ class RealtimeEngine:
         """Sessions, tick time percentiles (ms), late and gap-filled frames, speculation hit rate."""
         stats = self.session.stats
         return {
-            "sessions": self.active_sessions,
-            "max_sessions": self.max_sessions,
-            "sessions_served": self.served,
+            "conversations": self.active_conversations,
+            "max_conversations": self.max_conversations,
+            "conversations_served": self.served,
             "ticks": self.ticks,
             "tick_ms": _percentiles(self.tick_ms),
             "critical_ms": _percentiles(self.critical_ms),
@@ -459,4 +438,4 @@ def _percentiles(values: deque) -> dict:
             "max": round(float(array.max()), 3)}
 
 
-__all__ = ["FRAME_PERIOD_S", "Conversation", "FrameOutput", "RealtimeEngine"]
+__all__ = ["Conversation", "FrameOutput", "RealtimeEngine"]

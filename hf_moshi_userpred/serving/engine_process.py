@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine import FrameOutput, RealtimeEngine
+from .engine import RealtimeEngine
+from .engine_protocol import FrameOutput, user_audio
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,7 @@ class RemoteConversation:
         Raises:
             ValueError: a sample is NaN or infinite (checked here, so the caller gets the error at once).
         """
-        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        if not np.isfinite(pcm).all():
-            raise ValueError("audio samples must be finite (got NaN or infinity)")
-        self.owner._send(("audio", self.id, pcm))
+        self.owner._send(("audio", self.id, user_audio(pcm)))
 
 
 class EngineProcess:
@@ -85,7 +83,7 @@ class EngineProcess:
             raise ValueError(payload[0])
         if kind != "ready":
             raise RuntimeError(f"the engine process did not start: {payload[0]}")
-        self.max_sessions, self.sampling_rate, self.frame_size = payload[0]
+        self.max_conversations, self.sampling_rate, self.frame_size = payload[0]
         self._reader = threading.Thread(target=self._read_events, name="engine-events", daemon=True)
         self._reader.start()
 
@@ -125,7 +123,7 @@ class EngineProcess:
             self._send(("leave", conversation.id))
 
     @property
-    def active_sessions(self) -> int:
+    def active_conversations(self) -> int:
         return len(self._deliver)
 
     @property
@@ -198,7 +196,7 @@ def _serve_engine(build: Callable[[], RealtimeEngine], commands, events) -> None
     except Exception as error:  # reported to the parent, which raises it where the server starts
         events.put(("failed", str(error)))
         return
-    events.put(("ready", (engine.max_sessions, engine.sampling_rate, engine.frame_size)))
+    events.put(("ready", (engine.max_conversations, engine.sampling_rate, engine.frame_size)))
     conversations = {}
     while True:
         if not commands.poll(0.5):

@@ -1,7 +1,7 @@
-"""Frame-by-frame Mimi for a batch of independent sessions ("slots"), each resettable on its own.
+"""Frame-by-frame Mimi for a batch of independent conversations ("slots"), each resettable on its own.
 
 A real-time voice server feeds Mimi one frame at a time (80 ms, 1920 samples at 24 kHz, for the released codec) for
-B sessions at once, and sessions join and leave independently. [`MimiStreamingCodec`] wraps a transformers
+B conversations at once, and they join and leave independently. [`MimiStreamingCodec`] wraps a transformers
 `MimiModel` for that: `encode` turns `[B, frame_size]` samples into `[B, num_codebooks, 1]` codes, `decode` turns
 codes back into `[B, frame_size]` samples, and `reset(mask)` restarts some slots while the others carry on. The
 streamed outputs equal the one-shot `MimiModel.encode` / `MimiModel.decode` of the whole sequence (up to float

@@ -8,7 +8,7 @@ Routes (aiohttp):
   the inner monologue. A client that connects with `?extras=1` also gets `0x07` + a JSON object per 80 ms frame (the
   user prediction's probability and entropy, speculation hit or miss, critical-path and tick milliseconds, late and
   gap-filled flags: see [`RealtimeEngine`]).
-- `GET /health`: `{"status": "ok", "sessions": n, "max_sessions": N}` (503 and `"error"` if the engine stopped).
+- `GET /health`: `{"status": "ok", "conversations": n, "max_conversations": N}` (503 and `"error"` if the engine stopped).
 - `GET /metrics`: the engine's metrics (tick time p50/p95/p99, late frames, hit rate, ...) and the server's counts.
 - `GET /` and `/static/...`: the web page.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .engine import FrameOutput, RealtimeEngine
+from .engine_protocol import ConversationEngine, FrameOutput
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _Closing(Exception):
 
 
 class MoshiServer:
-    """The aiohttp application around a [`RealtimeEngine`].
+    """The aiohttp application around an engine: a [`RealtimeEngine`], or an [`EngineProcess`] running one.
 
     Args:
         engine: the engine (started with the application, stopped at shutdown).
@@ -57,7 +57,7 @@ class MoshiServer:
         max_queued_frames: close a client that has this many frames of output it has not read.
     """
 
-    def __init__(self, engine: RealtimeEngine, *, idle_timeout_s: float = 10.0, max_message_bytes: int = 1 << 20,
+    def __init__(self, engine: ConversationEngine, *, idle_timeout_s: float = 10.0, max_message_bytes: int = 1 << 20,
                  max_queued_frames: int = 250):
         if not idle_timeout_s > 0:
             raise ValueError(f"idle_timeout_s must be positive, got {idle_timeout_s!r}")
@@ -91,8 +91,8 @@ class MoshiServer:
 
     async def health(self, request: web.Request) -> web.Response:
         ok = self.engine.running and self.engine.error is None
-        return web.json_response({"status": "ok" if ok else "error", "sessions": self.engine.active_sessions,
-                                  "max_sessions": self.engine.max_sessions}, status=200 if ok else 503)
+        return web.json_response({"status": "ok" if ok else "error", "conversations": self.engine.active_conversations,
+                                  "max_conversations": self.engine.max_conversations}, status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.json_response({**self.engine.metrics(), "server": dict(self.counts)})
@@ -108,7 +108,7 @@ class MoshiServer:
         conversation = self.engine.join(lambda output: loop.call_soon_threadsafe(outbox.put_nowait, output))
         if conversation is None:
             self.counts["refused_busy"] += 1
-            reason = f"server busy: all {self.engine.max_sessions} sessions are in use, try again later"
+            reason = f"server busy: all {self.engine.max_conversations} conversation slots are in use, try again later"
             await ws.close(code=CLOSE_BUSY, message=reason.encode())
             return ws
         logger.info("conversation in slot %d (%s)", conversation.slot, request.remote)
@@ -191,7 +191,7 @@ class MoshiServer:
 
 def run_server(server: MoshiServer, host: str = "127.0.0.1", port: int = 8998) -> None:
     """Serves until SIGINT or SIGTERM, then closes every conversation (1001) and stops the engine."""
-    logger.info("serving on http://%s:%d (%d sessions)", host, port, server.engine.max_sessions)
+    logger.info("serving on http://%s:%d (%d conversation slots)", host, port, server.engine.max_conversations)
     web.run_app(server.app(), host=host, port=port, print=None, handle_signals=True, shutdown_timeout=5.0,
                 access_log=None)
     if server.engine.error is not None:

@@ -36,13 +36,22 @@ from transformers import MimiModel
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from ..data.audio import FRAME_RATE, check_mimi, load_mimi, load_mono, load_tokenizer, padding_ids, text_piece
-from .audio_limiter import AudioLimiter
-from ..utils.files import atomic_write, write_json
+from ..data.audio import (
+    FRAME_RATE,
+    check_mimi,
+    check_tokenizer,
+    load_mimi,
+    load_mono,
+    load_tokenizer,
+    padding_ids,
+    text_piece,
+)
+from ..models.configuration_moshi_userpred import FRAME_PERIOD_S
 from ..models.generation_moshi_config import STREAMS
+from ..utils.files import atomic_write, check_output_dir, write_json
+from .audio_limiter import AudioLimiter
 
 logger = logging.get_logger(__name__)
-FRAME_PERIOD_S = 1 / FRAME_RATE  # a live microphone's 80 ms between frames (`realtime=True` paces frames by it)
 
 OUTPUT_FILES = {
     "system_audio": "system.wav",
@@ -212,14 +221,13 @@ def stream_user_audio(
     num_user_rows = c.n_q - c.dep_q
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
         raise ValueError(f"max_frames={max_frames!r}: must be a positive integer or None")
-    output_dir = _make_output_dir(output_dir)
+    check_output_dir(output_dir, overwrite=True)  # created once the stream is done
+    output_dir = Path(output_dir)
     mimi = load_mimi(mimi, model.device)
     check_mimi(mimi, c)
     if tokenizer is not None:
         tokenizer = load_tokenizer(tokenizer)
-        if tokenizer.get_piece_size() < c.text_card_out:
-            raise ValueError(f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model's text vocabulary "
-                             f"has {c.text_card_out} tokens: it is not the model's tokenizer")
+        check_tokenizer(tokenizer, c)
 
     rate = mimi.config.sampling_rate
     audio = _user_waveform(user_audio, rate, channel)
@@ -333,15 +341,6 @@ def stream_user_audio(
     return result
 
 
-def _make_output_dir(output_dir: str | os.PathLike) -> Path:
-    output_dir = Path(output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as error:
-        raise ValueError(f"output_dir {str(output_dir)!r} is a file, or inside one: it must be a folder") from error
-    return output_dir
-
-
 def _user_waveform(user_audio: str | os.PathLike | torch.Tensor, rate: int, channel: int | None) -> torch.Tensor:
     """The user's audio `[num_samples]` at `rate` (float32, CPU), from a file or a 1-D tensor."""
     if isinstance(user_audio, (str, os.PathLike)):
@@ -413,6 +412,7 @@ def _write_outputs(result: StreamResult, frames: list[dict], system_audio: np.nd
         return lambda path: soundfile.write(path, np.asarray(audio), rate, subtype="FLOAT", format="WAV")
 
     files = result.files
+    result.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(files["system_audio"], wav(system_audio))
     atomic_write(files["dialogue_audio"], wav(dialogue.T.contiguous()))
     atomic_write(files["text"], lambda path: path.write_text(result.text + "\n", encoding="utf-8"))

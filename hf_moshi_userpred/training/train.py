@@ -12,7 +12,6 @@ Flags are the fields of [`MoshiUserPredModelArguments`], [`MoshiUserPredDataArgu
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,13 +21,14 @@ from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from ..utils.cpu_threads import set_torch_threads
 from ..data.encoding import EncodedDialogues
-from ..utils.files import TRAINING_CONFIG_NAME, write_json
+from ..data.voice_activity import DialoguesWithVoiceActivity, dialogue_alignments
 from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
-from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
-from ..evaluation.turn_taking import DialoguesWithVoiceActivity, dialogue_alignments
+from ..utils.cpu_threads import set_torch_threads
+from ..utils.errors import error_summary
+from ..utils.files import TRAINING_CONFIG_NAME, check_output_dir, copy_codec_files, write_json
 from .modes import LORA_PARTS, TRAINING_MODES, prepare_model_for_training
+from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -127,23 +127,6 @@ def _parse_config_file(parser: HfArgumentParser, path: str) -> tuple:
         raise ValueError(f"the training config {path!r}: {error}") from error
 
 
-def _check_output_dir(output_dir: str) -> None:
-    """`output_dir` must be a directory this process can write (created if missing).
-
-    Raises:
-        ValueError: naming it when it is a file or cannot be created or written.
-    """
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir {output_dir!r} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"cannot create output_dir {output_dir!r}: {error.strerror or error}") from error
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir {output_dir!r} is not writable: pick another --output_dir")
-
-
 def train(
     model_args: MoshiUserPredModelArguments,
     data_args: MoshiUserPredDataArguments,
@@ -153,7 +136,8 @@ def train(
     set_seed(training_args.seed)
     train_dataset = EncodedDialogues(data_args.train_data)  # data first: its mistakes show before a long model load
     eval_dataset = EncodedDialogues(data_args.eval_data) if data_args.eval_data else None
-    _check_output_dir(training_args.output_dir)
+    # checked now, created by the Trainer once the model has loaded: a failed set-up leaves no empty folder
+    check_output_dir(training_args.output_dir, overwrite=True)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
     if model_args.voice_activity_horizon:
         model.add_voice_activity_head(model_args.voice_activity_horizon, model_args.voice_activity_turn_end_frames)
@@ -188,10 +172,13 @@ def train(
     if trainer.is_world_process_zero():
         record = (training_args, metrics, asdict(model_args), asdict(data_args))
         write_training_config(training_args.output_dir, *record)
+        # the base model's tokenizer and Mimi: the trained folder then streams, serves and is pushed without flags
+        copy_codec_files(model_args.model_name_or_path, training_args.output_dir)
         if model_args.merge_lora:
             merged = Path(training_args.output_dir) / "merged"
             trainer.model.merge_and_unload().save_pretrained(merged)
             write_training_config(merged, *record)
+            copy_codec_files(model_args.model_name_or_path, merged)
     print(f"[rank {training_args.process_index}] finished: {trainer.state.global_step} steps, "
           f"train_loss {metrics.get('train_loss', float('nan')):.4f}", flush=True)
     return metrics
@@ -221,9 +208,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "hf_moshi_userpred.train
     try:
         train(*parse_arguments(argv, prog=prog))
     except (ValueError, ImportError, OSError) as error:  # user mistakes, missing files and extras: one line
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        print(f"{prog}: error: {' '.join(lines[:2])}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""),
-              file=sys.stderr)
+        print(f"{prog}: error: {error_summary(error, max_lines=2)}", file=sys.stderr)
         return 2
     return 0
 

@@ -178,7 +178,7 @@ class MoshiUserPredTrainer(Trainer):
     `user_accuracy` and `user_delay0_accuracy` (argmax accuracy over all predicted user codebooks, and over the
     delay-0 ones: the real forecast), and `loss/voice_activity` for a model with a voice-activity head trained on
     dialogues that carry `"user_activity"` (the extra loss, `config.voice_activity_loss_weight`; see
-    `turn_taking.DialoguesWithVoiceActivity`). `evaluate()` returns the same under `eval_` next to `eval_loss`.
+    `voice_activity.DialoguesWithVoiceActivity`). `evaluate()` returns the same under `eval_` next to `eval_loss`.
     """
 
     def __init__(

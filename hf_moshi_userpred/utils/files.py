@@ -72,8 +72,10 @@ def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, A
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: Path | None = None) -> Path:
-    """`output_dir` as an absolute path, refused when it is a file, a non-empty directory (without `overwrite`), or
-    would replace, contain or sit inside `source` (sources are never modified).
+    """`output_dir` as an absolute path, refused when it is a file or inside one, a non-empty directory (without
+    `overwrite`), a place this process cannot write, or would replace, contain or sit inside `source` (sources are
+    never modified). Nothing is created: a command checks its output before any work, and creates it once its
+    inputs have proved valid, so that a failed run leaves no empty folder behind.
 
     Raises:
         ValueError: naming the directory and the problem.
@@ -86,11 +88,41 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: Pat
                              "never modified")
     if output.exists():
         if not output.is_dir():
-            raise ValueError(f"output {str(output_dir)!r} exists and is not a directory")
+            raise ValueError(f"output_dir {str(output_dir)!r} is a file: the output exists and is not a directory")
         if any(output.iterdir()) and not overwrite:
             raise ValueError(f"output directory {str(output_dir)!r} exists and is not empty (pass overwrite=True, "
                              "or --overwrite, to replace it)")
+    existing = next(parent for parent in (output, *output.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} is inside a file ({existing}): it must be a folder")
+    try:  # a probe rather than os.access: root passes every mode check, yet cannot create anything under /sys
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
+    except OSError as error:
+        raise ValueError(f"output_dir {str(output_dir)!r} cannot be written: {existing}: "
+                         f"{error.strerror or error}") from error
     return output
+
+
+def copy_codec_files(source_dir: str | os.PathLike, target_dir: str | os.PathLike) -> list[str]:
+    """Copies the text tokenizer and the Mimi folder of the model folder `source_dir` into `target_dir`, those the
+    target lacks, so that a model folder made from another (trained, quantized) streams, serves and is pushed as it
+    is. Each is copied beside its final name, then renamed into place. Returns the names copied.
+    """
+    source, target = Path(source_dir), Path(target_dir)
+    copied = []
+    for name, copy in ((TOKENIZER_NAME, shutil.copyfile), (MIMI_FOLDER, shutil.copytree)):
+        if (source / name).exists() and not (target / name).exists():
+            staging = target / f".{name}.{uuid.uuid4().hex}.tmp"
+            try:
+                copy(source / name, staging)
+                staging.rename(target / name)
+            finally:
+                if staging.is_dir():
+                    shutil.rmtree(staging)
+                elif staging.exists():
+                    staging.unlink()
+            copied.append(name)
+    return copied
 
 
 def _umask_modes(folder: Path) -> None:
@@ -152,4 +184,4 @@ def atomic_directory(output_dir: str | os.PathLike, *, overwrite: bool = False) 
 
 
 __all__ = ["METRICS_NAME", "MIMI_FOLDER", "TOKENIZER_NAME", "TRAINING_CONFIG_NAME", "atomic_directory", "atomic_write",
-           "check_output_dir", "read_json_object", "write_json"]
+           "check_output_dir", "copy_codec_files", "read_json_object", "write_json"]

@@ -271,8 +271,8 @@
     if (s !== session || s.ending) return;
     const reason = (event.reason || "").trim();
     if (event.code === 1013) {
-      const match = /all (\d+) sessions?/i.exec(reason);
-      const text = match ? "Server busy: all " + match[1] + " sessions are in use, try again later."
+      const match = /all (\d+) (?:conversation slots?|sessions?)/i.exec(reason);
+      const text = match ? "Server busy: all " + match[1] + " conversation slots are in use, try again later."
         : "Server busy: " + (reason || "no conversation slot is free") + ". Try again later.";
       return fail(s, "busy", text, "warn");
     }
