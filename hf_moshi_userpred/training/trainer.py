@@ -1,6 +1,8 @@
 """`Trainer` for Moshi with a user-audio Depformer: the combined loss, a user-loss curriculum and its metrics.
 
     loss = text CE + system-audio CE + w_user * user-audio CE        (masked means, moshi-finetune's weights)
+           + voice_activity_loss_weight * voice-activity BCE          (only with a voice-activity head and
+                                                                       `user_activity` in the batch)
 
 `w_user` follows [`UserLossCurriculum`] (by default 0, then half, then all of the model config's `user_loss_weight`,
 by epoch): the user branch starts once the shared model has adapted to the data, so early, noisy user gradients do
