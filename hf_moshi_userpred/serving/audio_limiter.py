@@ -58,6 +58,7 @@ class AudioLimiter:
         self.sample_rate = sample_rate
         self.release_db_per_s = release_db_per_s
         self.gain = np.ones(channels, dtype=np.float64)
+        self._ramp = np.zeros((1, 0))
 
     def reset(self, channel: int | None = None) -> None:
         """Forgets the loudness history of one channel (a new conversation in its slot), or of all."""
@@ -94,7 +95,9 @@ class AudioLimiter:
         target = np.minimum(wanted, np.minimum(recovered, 1.0))
         # the whole chunk is in hand before any of it leaves (a look-ahead of one chunk): a louder chunk takes its
         # gain from its first sample, a quieter one glides up to its gain across the chunk
-        ramp = np.linspace(0.0, 1.0, n, endpoint=True)[None]
+        if self._ramp.shape[1] != n:  # the engine's chunks are all one frame long: built once, not every 80 ms
+            self._ramp = np.linspace(0.0, 1.0, n, endpoint=True)[None]
+        ramp = self._ramp
         start = np.minimum(previous, target)
         gains = start[:, None] + (target - start)[:, None] * ramp
         limited = self._soft_clip(rows * gains)
