@@ -201,14 +201,15 @@ def free_port() -> int:
 
 @contextmanager
 def serving(model_dir: Path, *args: str):
-    """A `serve` process on a free port until the block ends (then SIGTERM); yields its base URL and process."""
+    """A `serve` process on a free port until the block ends (then SIGTERM); yields its base URL and process, whose
+    `log` is the lines it wrote to stderr so far."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_TORCH_COMPILE": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "hf_moshi_userpred", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
          *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
+    log = process.log = []
     threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     try:

@@ -43,6 +43,8 @@ def world(tmp_path_factory) -> Path:
     shutil.copytree(root / "model", root / "reshaped")  # config.json edited: dim 32 -> 48
     config = json.loads((root / "reshaped" / "config.json").read_text())
     (root / "reshaped" / "config.json").write_text(json.dumps({**config, "dim": 48}))
+    shutil.copytree(root / "model", root / "mistyped")  # config.json edited by hand: dim "32"
+    (root / "mistyped" / "config.json").write_text(json.dumps({**config, "dim": "32"}))
     shutil.copytree(root / "kyutai", root / "kyutai_renamed")  # kyutai weights under our config.json
     shutil.copyfile(root / "model" / "config.json", root / "kyutai_renamed" / "config.json")
     (root / "weights_only").mkdir()
@@ -79,6 +81,17 @@ def world(tmp_path_factory) -> Path:
     (root / "unknown.yaml").write_text(f"model_name_or_path: {root / 'model'}\ntrain_data: {root / 'encoded'}\n"
                                        "output_dir: out\nlearnign_rate: 1e-3\n")
     (root / "missing_field.yaml").write_text("output_dir: out\n")
+    (root / "mistyped.yaml").write_text(f"model_name_or_path: {root / 'model'}\ntrain_data: {root / 'encoded'}\n"
+                                        "output_dir: out\nmax_steps: ten\n")
+    for name, codes in (("encoded_1d", torch.zeros(40, dtype=torch.int32)), ("encoded_float", 60 * torch.rand(9, 40)),
+                        ("encoded_5_rows", torch.zeros(5, 40, dtype=torch.int32))):  # shards `encode` never writes
+        (root / name / "codes").mkdir(parents=True)
+        save_file({"codes": codes}, root / name / "codes" / "d0.safetensors", metadata={"source": "d0.wav"})
+    (root / "sample.jsonl").write_text(json.dumps({"path": str(SAMPLE_DIR / "dialogues" / "023.flac")}) + "\n")
+    for name, value, start in (("nan", float("nan"), 24000), ("inf", float("inf"), 12000)):
+        audio = 0.1 * torch.randn(48000).numpy()
+        audio[start : start + 144] = value  # 6 ms from 1 s / 0.5 s on
+        soundfile.write(root / f"{name}.wav", audio, 24000, subtype="FLOAT")
     return root
 
 
@@ -142,7 +155,19 @@ CASES = {
     "encode: bad device": (["encode", f"{W}/eval.jsonl", f"{T}/out", *ENCODE, "--device", "cdua"], "cdua"),
     "encode: wrong type": (["encode", f"{W}/eval.jsonl", f"{T}/out", *ENCODE[:4], "--num-codebooks", "four"],
                            "four"),
+    "encode: mistyped --main-speaker": (["encode", f"{W}/sample.jsonl", f"{T}/out", *ENCODE, "--main-speaker",
+                                         "SPEAKER_MIAN"], "'SPEAKER_MIAN' (--main-speaker); its speakers are "
+                                                          "SPEAKER_MAIN, SPEAKER_USER"),
     # --- evaluate
+    "evaluate: --calibrate with a bad --threshold": (["evaluate", MODEL, ENCODED, "--out", f"{T}/out", "--calibrate",
+                                                      "--turn-taking", "--threshold", "2"], "--threshold"),
+    "evaluate: --calibrate, turn taking without statistics": (["evaluate", MODEL, ENCODED, "--out", f"{T}/out",
+                                                               "--calibrate", "--turn-taking", "--no-plots"],
+                                                              "--reference"),
+    "evaluate: zero batch size": (["evaluate", MODEL, ENCODED, "--out", f"{T}/out", "--batch-size", "0"],
+                                  "--batch-size"),
+    "evaluate: zero horizon": (["evaluate", MODEL, ENCODED, "--out", f"{T}/out", "--turn-taking", "--horizon", "0"],
+                               "--horizon"),
     "evaluate: missing model": (["evaluate", f"{W}/nope", ENCODED, "--out", f"{T}/out"], "nope"),
     "evaluate: kyutai model": (["evaluate", KYUTAI, ENCODED, "--out", f"{T}/out"], "convert"),
     "evaluate: mimi as model": (["evaluate", f"{W}/model/mimi", ENCODED, "--out", f"{T}/out"], "Mimi"),
@@ -153,6 +178,8 @@ CASES = {
                                     "truncated or corrupt"),
     "evaluate: shapes differ from config": (["evaluate", f"{W}/reshaped", ENCODED, "--out", f"{T}/out"],
                                             "mismatched"),
+    "evaluate: a config value of the wrong type": (["evaluate", f"{W}/mistyped", ENCODED, "--out", f"{T}/out"],
+                                                   "dim='32': must be int"),
     "evaluate: kyutai weights renamed": (["evaluate", f"{W}/kyutai_renamed", ENCODED, "--out", f"{T}/out"],
                                          "kyutai layout"),
     "evaluate: index without shards": (["evaluate", MODEL, f"{W}/no_shards", "--out", f"{T}/out"], "index.json"),
@@ -165,6 +192,9 @@ CASES = {
     "evaluate: out is a file": (["evaluate", MODEL, ENCODED, "--out", f"{W}/a_file", "--no-plots"], "a_file"),
     "evaluate: read-only out": (["evaluate", MODEL, ENCODED, "--out", "{readonly}", "--no-plots"],
                                 "hf_moshi_userpred_test_output|out"),
+    # --- evaluate: shard contents
+    "evaluate: 1-D codes": (["evaluate", MODEL, f"{W}/encoded_1d", "--out", f"{T}/out"], "shape [40]"),
+    "evaluate: float codes": (["evaluate", MODEL, f"{W}/encoded_float", "--out", f"{T}/out"], "dtype F32"),
     # --- stream
     "stream: missing audio": (["stream", MODEL, f"{W}/nope.wav", "--out", f"{T}/out"], "nope.wav"),
     "stream: empty audio": (["stream", MODEL, f"{W}/empty.wav", "--out", f"{T}/out"], "empty.wav"),
@@ -178,6 +208,11 @@ CASES = {
                                   "cuda"),
     "stream: out is a file": (["stream", MODEL, f"{W}/user.wav", "--out", f"{W}/a_file", "--max-frames", "3"],
                               "a_file"),
+    "stream: NaN in the audio": (["stream", MODEL, f"{W}/nan.wav", "--out", f"{T}/out"], "(NaN) at 1.000 s"),
+    "stream: infinity in the audio": (["stream", MODEL, f"{W}/inf.wav", "--out", f"{T}/out"], "(+inf) at 0.500 s"),
+    "stream: folder as audio": (["stream", MODEL, f"{W}/empty", "--out", f"{T}/out"], "empty: it is a directory"),
+    "stream: /dev/null as audio": (["stream", MODEL, "/dev/null", "--out", f"{T}/out"],
+                                   "/dev/null: it is not a regular file"),
     # --- train (its own parser, same rules)
     "train: mistyped model path": (["train", "--model_name_or_path", f"{W}/modle", *TRAIN, "--output_dir",
                                     f"{T}/out"], "does not exist"),
@@ -207,6 +242,40 @@ CASES = {
                                           f"{T}/out", "--voice_activity_horizon", "10"], "records no manifest"),
     "train: a head too short": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", f"{T}/out",
                                  "--voice_activity_horizon", "2"], "voice_activity_turn_end_frames=5"),
+    "train: zero batch size": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", f"{T}/out",
+                                "--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1"),
+    "train: zero accumulation": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", f"{T}/out",
+                                  "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1"),
+    "train: zero steps": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", f"{T}/out", "--max_steps",
+                           "0"], "max_steps=0"),
+    "train: no steps and no epochs": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", f"{T}/out",
+                                       "--max_steps", "-5", "--num_train_epochs", "0"], "num_train_epochs=0"),
+    "train: yaml with a mistyped value": (["train", f"{W}/mistyped.yaml"], "invalid int value: 'ten'"),
+    "train: segment longer than context and data": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir",
+                                                     f"{T}/out", "--segment_frames", "100000"],
+                                                    "context (100 frames) and the longest dialogue of train_data (40"),
+    "train: output_dir is the model": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", MODEL],
+                                       "--overwrite_model"),
+    "train: output_dir inside the model": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir",
+                                            f"{MODEL}/out"], "overlaps the source"),
+    "train: overwrite_model of a lora run": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir", MODEL,
+                                              "--overwrite_model", "--training_mode", "lora"],
+                                             "saves the whole model"),
+    "train: eval_data of other codebooks": (["train", "--model_name_or_path", MODEL, *TRAIN, "--output_dir",
+                                             f"{T}/out", "--eval_data", f"{W}/encoded_5_rows"],
+                                            "has 5 rows per dialogue"),
+    "train: float codes": (["train", "--model_name_or_path", MODEL, *TRAIN[2:], "--train_data", f"{W}/encoded_float",
+                            "--output_dir", f"{T}/out"], "dtype F32"),
+    # --- serve (each refused before the model loads)
+    "serve: missing model": (["serve", f"{W}/nope"], "nope"),
+    "serve: model without mimi/": (["serve", f"{W}/weights_only"], "has no mimi"),
+    "serve: port out of range": (["serve", MODEL, "--port", "70000"], "--port must be in 1..65535, got 70000"),
+    "serve: zero idle timeout": (["serve", MODEL, "--idle-timeout", "0"], "--idle-timeout must be a positive"),
+    "serve: infinite send timeout": (["serve", MODEL, "--send-timeout", "inf"], "--send-timeout must be a positive"),
+    "serve: gap-fill threshold over 1": (["serve", MODEL, "--gap-fill-threshold", "1.5"], "got 1.5"),
+    "serve: negative top-k": (["serve", MODEL, "--speculate-top-k", "-1"], "--speculate-top-k must be at least 0"),
+    "serve: negative seed": (["serve", MODEL, "--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
+    "serve: an address of another machine": (["serve", MODEL, "--host", "192.0.2.1"], "cannot listen on 192.0.2.1"),
     # --- push (no network in tests: offline mode)
     "push: missing model": (["push", f"{W}/nope", "me/model", "--token", "hf_x"], "nope"),
     "push: bad repo id": (["push", MODEL, "me/my/model", "--token", "hf_x"], "me/my/model"),

@@ -220,6 +220,8 @@ def test_evaluate_turn_taking_command_reports_the_behaviour(demo_model_dir, one_
     assert "| timer_500ms |" in report and "| hold 0.4 |" in report
     assert "plots/dialogue_behaviour_timeline.png" in report
     assert (out / "plots" / "dialogue_behaviour_timeline.png").is_file()
-    assert main(["evaluate", str(demo_model_dir), str(encoded / "eval"), "--out", str(out), "--turn-taking",
-                 "--threshold", "1.5", "--no-plots"]) == 2
-    assert "--threshold must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # refused by the parser, before the model loads
+        main(["evaluate", str(demo_model_dir), str(encoded / "eval"), "--out", str(out), "--turn-taking",
+              "--threshold", "1.5", "--no-plots"])
+    assert exit.value.code == 2
+    assert "argument --threshold: must be a probability in [0, 1], got 1.5" in capsys.readouterr().err

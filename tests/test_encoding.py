@@ -16,7 +16,7 @@ import soundfile
 import soxr
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import MimiConfig, MimiModel
 from transformers.testing_utils import CaptureLogger
 
@@ -431,6 +431,30 @@ def test_encode_dataset_reports_bad_files_and_encodes_the_good_ones(tmp_path, mi
     assert not leftovers(tmp_path)
 
 
+def test_encode_refuses_a_dialogue_without_words_of_the_main_speaker(tmp_path, mimi, tokenizer):
+    """A mistyped --main-speaker, alignments labelled otherwise and blank words would encode an all-padding text row:
+    each file fails naming the labels it has, and a run in which every file fails raises with the first reason."""
+    lines = [write_dialogue(tmp_path, "good"),
+             write_dialogue(tmp_path, "ab", alignments=[["hi", [0.1, 0.2], "A"], ["yo", [0.3, 0.4], "B"]]),
+             write_dialogue(tmp_path, "blank", alignments=[["", [0.1, 0.2], MAIN], [" ", [0.3, 0.4], MAIN]]),
+             write_dialogue(tmp_path, "none", alignments=[])]
+    summary = encode(write_manifest(tmp_path, lines), tmp_path / "out", mimi, tokenizer)
+    assert summary.encoded == ["good.wav"] and sorted(summary.failed) == ["ab.wav", "blank.wav", "none.wav"]
+    assert summary.failed["ab.wav"].endswith(f"no words of the main speaker {MAIN!r} (--main-speaker); its speakers "
+                                             "are A, B")
+    assert summary.failed["blank.wav"].endswith(f"every word of the main speaker {MAIN!r} is blank")
+    assert summary.failed["none.wav"].endswith("it has no words at all")
+
+    encode(write_manifest(tmp_path, lines[:1]), tmp_path / "out", mimi, tokenizer)  # an up-to-date shard: checked too
+    with pytest.raises(ValueError, match=r"no dialogue of .*data\.jsonl could be encoded: good\.wav: alignment "
+                                         r"file .*good\.json: no words of the main speaker 'SPEAKER_MIAN' "
+                                         r"\(--main-speaker\); its speakers are SPEAKER_MAIN, SPEAKER_USER$"):
+        encode(tmp_path / "data.jsonl", tmp_path / "out", mimi, tokenizer, main_speaker="SPEAKER_MIAN")
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["shards"] == []  # index.json says why
+    with pytest.raises(ValueError, match=r"could be encoded: ab\.wav: .* \(and 2 more, reasons in .*index\.json\)$"):
+        encode(write_manifest(tmp_path, lines[1:]), tmp_path / "out", mimi, tokenizer)
+
+
 def test_encode_keeps_a_dialogue_whose_last_word_does_not_fit_and_counts_it(tmp_path, mimi, tokenizer):
     """A 1 s dialogue (13 frames) whose last word starts in its last frame: truncated, the dialogue kept; the count
     is in index.json, in the shard (a rerun reports it too) and in the summary line."""
@@ -492,6 +516,18 @@ def test_encoded_dialogues_round_trip(tmp_path, mimi, tokenizer):
     assert dataset[1]["name"] == "y" and dataset[1]["codes"].dtype == torch.long
     assert torch.equal(dataset[1]["codes"], codes[1].long()) and dataset.num_frames == [5, 3]
     assert EncodedDialogues.from_codes(codes)[0]["name"] == "codes_list[0]"
+
+
+@pytest.mark.parametrize("codes, message", [(torch.zeros(40, dtype=torch.int32), r"dtype I32 and shape \[40\]"),
+                                            (torch.zeros(9, 40), r"dtype F32 and shape \[9, 40\]"),
+                                            (torch.zeros(9, 0, dtype=torch.int32), r"dtype I32 and shape \[9, 0\]")])
+def test_encoded_dialogues_refuse_a_shard_of_float_or_not_2d_codes(tmp_path, codes, message):
+    """Float codes were truncated by `.long()` (2 % accuracy, no error) and 1-D ones failed as an IndexError."""
+    (tmp_path / "codes").mkdir()
+    save_file({"codes": codes}, tmp_path / "codes" / "d0.safetensors", metadata={"source": "d0.wav"})
+    with pytest.raises(ValueError, match=r"d0\.safetensors holds codes of " + message + r": a shard written by "
+                                         r"`encode` holds integer codes \[rows, frames\]"):
+        EncodedDialogues(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,11 @@ def test_other_integer_dtypes_are_accepted(model):
          r"depformer_kv_repeat=2: must divide the number of heads \(user_depformer_num_heads=1\)"),
         (dict(dep_q=16, delays=[0] * 17), r"predict_user_audio=True: the model has no user rows"),
         (dict(user_init="zeros"), r"user_init='zeros'"),
+        (dict(dim="64"), r"dim='64': must be int, not str"),  # a hand-edited config.json
+        (dict(num_layers=2.5), r"num_layers=2.5: must be int, not float"),
+        (dict(context="3000"), r"context='3000': must be int or None, not str"),
+        (dict(predict_user_audio="yes"), r"predict_user_audio='yes': must be bool, not str"),
+        (dict(user_logit_temperature=["1"] * 8), r"user_logit_temperature=\['1'.*: must be list\[float\] or None"),
     ],
 )
 def test_config_validation_names_the_field(overrides, message):

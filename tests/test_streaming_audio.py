@@ -187,6 +187,50 @@ def test_realtime_paces_frames_at_the_frame_rate(streamed, model, mimi, user_wav
     assert torch.equal(result.text_tokens, full.text_tokens[:4]) and result.settings["realtime"] is True
 
 
+def test_file_is_read_and_encoded_frame_by_frame_as_one_shot(model, mimi, tmp_path):
+    """A 16 kHz file ending mid-speech and mid-frame, read a second at a time (blocks that do not fall on frames):
+    the codes of a one-shot encode of the recording zero-padded to whole frames, as many frames as the one-shot
+    encode of the recording itself and the same codes on its whole frames."""
+    audio, rate = soundfile.read(SAMPLE_DIR / "dialogues" / "001.flac", dtype="float32")
+    soundfile.write(tmp_path / "loud.wav", 2.5 * audio[: int(2.5 * rate) + 123, 0], rate, subtype="FLOAT")
+    result = stream_user_audio(model, tmp_path / "loud.wav", tmp_path / "out", mimi=mimi, progress=False, **GREEDY)
+    user = load_mono(tmp_path / "loud.wav", RATE)
+    num_frames = math.ceil(user.numel() / SAMPLES_PER_FRAME)
+    padded = torch.nn.functional.pad(user, (0, num_frames * SAMPLES_PER_FRAME - user.numel()))
+    with torch.no_grad():
+        one_shot = mimi.encode(user[None, None], num_quantizers=4).audio_codes[0]
+        one_shot_padded = mimi.encode(padded[None, None], num_quantizers=4).audio_codes[0]
+    assert result.user_codes.shape == one_shot.shape == (4, num_frames) == (4, 32)
+    assert torch.equal(result.user_codes, one_shot_padded)
+    assert torch.equal(result.user_codes[:, :-1], one_shot[:, :-1])
+
+    # past full scale in the file: clipped in dialogue.wav, and no output holds a non-finite sample
+    dialogue, _ = soundfile.read(tmp_path / "out" / "dialogue.wav", dtype="float32")
+    assert user.abs().max() > 1
+    np.testing.assert_array_equal(dialogue[: user.numel(), 1], user.clamp(-1, 1).numpy())
+    system, _ = soundfile.read(tmp_path / "out" / "system.wav", dtype="float32")
+    assert np.isfinite(dialogue).all() and np.abs(dialogue).max() <= 1 and np.abs(system).max() <= 1
+
+
+def test_max_frames_reads_only_the_frames_streamed(model, mimi, tmp_path):
+    """`max_frames=10` of a 10-minute recording reads its first block, not the whole file (which took 1.6 GB and
+    12 s): the peak of Python's allocations, numpy's arrays included, stays far below the file's samples."""
+    import tracemalloc
+
+    soundfile.write(tmp_path / "long.wav", np.zeros(600 * 8000, np.int16), 8000)  # 10 minutes of silence
+    tracemalloc.start()
+    try:
+        result = stream_user_audio(model, tmp_path / "long.wav", tmp_path / "out", mimi=mimi, max_frames=10,
+                                   progress=False, **GREEDY)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with torch.no_grad():
+        silence = mimi.encode(torch.zeros(1, 1, 10 * SAMPLES_PER_FRAME), num_quantizers=4).audio_codes[0]
+    assert torch.equal(result.user_codes, silence)
+    assert peak < 4e6, peak  # the file as float32: 19 MB, at Mimi's 24 kHz: 58 MB
+
+
 def test_load_mono_resamples_and_picks_a_channel(tmp_path):
     audio, rate = soundfile.read(SAMPLE_DIR / "dialogues" / "001.flac", dtype="float32", frames=8000)
     soundfile.write(tmp_path / "stereo.wav", audio, rate, subtype="FLOAT")
@@ -213,12 +257,27 @@ def test_load_mono_resamples_and_picks_a_channel(tmp_path):
         ("max_frames", r"max_frames=0: must be a positive integer"),
         ("tensor_2d", r"user_audio must be a 1-D float tensor \[num_samples\] at 24000 Hz, got shape \(1, 100\)"),
         ("tensor_channel", r"channel=0 picks a channel of an audio file; user_audio is already one signal"),
+        ("folder", r"cannot read audio file .*folder: it is a directory"),
+        ("device", r"cannot read audio file /dev/null: it is not a regular file"),
+        ("zero_bytes", r"cannot read audio file .*zero\.wav: it is empty \(0 bytes\)"),
+        ("nan", r"nan\.wav has a non-finite sample \(NaN\) at 1\.000 s"),
+        ("inf", r"inf\.wav has a non-finite sample \(-inf\) at 0\.500 s"),
+        ("tensor_nan", r"user_audio has a non-finite sample \(NaN\) at 0\.010 s"),
     ],
 )
 def test_stream_rejects_bad_input(case, message, model, mimi, tmp_path):
     soundfile.write(tmp_path / "stereo.wav", np.zeros((1000, 2), np.float32), FILE_RATE)
     soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), FILE_RATE)
     (tmp_path / "taken").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "zero.wav").write_bytes(b"")
+    noise = 0.1 * np.random.default_rng(0).standard_normal(2 * FILE_RATE).astype(np.float32)
+    for name, value, start, length in (("nan", np.nan, FILE_RATE, 1), ("inf", -np.inf, FILE_RATE // 2, 132)):
+        audio = noise.copy()
+        audio[start : start + length] = value  # one sample at 1 s / 6 ms from 0.5 s on (in the file's time)
+        soundfile.write(tmp_path / f"{name}.wav", audio, FILE_RATE, subtype="FLOAT")
+    tensor_nan = torch.zeros(1000)
+    tensor_nan[240] = float("nan")
     user_audio, kwargs = {
         "stereo": (tmp_path / "stereo.wav", {}),
         "missing": (tmp_path / "missing.wav", {}),
@@ -227,10 +286,17 @@ def test_stream_rejects_bad_input(case, message, model, mimi, tmp_path):
         "max_frames": (tmp_path / "stereo.wav", {"channel": 1, "max_frames": 0}),
         "tensor_2d": (torch.zeros(1, 100), {}),
         "tensor_channel": (torch.zeros(100), {"channel": 0}),
+        "folder": (tmp_path / "folder", {}),
+        "device": ("/dev/null", {}),
+        "zero_bytes": (tmp_path / "zero.wav", {}),
+        "nan": (tmp_path / "nan.wav", {}),
+        "inf": (tmp_path / "inf.wav", {}),
+        "tensor_nan": (tensor_nan, {}),
     }[case]
     with pytest.raises(ValueError, match=message):
         stream_user_audio(model, user_audio, **{"output_dir": tmp_path / "out", **kwargs}, mimi=mimi, progress=False)
     assert (tmp_path / "taken").read_text() == "not a folder"
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder
 
 
 @pytest.mark.parametrize(

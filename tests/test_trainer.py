@@ -6,10 +6,13 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from helpers import tiny_model
 from hf_moshi_userpred import MoshiUserPredForConditionalGeneration
 from hf_moshi_userpred.data.collator import DialogueSegments, MoshiSegmentCollator
+from hf_moshi_userpred.data.encoding import EncodedDialogues
+from hf_moshi_userpred.training.train import DERIVED_FILES, check_data_fits_model, main as train_main
 from hf_moshi_userpred.training.trainer import (
     MoshiUserPredTrainer,
     MoshiUserPredTrainingArguments,
@@ -407,3 +410,69 @@ def test_bad_mode_and_options_are_clear_errors(tmp_path):
         from transformers import TrainingArguments
 
         MoshiUserPredTrainer(model=tiny_model(base=TINY), args=TrainingArguments(output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1, got 0"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1, got 0"),
+        ({"max_steps": 0}, "max_steps=0 trains nothing"),
+        ({"max_steps": -5, "num_train_epochs": 0}, r"num_train_epochs=0 trains nothing \(max_steps=-5"),
+    ],
+)
+def test_a_run_of_no_batch_or_no_step_is_refused(tmp_path, overrides, message):
+    """They failed as a ZeroDivisionError, or trained 1 or 0 steps and saved the result as a trained model."""
+    with pytest.raises(ValueError, match=message):
+        training_args(tmp_path, **overrides)
+    assert training_args(tmp_path, max_steps=-1, num_train_epochs=0.5).max_steps == -1  # epochs decide: fine
+
+
+def _encoded_folder(folder, items: list[dict]) -> str:
+    """`items` saved as an `encode` output without index.json (every `codes/*.safetensors` is read)."""
+    (folder / "codes").mkdir(parents=True)
+    for item in items:
+        save_file({"codes": item["codes"].int()}, folder / "codes" / f"{item['name']}.safetensors",
+                  metadata={"source": item["name"]})
+    return str(folder)
+
+
+def test_training_into_the_model_folder_needs_overwrite_model_which_removes_stale_files(tmp_path, capsys):
+    """The trained model replaces the one it started from only with --overwrite_model, and the files describing the
+    old weights go with them; without the flag nothing is touched."""
+    model_dir = tmp_path / "model"
+    tiny_model(base=TINY).save_pretrained(model_dir)
+    for name in DERIVED_FILES:
+        (model_dir / name).write_text("{}")
+    before = {path.name: path.read_bytes() for path in model_dir.iterdir()}
+    argv = ["--model_name_or_path", str(model_dir), "--train_data", _encoded_folder(tmp_path / "data", dialogues(2)),
+            "--output_dir", str(model_dir), "--max_steps", "1", "--segment_frames", "16",
+            "--per_device_train_batch_size", "2", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "true"]
+    assert train_main(argv) == 2
+    assert "is the model being trained" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in model_dir.iterdir()} == before
+
+    assert train_main([*argv, "--overwrite_model"]) == 0
+    assert (model_dir / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert not any((model_dir / name).exists() for name in DERIVED_FILES if name != "training_config.json")
+    assert (model_dir / "training_config.json").read_text() != "{}"  # this run's
+    MoshiUserPredForConditionalGeneration.from_pretrained(model_dir)
+
+
+def test_data_the_model_cannot_read_is_refused_before_training(tmp_path):
+    """Another codebook count in eval_data failed only after the whole run; a segment longer than the model's context
+    and every dialogue allocated it anyway."""
+    config = tiny_model(base=TINY).config  # 1 + n_q = 5 rows, context 32
+    train = ("train", EncodedDialogues.from_codes([d["codes"] for d in dialogues(2)]))  # 40 and 43 frames
+    check_data_fits_model(config, 43, train_data=train, eval_data=(None, None))
+    other = ("ev", EncodedDialogues.from_codes([torch.zeros(7, 10, dtype=torch.long)]))
+    with pytest.raises(ValueError, match=r"eval_data 'ev' has 7 rows per dialogue .* 1 \+ n_q = 5: encode it with "
+                                         r"--num-codebooks 2"):
+        check_data_fits_model(config, 16, train_data=train, eval_data=other)
+    out_of_range = ("ev", EncodedDialogues.from_codes([torch.full((5, 10), 16)]))
+    with pytest.raises(ValueError, match=r"eval_data 'ev': codes_list\[0\] codes\[1, 0\] = 16 is out of range"):
+        check_data_fits_model(config, 16, train_data=train, eval_data=out_of_range)
+    with pytest.raises(ValueError, match=r"segment_frames=44 is longer than both the model's context \(32 frames\) "
+                                         r"and the longest dialogue of train_data \(43 frames\): give at most 43"):
+        check_data_fits_model(config, 44, train_data=train, eval_data=(None, None))

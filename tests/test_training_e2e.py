@@ -96,6 +96,12 @@ def test_entry_point_from_a_yaml_config(encoded, tmp_path, capsys):
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (SAMPLE / "tokenizer.model").read_bytes()
     assert sorted(p.name for p in (tmp_path / "out" / "mimi").iterdir()) == sorted(
         p.name for p in (SAMPLE / "mimi").iterdir())
+    # ... and runs as it is: `stream` finds them without flags
+    from hf_moshi_userpred.cli.main import main
+
+    assert main(["stream", str(tmp_path / "out"), str(SAMPLE / "dialogues" / "023.flac"), "--out",
+                 str(tmp_path / "stream"), "--max-frames", "5", "--channel", "1", "--quiet"]) == 0
+    assert (tmp_path / "stream" / "system.wav").is_file()
 
 
 @pytest.mark.parametrize(

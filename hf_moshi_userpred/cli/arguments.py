@@ -33,6 +33,28 @@ def add_command(commands: argparse._SubParsersAction, name: str, run: Callable, 
     return sub
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1 (a count of frames, windows, steps), else the parser's one-line error."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def probability(value: str) -> float:
+    """An argparse type: a number in [0, 1], else the parser's one-line error."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value!r}") from None
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {number}")
+    return number
+
+
 def torch_dtype(name: str | None):
     """The torch dtype called `name` (None: keep the saved one)."""
     import torch

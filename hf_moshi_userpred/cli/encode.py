@@ -32,6 +32,3 @@ def run(args: argparse.Namespace) -> None:
                              num_codebooks=args.num_codebooks, main_speaker=args.main_speaker, device=args.device,
                              progress=not args.quiet, max_dropped_fraction=args.max_dropped_fraction)
     print(summary)
-    if not summary.encoded and not summary.skipped:
-        raise ValueError(f"no dialogue of {args.manifest} could be encoded "
-                         f"(reasons in {summary.output_dir}/index.json)")

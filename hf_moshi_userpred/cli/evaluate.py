@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
-from .arguments import add_command, load_model
+from .arguments import add_command, load_model, positive_int, probability
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -17,9 +18,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("data", help="encoded dialogues (an `encode` output directory)")
     sub.add_argument("--reference", default=None, help="encoded training dialogues for the unigram baseline")
     sub.add_argument("--out", default="outputs/evaluate", help="where the metrics and plots go")
-    sub.add_argument("--batch-size", type=int, default=8, help="windows per forward")
-    sub.add_argument("--window", type=int, default=None, help="frames per window (default: the model's context)")
-    sub.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracies")
+    sub.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward")
+    sub.add_argument("--window", type=positive_int, default=None,
+                     help="frames per window (default: the model's context)")
+    sub.add_argument("--top-k", type=positive_int, default=5, help="k of the top-k accuracies")
     sub.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sub.add_argument("--device", default="cpu", help="device for the model")
     sub.add_argument("--turn-taking", action="store_true",
@@ -30,97 +32,56 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--calibrate", action="store_true",
                      help="fit the user branch's temperature scaling on DATA (held-out dialogues) and write it into "
                           "MODEL/config.json; the metrics are then the calibrated model's")
-    sub.add_argument("--threshold", type=float, default=0.5,
+    sub.add_argument("--threshold", type=probability, default=0.5,
                      help="turn-taking: P(turn end) threshold, also the turn hold of the dialogue-behaviour run")
     sub.add_argument("--seed", type=int, default=0, help="turn-taking: sampling seed of the dialogue-behaviour runs")
-    sub.add_argument("--horizon", type=int, default=None,
+    sub.add_argument("--horizon", type=positive_int, default=None,
                      help="turn-taking: frames the signal looks ahead, its second half the turn-end window "
                           "(default: the saved statistics', else 10)")
 
 
 def run(args: argparse.Namespace) -> None:
     from ..data.encoding import EncodedDialogues
-    from ..evaluation.user_prediction import evaluate_user_prediction
-    from ..utils.files import METRICS_NAME, write_json
+    from ..evaluation.reports import (
+        TURN_TAKING_METRICS_NAME,
+        TURN_TAKING_REPORT_NAME,
+        save_user_logit_temperature,
+        turn_taking_statistics,
+        write_turn_taking_report,
+        write_user_prediction_report,
+    )
+    from ..evaluation.user_prediction import calibrate_user_prediction
+    from ..utils.files import METRICS_NAME
 
+    config_path = Path(args.model) / "config.json"
+    if args.calibrate and config_path.is_file() and not os.access(config_path, os.W_OK):
+        raise ValueError(f"--calibrate writes into {config_path}, which is not writable")
     dataset = EncodedDialogues(args.data)
     reference = EncodedDialogues(args.reference) if args.reference else None
     model = load_model(args.model, device=args.device)
+    statistics = turn_taking_statistics(args.model, model.config, reference=args.reference,
+                                        horizon=args.horizon) if args.turn_taking else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    calibration = calibrate(args, model, dataset) if args.calibrate else None
-    report = evaluate_user_prediction(model, dataset, batch_size=args.batch_size, window=args.window,
-                                      top_k=args.top_k, reference=reference,
-                                      plot_dir=None if args.no_plots else out / "plots")
-    record = {"metrics": report.to_dict(), "markdown": report.to_markdown(), "dataset": str(args.data)}
-    if calibration is not None:
-        record["calibration"] = calibration.to_dict()
+    calibration = None
+    if args.calibrate:  # applied in memory now, saved into the model folder only once everything has succeeded
+        calibration = calibrate_user_prediction(model, dataset, batch_size=args.batch_size, window=args.window)
+        model.config.user_logit_temperature = calibration.temperature
         print(calibration.to_markdown() + "\n")
-    write_json(out / METRICS_NAME, record)
+    report = write_user_prediction_report(model, dataset, out, data_name=str(args.data), reference=reference,
+                                          batch_size=args.batch_size, window=args.window, top_k=args.top_k,
+                                          plots=not args.no_plots, calibration=calibration)
     print(report.to_markdown())
-    print(f"\nwrote {out / METRICS_NAME}" + "".join(f", {path}" for path in report.plots.values()))
-    if args.turn_taking:
-        evaluate_turn_taking(args, model, dataset, out)
-
-
-def calibrate(args: argparse.Namespace, model, dataset):
-    """`evaluate --calibrate`: fit the user branch's temperatures on DATA, apply them to `model` and write them into
-    MODEL/config.json (that one key; the file is replaced atomically)."""
-    from ..evaluation.user_prediction import calibrate_user_prediction
-    from ..utils.files import read_json_object, write_json
-
-    calibration = calibrate_user_prediction(model, dataset, batch_size=args.batch_size, window=args.window)
-    model.config.user_logit_temperature = calibration.temperature
-    config_path = Path(args.model) / "config.json"
-    config = read_json_object(config_path, "model config")
-    config["user_logit_temperature"] = calibration.temperature
-    write_json(config_path, config)
-    logging.getLogger(__name__).info(f"wrote user_logit_temperature={[round(t, 3) for t in calibration.temperature]} into {config_path}")
-    return calibration
-
-
-def evaluate_turn_taking(args: argparse.Namespace, model, dataset, out: Path) -> None:
-    """`evaluate --turn-taking`: the turn-taking signal's statistics from MODEL/turn_taking_statistics.json, else
-    fitted on --reference; shift/hold, anticipation and backchannel metrics on DATA's alignments; the system's
-    dialogue behaviour streaming DATA without and with the turn hold at --threshold; turn_taking_report.md."""
-    from ..data.encoding import EncodedDialogues
-    from ..data.voice_activity import (
-        STATISTICS_NAME,
-        TurnTakingStatistics,
-        dialogue_alignments,
-        fit_turn_taking_statistics,
-    )
-    from ..evaluation.dialogue_behaviour import evaluate_dialogue_behaviour
-    from ..evaluation.turn_taking import evaluate_turn_taking
-    from ..utils.files import atomic_write, write_json
-
-    if not 0 <= args.threshold <= 1:
-        raise ValueError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
-    saved = Path(args.model) / STATISTICS_NAME
-    if saved.is_file() and args.horizon is None:
-        statistics = TurnTakingStatistics.load(saved)
-    elif args.reference:
-        statistics = fit_turn_taking_statistics(EncodedDialogues(args.reference), dialogue_alignments(args.reference),
-                                                model.config, **({} if args.horizon is None else {
-                                                    "horizon": args.horizon,
-                                                    "turn_end_frames": max(args.horizon // 2, 1)}))
-    else:
-        raise ValueError(f"--turn-taking needs --reference (encoded training dialogues with alignments) to fit the "
-                         f"signal's statistics, or {saved}")
-    alignments = dialogue_alignments(args.data)
-    plot_dir = None if args.no_plots else out / "plots"
-    report = evaluate_turn_taking(model, dataset, alignments, statistics, threshold=args.threshold,
-                                  window=args.window, plot_dir=plot_dir)
-    behaviour = evaluate_dialogue_behaviour(model, dataset, alignments, statistics,
-                                            hold_thresholds=(None, args.threshold), seed=args.seed, plot_dir=plot_dir)
-    path = out / "turn_taking_metrics.json"
-    write_json(path, {"metrics": {**report.to_dict(), **behaviour.to_dict()}, "markdown": report.to_markdown(),
-                      "dialogue_behaviour_markdown": behaviour.to_markdown(), "dataset": str(args.data)})
-    plots = {**report.plots, **behaviour.plots}
-    images = "\n".join(f"![{name}](plots/{Path(plot).name})" for name, plot in plots.items())
-    markdown = (f"# Turn taking on {args.data}\n\n## The signal: shift vs hold, backchannel vs barge-in\n\n"
-                f"{report.to_markdown()}\n\n## The system's dialogue behaviour, without and with the turn hold\n\n"
-                f"{behaviour.to_markdown()}\n\n{images}\n")
-    atomic_write(out / "turn_taking_report.md", lambda target: target.write_text(markdown, encoding="utf-8"))
-    print("\n" + report.to_markdown() + "\n\n" + behaviour.to_markdown())
-    print(f"\nwrote {path}, {out / 'turn_taking_report.md'}" + "".join(f", {plot}" for plot in plots.values()))
+    written = [out / METRICS_NAME, *report.plots.values()]
+    if statistics is not None:
+        signal, behaviour = write_turn_taking_report(model, dataset, args.data, statistics, out,
+                                                     threshold=args.threshold, seed=args.seed, window=args.window,
+                                                     plots=not args.no_plots)
+        print("\n" + signal.to_markdown() + "\n\n" + behaviour.to_markdown())
+        written += [out / TURN_TAKING_METRICS_NAME, out / TURN_TAKING_REPORT_NAME, *signal.plots.values(),
+                    *behaviour.plots.values()]
+    if calibration is not None:
+        save_user_logit_temperature(args.model, calibration.temperature)
+        logging.getLogger(__name__).info(f"wrote user_logit_temperature="
+                                         f"{[round(t, 3) for t in calibration.temperature]} into {config_path}")
+    print("\nwrote " + ", ".join(str(path) for path in written))

@@ -39,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time of the message (tests and callers swap it)."""
+    """Writes to whatever `sys.stderr` is at the time of the message (tests and callers swap it), through
+    `tqdm.write`: a message logged while a progress bar runs gets its own line, and the bar is redrawn below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
     @property
     def stream(self):

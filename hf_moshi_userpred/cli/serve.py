@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import socket
 from pathlib import Path
 
-from .arguments import DTYPES, add_command, check_device, existing_path, torch_dtype
+from .arguments import DTYPES, add_command, check_device, torch_dtype
 
 DEMO_MODEL = Path("outputs/demo/model")  # where `demo` (the README's main job) saves its model
 
@@ -26,7 +28,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--gap-fill-threshold", type=float, default=None,
                      help="fill a late user frame with the predicted tokens of at least this probability "
                           "(off: a late slot pauses)")
-    sub.add_argument("--idle-timeout", type=float, default=10.0, help="close a client silent for this many seconds")
+    sub.add_argument("--idle-timeout", type=float, default=10.0,
+                     help="close a client that sent no audio for this many seconds")
+    sub.add_argument("--send-timeout", type=float, default=10.0,
+                     help="close a client that stopped reading: its socket took none of the output for this many "
+                          "seconds")
     sub.add_argument("--max-message-bytes", type=int, default=1 << 20,
                      help="close a client that sends a larger message (an 80 ms Opus page is a few hundred bytes)")
     sub.add_argument("--greedy", action="store_true", help="greedy text and audio instead of the generation config")
@@ -42,32 +48,58 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--quiet", action="store_true", help="no progress bars or connection log")
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuses the numbers that would only fail once the model is loaded (seconds to minutes later), or never fail
+    and serve nothing."""
+    for flag, seconds in (("--idle-timeout", args.idle_timeout), ("--send-timeout", args.send_timeout)):
+        if not 0 < seconds < math.inf:
+            raise ValueError(f"{flag} must be a positive number of seconds, got {seconds}")
+    for flag, value, low in (("--max-conversations", args.max_conversations, 1), ("--threads", args.threads, 1),
+                             ("--max-message-bytes", args.max_message_bytes, 1024),
+                             ("--speculate-top-k", args.speculate_top_k, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    if args.gap_fill_threshold is not None and not 0 <= args.gap_fill_threshold <= 1:
+        raise ValueError(f"--gap-fill-threshold must be a probability in [0, 1], got {args.gap_fill_threshold}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+
+
+def check_address(host: str, port: int) -> None:
+    """Binds `(host, port)` once and lets it go, as the server will bind it (SO_REUSEADDR: a port in TIME_WAIT
+    passes, one in use does not), so that a taken port or a foreign address fails before the model loads."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
 def run(args: argparse.Namespace) -> None:
     import functools
 
     import torch
 
-    from ..serving.engine import RealtimeEngine
+    from ..serving.engine import RealtimeEngine, check_serving_folder
+
+    check_options(args)
+    check_device(args.device)
+    model_dir = DEMO_MODEL if args.model is None else check_serving_folder(args.model)
+    check_address(args.host, args.port)
     from ..serving.engine_process import EngineProcess
     from ..serving.server import MoshiServer, run_server
 
-    if args.max_conversations < 1:
-        raise ValueError(f"--max-conversations must be at least 1, got {args.max_conversations}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.max_message_bytes < 1024:
-        raise ValueError(f"--max-message-bytes must be at least 1024, got {args.max_message_bytes}")
-    check_device(args.device)
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = DEMO_MODEL
-        if not (DEMO_MODEL / "config.json").is_file():
-            from ..demo.pipeline import run_demo
+    if args.model is None and not (DEMO_MODEL / "config.json").is_file():
+        from ..demo.pipeline import run_demo
 
-            logging.getLogger(__name__).info("no model given and no demo model in %s: training it once (the demo)",
-                                             DEMO_MODEL)
-            run_demo(DEMO_MODEL.parent, progress=not args.quiet)
-    existing_path(str(model_dir))
+        logging.getLogger(__name__).info("no model given and no demo model in %s: training it once (the demo)",
+                                         DEMO_MODEL)
+        run_demo(DEMO_MODEL.parent, progress=not args.quiet)
     torch.set_num_threads(args.threads)
     sampling = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
     if args.no_predict_user:
@@ -77,5 +109,8 @@ def run(args: argparse.Namespace) -> None:
                               speculate_top_k=args.speculate_top_k, gap_fill_threshold=args.gap_fill_threshold,
                               seed=args.seed, threads=args.threads, **sampling)
     engine = build() if args.in_process else EngineProcess(build)
-    server = MoshiServer(engine, idle_timeout_s=args.idle_timeout, max_message_bytes=args.max_message_bytes)
-    run_server(server, host=args.host, port=args.port)
+    try:
+        run_server(MoshiServer(engine, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,
+                               max_message_bytes=args.max_message_bytes), host=args.host, port=args.port)
+    finally:  # also when the server never started (its shutdown stops the engine otherwise): no orphaned process
+        engine.stop()

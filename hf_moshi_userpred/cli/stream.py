@@ -10,9 +10,10 @@ from .arguments import DTYPES, add_command, existing_path, load_model
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     sub = add_command(commands, "stream", run, "stream a user recording through the model frame by frame, with speculation",
-                      "Encode a user recording (mono, any sample rate) with Mimi and run the real-time streaming step "
-                      "frame by frame: writes the system's audio (system.wav, and dialogue.wav with both speakers), "
-                      "its text, and a per-frame log of the user prediction, its confidence and speculation hits.")
+                      "Read a user recording (mono, any sample rate) a block at a time, encode it with Mimi and run "
+                      "the real-time streaming step frame by frame (only the frames streamed are read): writes the "
+                      "system's audio (system.wav, and dialogue.wav with both speakers), its text, and a per-frame "
+                      "log of the user prediction, its confidence and speculation hits.")
     sub.add_argument("model", help="model directory")
     sub.add_argument("user_audio", help="the user's audio file (mono; any rate, resampled to Mimi's)")
     sub.add_argument("--out", default="outputs/stream", help="output directory")
@@ -30,12 +31,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..data.audio import load_mimi
+    from ..data.audio import check_audio_file, load_mimi
     from ..serving.stream_recording import stream_user_audio
     from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME
 
     existing_path(args.model)
-    user_audio = existing_path(args.user_audio)  # before the model load: a typo fails at once
+    # before the model load: a typo, a folder or a device fails at once
+    user_audio = check_audio_file(existing_path(args.user_audio))
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     mimi_path = args.mimi or Path(args.model) / MIMI_FOLDER
     if args.mimi is None and not Path(mimi_path).is_dir():

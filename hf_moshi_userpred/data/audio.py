@@ -1,6 +1,6 @@
-"""Audio in and out of the model's world: reading audio files at a rate, loading the Mimi codec and the text
-tokenizer. Everything that touches soundfile, soxr, sentencepiece or `MimiModel.from_pretrained` goes through here,
-with one clear `ValueError` per bad input.
+"""Audio in and out of the model's world: reading audio files at a rate (whole, or lazily block by block), loading
+the Mimi codec and the text tokenizer. Everything that touches soundfile, soxr, sentencepiece or
+`MimiModel.from_pretrained` goes through here, with one clear `ValueError` per bad input.
 """
 
 from __future__ import annotations
@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import sentencepiece
+import soundfile
+import soxr
 import torch
 from transformers import MimiModel
 
@@ -156,15 +160,15 @@ def load_stereo(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTenso
         row 1 the right channel (user).
 
     Raises:
-        ValueError: if the file cannot be read, is not stereo, or is empty.
+        ValueError: if the file cannot be read, is not stereo, is empty or holds a NaN or infinite sample.
     """
-    audio = _read_audio(path, sampling_rate)
-    if audio.shape[0] != 2:
+    sound = _open_audio(path)
+    if sound.channels != 2:
         raise ValueError(
-            f"{path} has {audio.shape[0]} channel(s): moshi-finetune dialogues are stereo, the system (Moshi) on the "
+            f"{path} has {sound.channels} channel(s): moshi-finetune dialogues are stereo, the system (Moshi) on the "
             "left channel and the user on the right"
         )
-    return audio
+    return torch.from_numpy(np.concatenate(list(_blocks(sound, path, sampling_rate, [0, 1]))).T.copy())
 
 
 def load_mono(path: str | os.PathLike, sampling_rate: int, channel: int | None = None) -> torch.FloatTensor:
@@ -176,48 +180,116 @@ def load_mono(path: str | os.PathLike, sampling_rate: int, channel: int | None =
         channel (`int`, *optional*): the channel to take (0 is the left one); needed when the file has several.
 
     Returns:
-        `torch.FloatTensor` of shape `[num_samples]`, values in [-1, 1].
+        `torch.FloatTensor` of shape `[num_samples]`, values in [-1, 1]: the concatenation of
+        [`read_mono_blocks`]'s blocks.
+
+    Raises:
+        ValueError: as [`read_mono_blocks`].
+    """
+    blocks, _ = read_mono_blocks(path, sampling_rate, channel)
+    return torch.from_numpy(np.concatenate(list(blocks)))
+
+
+def read_mono_blocks(
+    path: str | os.PathLike, sampling_rate: int, channel: int | None = None
+) -> tuple[Iterator[np.ndarray], float]:
+    """[`load_mono`], lazily: the file is read (and resampled) one block of about a second at a time, as the
+    blocks are consumed, so that a caller needing only the start of a long recording reads only that.
+
+    The file, its channels and `channel` are checked at once; each block is checked for NaN and infinite samples
+    as it is read. Resampling carries the resampler's state from block to block (soxr's stream), so the blocks
+    join into exactly the samples of a one-shot resampling of the whole file.
+
+    Returns:
+        The blocks (float32 `[n]` arrays at `sampling_rate`; a few may be empty while the resampler fills up) and
+        the recording's duration in seconds.
 
     Raises:
         ValueError: if the file cannot be read or is empty, if it has several channels and `channel` is None, or if
-            `channel` is not one of its channels.
+            `channel` is not one of its channels; while iterating, at the first block holding a NaN or infinite
+            sample (naming its time).
     """
-    audio = _read_audio(path, sampling_rate)
-    num_channels = audio.shape[0]
+    sound = _open_audio(path)
     if channel is None:
-        if num_channels != 1:
+        if sound.channels != 1:
             raise ValueError(
-                f"{path} has {num_channels} channels: pick one with channel=0..{num_channels - 1} (in a "
+                f"{path} has {sound.channels} channels: pick one with channel=0..{sound.channels - 1} (in a "
                 "moshi-finetune dialogue the user is channel 1, the right one)"
             )
         channel = 0
-    if not isinstance(channel, int) or not 0 <= channel < num_channels:
-        raise ValueError(f"channel={channel!r} but {path} has {num_channels} channel(s) (0..{num_channels - 1})")
-    return audio[channel].clone()  # a view would keep the other channels in memory
+    if not isinstance(channel, int) or not 0 <= channel < sound.channels:
+        raise ValueError(f"channel={channel!r} but {path} has {sound.channels} channel(s) (0..{sound.channels - 1})")
+    blocks = (block[:, 0] for block in _blocks(sound, path, sampling_rate, [channel]))
+    return blocks, sound.frames / sound.samplerate
 
 
-def _read_audio(path: str | os.PathLike, sampling_rate: int) -> torch.FloatTensor:
-    """Every channel of an audio file at `sampling_rate`: `[num_channels, num_samples]`, with num_samples > 0.
+def check_finite(samples: np.ndarray, name: str | os.PathLike, sampling_rate: int, start: int = 0) -> None:
+    """Refuses audio holding a NaN or infinite sample (Mimi would turn every frame after it into noise).
+
+    Args:
+        samples: `[num_samples]` or `[num_samples, channels]`, samples `start...` of the recording `name`.
+        sampling_rate (`int`): the samples' rate, to say where the first bad one is.
 
     Raises:
-        ValueError: if the file is missing, cannot be read or has no samples.
+        ValueError: naming `name`, the first bad sample and its time in seconds.
     """
-    import soundfile
-    import soxr
+    rows = samples if samples.ndim == 2 else samples[:, None]  # [num_samples, channels]
+    bad = ~np.isfinite(rows)
+    if bad.any():
+        index = int(bad.any(axis=1).argmax())
+        value = rows[index, bad[index]][0]
+        kind = "NaN" if np.isnan(value) else f"{value:+}"
+        raise ValueError(f"{name} has a non-finite sample ({kind}) at {(start + index) / sampling_rate:.3f} s: "
+                         "audio samples must be finite")
 
-    if not Path(path).is_file():
-        raise ValueError(f"cannot read audio file {path}: no such file")
+
+def check_audio_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path if it is a non-empty regular file, else a ValueError saying what it is instead."""
+    path = Path(path)
+    problem = ("no such file" if not path.exists() else "it is a directory" if path.is_dir()
+               else "it is not a regular file" if not path.is_file()  # a device such as /dev/null, a pipe
+               else "it is empty (0 bytes)" if path.stat().st_size == 0 else None)
+    if problem is not None:
+        raise ValueError(f"cannot read audio file {path}: {problem}")
+    return path
+
+
+def _open_audio(path: str | os.PathLike) -> soundfile.SoundFile:
+    """The file opened for reading, with at least one sample.
+
+    Raises:
+        ValueError: if it is not a non-empty regular file soundfile can read, or holds no samples.
+    """
+    check_audio_file(path)
     try:
-        audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)  # [num_samples, channels]
+        sound = soundfile.SoundFile(path)
     except (soundfile.SoundFileError, RuntimeError) as error:
         raise ValueError(f"cannot read audio file {path}: {error}") from error
-    if audio.shape[0] == 0:
+    if sound.frames == 0:
+        sound.close()
         raise ValueError(f"{path} has no samples")
-    if file_rate != sampling_rate:
-        audio = soxr.resample(audio, file_rate, sampling_rate)
-    return torch.from_numpy(audio.T.copy())
+    return sound
+
+
+def _blocks(sound: soundfile.SoundFile, path: str | os.PathLike, sampling_rate: int,
+            channels: list[int]) -> Iterator[np.ndarray]:
+    """`channels` of `sound`, read a second at a time and resampled to `sampling_rate`: float32
+    `[n, len(channels)]` blocks, each checked for non-finite samples before it is resampled. Closes `sound`."""
+    with sound:
+        resampler = None
+        if sound.samplerate != sampling_rate:
+            resampler = soxr.ResampleStream(sound.samplerate, sampling_rate, len(channels), dtype="float32")
+        start = 0
+        for block in sound.blocks(sound.samplerate, dtype="float32", always_2d=True):
+            block = block[:, channels]  # a copy: the other channels are not kept
+            check_finite(block, path, sound.samplerate, start)
+            start += len(block)
+            yield block if resampler is None else resampler.resample_chunk(block)
+        if resampler is not None:  # the samples still in the resampler's filter
+            yield resampler.resample_chunk(np.zeros((0, len(channels)), np.float32), last=True)
 
 
 __all__ = [
-    "FRAME_RATE", "check_mimi", "load_mimi", "load_mono", "load_stereo", "load_tokenizer", "padding_ids", "text_piece"
+    "FRAME_RATE", "check_audio_file", "check_finite", "check_mimi", "load_mimi", "load_mono", "load_stereo",
+    "load_tokenizer", "padding_ids", "read_mono_blocks", "text_piece",
 ]

@@ -35,6 +35,7 @@ from ..utils.files import atomic_write, read_json_object, write_json
 from .audio import load_mimi, load_stereo, load_tokenizer
 from .text_alignment import (
     DEFAULT_MAX_DROPPED_FRACTION,
+    check_main_speaker,
     check_max_dropped_fraction,
     check_usable,
     place_words,
@@ -96,9 +97,10 @@ def encode_dataset(
 
     Words that do not fit before the end of the audio are dropped or truncated (see `text_alignment`), counted per
     file in index.json (`words`, `dropped_words`, `truncated_words`) and in the summary. A file that cannot be
-    encoded (not stereo, empty or unreadable audio, missing or malformed alignment json, more than
-    `max_dropped_fraction` of its words dropped or truncated, a missing file, a malformed manifest line) is recorded
-    in the summary and in index.json, and the other files are still encoded.
+    encoded (not stereo, empty or unreadable audio, missing or malformed alignment json, no word of `main_speaker`,
+    more than `max_dropped_fraction` of its words dropped or truncated, a missing file, a malformed manifest line) is
+    recorded in the summary and in index.json, and the other files are still encoded; a run in which every file
+    fails raises (index.json still records why).
 
     Args:
         manifest: the `.jsonl`; relative paths in it are relative to its folder.
@@ -117,7 +119,8 @@ def encode_dataset(
         [`EncodeSummary`]: the sources encoded, skipped (already encoded) and failed (with the reason).
 
     Raises:
-        ValueError: if the manifest cannot be read, or Mimi, the tokenizer or `num_codebooks` are unusable.
+        ValueError: if the manifest cannot be read, Mimi, the tokenizer or `num_codebooks` are unusable, or no
+            dialogue could be encoded (the message names the first failure).
     """
     manifest = Path(manifest)
     output_dir = Path(output_dir)
@@ -183,6 +186,10 @@ def encode_dataset(
         "failed": summary.failed,
     }
     write_json(output_dir / "index.json", index)
+    if not summary.encoded and not summary.skipped:  # a run that encodes nothing failed: an error, not a summary
+        reasons = [f"{source}: {reason}" for source, reason in summary.failed.items()] or ["it lists none"]
+        more = f" (and {len(reasons) - 1} more, reasons in {output_dir / 'index.json'})" if len(reasons) > 1 else ""
+        raise ValueError(f"no dialogue of {manifest} could be encoded: {reasons[0]}{more}")
     if summary.failed:
         logger.warning(str(summary))
     else:
@@ -220,9 +227,15 @@ class EncodedDialogues(torch.utils.data.Dataset):
             try:
                 with safe_open(file, "pt") as shard:
                     names.append(shard.metadata()["source"])
-                    shapes.append(shard.get_slice("codes").get_shape())
+                    codes = shard.get_slice("codes")
+                    dtype, shape = codes.get_dtype(), codes.get_shape()
             except (OSError, SafetensorError, KeyError, TypeError) as error:  # TypeError: no metadata
                 raise ValueError(f"{file} is not a shard written by `encode_dataset`: {error!r}") from error
+            # read from the header: float codes would be truncated by `.long()` and 1-D ones fail deep in a batch
+            if not dtype.startswith(("I", "U")) or len(shape) != 2 or 0 in shape:
+                raise ValueError(f"{file} holds codes of dtype {dtype} and shape {shape}: a shard written by `encode` "
+                                 "holds integer codes [rows, frames] with at least one frame (re-run `encode`)")
+            shapes.append(shape)
         self._set_items(names, files, shapes)
 
     @classmethod
@@ -345,6 +358,20 @@ def _encode_file(
         "alignment_mtime_ns": str(alignment_stat.st_mtime_ns),
         "fingerprint": fingerprint,
     }
+    try:
+        data = json.loads(alignment_path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read alignment file {alignment_path}: {error}") from error
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"alignment file {alignment_path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or "alignments" not in data:
+        raise ValueError(f'alignment file {alignment_path} has no "alignments" list')
+    try:
+        alignments = validate_alignments(data["alignments"])
+        check_main_speaker(alignments, main_speaker)  # before the up-to-date test: such a shard is no good either
+    except ValueError as error:
+        raise ValueError(f"alignment file {alignment_path}: {error}") from error
+
     shard = codes_dir / _shard_name(source)
     existing = _read_metadata(shard)
     if existing is not None and all(existing.get(key) == value for key, value in identity.items()):
@@ -356,19 +383,6 @@ def _encode_file(
                              f"truncated of {words['words']} words, more than max_dropped_fraction="
                              f"{max_dropped_fraction:g}")
         return shard, int(existing["num_frames"]), True, words
-
-    try:
-        data = json.loads(alignment_path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ValueError(f"cannot read alignment file {alignment_path}: {error}") from error
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"alignment file {alignment_path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict) or "alignments" not in data:
-        raise ValueError(f'alignment file {alignment_path} has no "alignments" list')
-    try:
-        alignments = validate_alignments(data["alignments"])
-    except ValueError as error:
-        raise ValueError(f"alignment file {alignment_path}: {error}") from error
 
     audio = load_stereo(audio_path, mimi.config.sampling_rate)
     with torch.no_grad():  # the two channels as a batch of two mono signals: [2, 1, N] -> [2, num_codebooks, T]

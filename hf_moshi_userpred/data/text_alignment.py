@@ -84,6 +84,18 @@ def validate_alignments(alignments: Any) -> list[tuple[str, tuple[float, float],
     return [(word, (float(start), float(end)), speaker) for word, (start, end), speaker in alignments]
 
 
+def check_main_speaker(alignments: Sequence[tuple[str, tuple[float, float], str]], main_speaker: str) -> None:
+    """Raises a ValueError naming the speakers found when no non-blank word of `alignments` (validated) belongs to
+    `main_speaker`: its text row would be all padding (a mistyped label, or alignments labelled otherwise)."""
+    if any(speaker == main_speaker and word.strip() for word, _, speaker in alignments):
+        return
+    speakers = sorted({speaker for _, _, speaker in alignments})
+    if main_speaker in speakers:
+        raise ValueError(f"every word of the main speaker {main_speaker!r} is blank")
+    found = f"its speakers are {', '.join(speakers)}" if speakers else "it has no words at all"
+    raise ValueError(f"no words of the main speaker {main_speaker!r} (--main-speaker); {found}")
+
+
 DEFAULT_MAX_DROPPED_FRACTION = 0.1  # of a dialogue's words that may be dropped or truncated at its end
 
 
@@ -208,5 +220,5 @@ def check_usable(result: InterleavedText, num_frames: int, frame_rate: float, ma
         )
 
 
-__all__ = ["DEFAULT_MAX_DROPPED_FRACTION", "InterleavedText", "TextTokenizer", "check_max_dropped_fraction",
-           "check_usable", "interleave_text", "place_words", "validate_alignments"]
+__all__ = ["DEFAULT_MAX_DROPPED_FRACTION", "InterleavedText", "TextTokenizer", "check_main_speaker",
+           "check_max_dropped_fraction", "check_usable", "interleave_text", "place_words", "validate_alignments"]

@@ -68,6 +68,7 @@ from ..data.audio import padding_ids
 from ..data.voice_activity import KINDS, TurnTakingStatistics, activity_spans
 from ..models.configuration_moshi_userpred import FRAME_RATE
 from ..models.modeling_moshi_codes import ZERO_TOKEN_ID
+from .figures import save_figures
 from .report_format import milliseconds, percent
 from .turn_taking_events import TurnTakingEvents, dialogue_events
 
@@ -455,8 +456,6 @@ def plot_dialogue_behaviour(report: DialogueBehaviourReport, plot_dir: str | os.
     Raises:
         ImportError: matplotlib is missing (`pip install 'hf_moshi_userpred[plots]'`).
     """
-    from .user_prediction import save_figures
-
     if not report.timeline:
         return {}
     return save_figures(plot_dir, {"dialogue_behaviour_timeline": (lambda f: _plot_timeline(report, f), (11, 5))})

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..data.voice_activity import activity_spans
+from .figures import save_figures
 from .report_format import number
 
 if TYPE_CHECKING:
@@ -23,8 +24,6 @@ def plot_turn_taking(report: TurnTakingReport, plot_dir: str | os.PathLike) -> d
     Raises:
         ImportError: matplotlib is missing (`pip install 'hf_moshi_userpred[plots]'`).
     """
-    from .user_prediction import save_figures
-
     drawings = {"turn_taking_roc": (lambda figure: _plot_roc(report, figure), (5, 5))}
     if report.timeline.get("user") is not None:
         drawings["turn_taking_timeline"] = (lambda figure: _plot_timeline(report, figure), (11, 6))

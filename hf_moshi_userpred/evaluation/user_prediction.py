@@ -13,7 +13,7 @@ of their frame is already in hand (docs/design.md §2), so the report gives them
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ import torch
 from ..data.collator import DialogueSegments
 from ..models.modeling_moshi_codes import ZERO_TOKEN_ID, check_codes
 from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration, shift_time
+from .figures import save_figures
 from .report_format import percent
 
 if TYPE_CHECKING:
@@ -499,40 +500,14 @@ def plot_user_prediction(report: UserPredictionReport, plot_dir: str | os.PathLi
                                    "reliability": (lambda figure: _plot_reliability(report, figure), (5, 5))})
 
 
-def save_figures(
-    plot_dir: str | os.PathLike, drawings: dict[str, tuple[Callable[[Figure], object], tuple[float, float]]]
-) -> dict[str, str]:
-    """Draws each `name: (draw, (width, height))` on its own matplotlib `Figure` (the object API: no pyplot global
-    state) and writes it to `plot_dir/name.png` (the folder is created if needed).
-
-    Returns:
-        name -> path of the PNG.
-
-    Raises:
-        ImportError: matplotlib is missing (`pip install hf_moshi_userpred[plots]`).
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'hf_moshi_userpred[plots]'") from error
-    os.makedirs(plot_dir, exist_ok=True)
-    paths = {}
-    for name, (draw, size) in drawings.items():
-        figure = Figure(figsize=size)
-        draw(figure)
-        paths[name] = os.path.join(os.fspath(plot_dir), f"{name}.png")
-        FigureCanvasAgg(figure).print_png(paths[name])
-    return paths
-
-
 def _plot_per_codebook(report: UserPredictionReport, figure: Figure) -> Figure:
     ax = figure.subplots()
     num_codebooks = len(report.tokens_per_codebook)
     for k in report.delay0_rows:
         ax.axvspan(k - 0.5, k + 0.5, color="0.92", zorder=0)
-    for i, name in enumerate(PREDICTORS):
-        values = [float("nan") if v is None else v for v in getattr(report, name).per_codebook_accuracy]
+    bars = {"model": report.model, "repeat_last": report.repeat_last, "unigram": report.unigram}
+    for i, (name, metrics) in enumerate(bars.items()):
+        values = [float("nan") if v is None else v for v in metrics.per_codebook_accuracy]
         ax.bar([k + (i - 1) * 0.27 for k in range(num_codebooks)], values, width=0.27, label=name)
     ax.set_xticks(range(num_codebooks))
     ax.set_xticklabels([f"{k}\n{'delay 0' if k in report.delay0_rows else ''}" for k in range(num_codebooks)])

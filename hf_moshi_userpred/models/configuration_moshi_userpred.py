@@ -182,6 +182,7 @@ class MoshiUserPredConfig(PreTrainedConfig):
     voice_activity_loss_weight: float = 1.0
 
     def __post_init__(self, **kwargs: Any) -> None:
+        self._check_field_types()
         if self.delays is None:  # moshi's pattern: text 0, then per speaker semantic 0 and acoustic 1
             user_rows = self.n_q - self.dep_q
             self.delays = [0, 0, *[1] * (self.dep_q - 1)] + ([0, *[1] * (user_rows - 1)] if user_rows > 0 else [])
@@ -196,6 +197,25 @@ class MoshiUserPredConfig(PreTrainedConfig):
         self._resolve_user_branch()
         super().__post_init__(**kwargs)
         self.validate_moshi_config()
+
+    def _check_field_types(self) -> None:
+        """Raise a `ValueError` naming the first field whose value has the wrong type (`"dim": "32"` in a hand-edited
+        config.json), before the derived fields do arithmetic on it. Read from the annotations below (strings: this
+        module postpones them): `int` takes no bool and no float, `float` takes an int, `list[...]` checks each entry."""
+
+        def matches(value: Any, kind: str) -> bool:
+            if kind.startswith("list[") and isinstance(value, list):
+                return all(matches(entry, kind[5:-1]) for entry in value)
+            integer = isinstance(value, int) and not isinstance(value, bool)
+            return {"int": integer, "float": integer or isinstance(value, float), "bool": isinstance(value, bool),
+                    "str": isinstance(value, str)}.get(kind, False)
+
+        for field, annotation in MoshiUserPredConfig.__annotations__.items():
+            kinds = [kind.strip() for kind in str(annotation).split("|")]
+            value = getattr(self, field)
+            if not (value is None and "None" in kinds) and not any(matches(value, kind) for kind in kinds):
+                raise ValueError(f"MoshiUserPredConfig.{field}={value!r}: must be {' or '.join(kinds)}, not "
+                                 f"{type(value).__name__}")
 
     def _resolve_user_branch(self) -> None:
         user_rows = self.n_q - self.dep_q

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -93,6 +94,21 @@ class Conversation:
             frame, self.buffer = self.buffer[: self.frame_size], self.buffer[self.frame_size :]
             return frame
 
+
+
+def check_serving_folder(model_dir: str | os.PathLike) -> Path:
+    """`model_dir` as a Path, refused (`ValueError`) unless it exists with the Mimi (`mimi/`) and tokenizer
+    (`tokenizer.model`) that serving needs beside the weights; cheap, so `serve` checks it before loading."""
+    from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME
+
+    folder = Path(model_dir)
+    if not folder.exists():
+        raise ValueError(f"{str(model_dir)!r} does not exist")
+    for needed in (MIMI_FOLDER, TOKENIZER_NAME):
+        if not (folder / needed).exists():
+            raise ValueError(f"{model_dir} has no {needed}: serving needs the model's Mimi and tokenizer beside it "
+                             "(as `demo`, `convert` and `train` write them)")
+    return folder
 
 class RealtimeEngine:
     """Serves up to `max_conversations` live conversations on one model, one 80 ms tick for all of them.
@@ -210,10 +226,7 @@ class RealtimeEngine:
 
         if threads is not None:
             torch.set_num_threads(threads)
-        folder = Path(model_dir)
-        for needed in (MIMI_FOLDER, TOKENIZER_NAME):
-            if not (folder / needed).exists():
-                raise ValueError(f"{model_dir} has no {needed}: serving needs the model's Mimi and tokenizer beside it")
+        folder = check_serving_folder(model_dir)
         model = MoshiUserPredForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
         return cls(model, load_mimi(folder / MIMI_FOLDER, device), load_tokenizer(folder / TOKENIZER_NAME),
                    **engine_kwargs)

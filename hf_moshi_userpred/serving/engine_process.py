@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -63,10 +64,13 @@ class EngineProcess:
     """
 
     def __init__(self, build: Callable[[], RealtimeEngine]):
+        from transformers.utils import logging as transformers_logging
+
         context = multiprocessing.get_context("spawn")
         self._commands, child_end = context.Pipe(duplex=False)[::-1]
         self._events = context.Queue()
-        self._process = context.Process(target=_serve_engine, args=(build, child_end, self._events),
+        progress = transformers_logging.is_progress_bar_enabled()  # off under `serve --quiet`: off in the child too
+        self._process = context.Process(target=_serve_engine, args=(build, child_end, self._events, progress),
                                         name="realtime-engine", daemon=True)
         self._process.start()
         child_end.close()
@@ -188,27 +192,41 @@ class EngineProcess:
                 return
 
 
-def _serve_engine(build: Callable[[], RealtimeEngine], commands, events) -> None:
-    """The child process: builds the engine, then serves commands until "stop" or the parent is gone."""
+def _serve_engine(build: Callable[[], RealtimeEngine], commands, events, progress: bool) -> None:
+    """The child process: builds the engine, then serves commands until "stop", the parent is gone, or SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent shuts down
+    # SIGTERM (the parent's exit terminating it, or a service manager stopping the whole group) ends it through
+    # Python's exit, which stops the engine and releases the semaphores it made (tqdm's lock): killed outright, it
+    # left them to the resource tracker, which warned of "leaked semaphore objects" on stderr.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    if not progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         engine = build()
     except Exception as error:  # reported to the parent, which raises it where the server starts
         events.put(("failed", str(error)))
         return
     events.put(("ready", (engine.max_conversations, engine.sampling_rate, engine.frame_size)))
+    try:
+        _serve_commands(engine, commands, events)
+    finally:
+        engine.stop()
+
+
+def _serve_commands(engine: RealtimeEngine, commands, events) -> None:
+    """Runs the parent's commands on the engine until "stop", the parent is gone, or the engine failed."""
     conversations = {}
     while True:
         if not commands.poll(0.5):
             if engine.error is not None:
                 events.put(("error", f"{type(engine.error).__name__}: {engine.error}"))
-                engine.stop()
                 return
             continue
         try:
             kind, *payload = commands.recv()
         except EOFError:  # the parent is gone
-            engine.stop()
             return
         if kind == "audio":
             conversation = conversations.get(payload[0])
@@ -229,9 +247,13 @@ def _serve_engine(build: Callable[[], RealtimeEngine], commands, events) -> None
         elif kind == "start":
             engine.start()
         elif kind == "stop":
-            engine.stop()
+            engine.stop()  # before "stopped": the parent then knows the engine is done
             events.put(("stopped",))
             return
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    sys.exit(128 + signum)
 
 
 __all__ = ["EngineProcess", "RemoteConversation"]

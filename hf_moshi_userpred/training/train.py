@@ -11,6 +11,7 @@ Flags are the fields of [`MoshiUserPredModelArguments`], [`MoshiUserPredDataArgu
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -22,11 +23,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from ..data.encoding import EncodedDialogues
-from ..data.voice_activity import DialoguesWithVoiceActivity, dialogue_alignments
+from ..data.voice_activity import STATISTICS_NAME, DialoguesWithVoiceActivity, dialogue_alignments
+from ..models.configuration_moshi_userpred import MoshiUserPredConfig
+from ..models.modeling_moshi_codes import check_codes
 from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 from ..utils.cpu_threads import set_torch_threads
 from ..utils.errors import error_summary
-from ..utils.files import TRAINING_CONFIG_NAME, check_output_dir, copy_codec_files, write_json
+from ..utils.files import METRICS_NAME, TRAINING_CONFIG_NAME, check_output_dir, copy_codec_files, write_json
 from .modes import LORA_PARTS, TRAINING_MODES, prepare_model_for_training
 from .trainer import MoshiUserPredTrainer, MoshiUserPredTrainingArguments
 
@@ -38,6 +41,9 @@ CARD_HYPERPARAMETERS = (
     "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size",
     "segment_frames", "user_loss_stages", "user_loss_stage_unit", "bf16", "fp16", "gradient_checkpointing", "seed",
 )
+# Files beside a model's weights that describe those weights (its evaluation, turn-taking table, run record, model
+# card): `--overwrite_model` removes them with the weights they were measured on.
+DERIVED_FILES = (METRICS_NAME, STATISTICS_NAME, TRAINING_CONFIG_NAME, "README.md")
 
 
 @dataclass
@@ -59,12 +65,19 @@ class MoshiUserPredModelArguments:
                                      "alignments)"})
     voice_activity_turn_end_frames: int = field(
         default=5, metadata={"help": "frames at the end of the new head's horizon that must be silent for a turn end"})
+    overwrite_model: bool = field(
+        default=False, metadata={"help": "let output_dir be model_name_or_path: the trained model replaces it, and "
+                                         f"the files describing the old weights ({', '.join(DERIVED_FILES)}) are "
+                                         "removed"})
 
     def __post_init__(self):
         if self.training_mode not in TRAINING_MODES:
             raise ValueError(f"training_mode {self.training_mode!r} must be one of {TRAINING_MODES}")
         if self.merge_lora and self.training_mode != "lora":
             raise ValueError(f"merge_lora needs training_mode='lora', got {self.training_mode!r}")
+        if self.overwrite_model and self.training_mode == "lora":
+            raise ValueError("overwrite_model needs a training mode that saves the whole model, not 'lora' (its "
+                             "adapter would be saved beside the base weights it adapts)")
 
 
 @dataclass
@@ -121,6 +134,18 @@ def _parse_config_file(parser: HfArgumentParser, path: str) -> tuple:
     if not isinstance(content, dict):
         raise ValueError(f"the training config {path!r} must hold a mapping of field: value, got "
                          f"{type(content).__name__}")
+    # every value through its flag's conversion (argparse's own, private `_get_values`), so that `max_steps: ten`
+    # is refused as `--max_steps ten` is and `learning_rate: 1e-3` (a string to YAML) is read as the flag's float
+    flags = {action.dest: action for action in parser._actions if f"--{action.dest}" in action.option_strings}
+    for key, value in content.items():
+        action = flags.get(key)
+        if action is None or action.type is None or value is None or isinstance(value, dict):
+            continue  # an unknown key is named below; null and mappings go to the dataclass as they are
+        strings = [str(v) for v in value] if isinstance(value, list) and action.nargs in ("+", "*") else [str(value)]
+        try:
+            content[key] = parser._get_values(action, strings)
+        except argparse.ArgumentError as error:
+            raise ValueError(f"the training config {path!r}: {error}") from error
     try:
         return parser.parse_dict(content, allow_extra_keys=False)
     except (TypeError, ValueError) as error:
@@ -136,8 +161,8 @@ def train(
     set_seed(training_args.seed)
     train_dataset = EncodedDialogues(data_args.train_data)  # data first: its mistakes show before a long model load
     eval_dataset = EncodedDialogues(data_args.eval_data) if data_args.eval_data else None
-    # checked now, created by the Trainer once the model has loaded: a failed set-up leaves no empty folder
-    check_output_dir(training_args.output_dir, overwrite=True)
+    encoded = {"train_data": (data_args.train_data, train_dataset), "eval_data": (data_args.eval_data, eval_dataset)}
+    replaces_model = _check_output_dir(model_args, training_args.output_dir)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
     if model_args.voice_activity_horizon:
         model.add_voice_activity_head(model_args.voice_activity_horizon, model_args.voice_activity_turn_end_frames)
@@ -150,6 +175,8 @@ def train(
         lora = dict(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
                     parts=tuple(part.strip() for part in model_args.lora_parts.split(",")))
     model = prepare_model_for_training(model, model_args.training_mode, **lora)
+    # after the model's own set-up errors, before the Trainer allocates anything or a step runs
+    check_data_fits_model(model.config, training_args.segment_frames, **encoded)
     if training_args.device.type == "cpu":  # once the set-up's mistakes have been reported
         set_torch_threads(model.num_parameters())
 
@@ -161,6 +188,9 @@ def train(
         if resume is None:
             raise ValueError(f"resume_from_checkpoint='last': no checkpoint in {training_args.output_dir}")
     result = trainer.train(resume_from_checkpoint=resume)
+    if replaces_model and trainer.is_world_process_zero():
+        for name in DERIVED_FILES:
+            (Path(training_args.output_dir) / name).unlink(missing_ok=True)
     trainer.save_model()
     trainer.save_state()
     metrics = dict(result.metrics)
@@ -182,6 +212,59 @@ def train(
     print(f"[rank {training_args.process_index}] finished: {trainer.state.global_step} steps, "
           f"train_loss {metrics.get('train_loss', float('nan')):.4f}", flush=True)
     return metrics
+
+
+def _check_output_dir(model_args: MoshiUserPredModelArguments, output_dir: str) -> bool:
+    """Checks `output_dir` before any work (the Trainer creates it once the model has loaded: a failed set-up
+    leaves no empty folder); returns whether it is the model's own folder, which only `overwrite_model` allows.
+
+    Raises:
+        ValueError: `output_dir` is unusable, is the model's folder without `overwrite_model`, or lies inside it or
+            around it.
+    """
+    model_dir = Path(model_args.model_name_or_path)
+    local = model_dir.is_dir()  # else a Hub repository id: nothing local to protect
+    replaces = local and Path(output_dir).resolve() == model_dir.resolve()
+    if replaces and not model_args.overwrite_model:
+        raise ValueError(f"output_dir {output_dir!r} is the model being trained ({str(model_dir)!r}): give another "
+                         "output_dir, or --overwrite_model to replace the model (its evaluation, model card and "
+                         "turn-taking statistics are then removed)")
+    check_output_dir(output_dir, overwrite=True, source=model_dir if local and not replaces else None)
+    return replaces
+
+
+def check_data_fits_model(
+    config: MoshiUserPredConfig,
+    segment_frames: int,
+    train_data: tuple[str, EncodedDialogues],
+    eval_data: tuple[str | None, EncodedDialogues | None],
+) -> None:
+    """Refuses, before a run, data the model cannot read (another number of codebooks, ids outside its
+    vocabularies in the first dialogue) and segments longer than both the model's context and the longest training
+    dialogue (all padding past them, and a batch whose attention grows with the square of its length).
+
+    Args:
+        config: the model's config.
+        segment_frames: the training segments' length.
+        train_data, eval_data: `(directory, dataset)` of the training and evaluation data (`(None, None)`: none).
+
+    Raises:
+        ValueError: naming the data (or the segment length) and what the model expects.
+    """
+    for flag, (path, dataset) in (("train_data", train_data), ("eval_data", eval_data)):
+        if dataset is None:
+            continue
+        if dataset.num_rows != config.num_codebooks:
+            hint = f": encode it with --num-codebooks {config.n_q // 2}" if config.n_q % 2 == 0 else ""
+            raise ValueError(f"{flag} {path!r} has {dataset.num_rows} rows per dialogue (text + audio codebooks) but "
+                             f"the model reads 1 + n_q = {config.num_codebooks}{hint}")
+        first = dataset[0]
+        check_codes(first["codes"], config, name=f"{flag} {path!r}: {first['name']} codes", batched=False)
+    window, longest = config.streaming_window, max(train_data[1].num_frames)
+    if segment_frames > max(window, longest):
+        raise ValueError(f"segment_frames={segment_frames} is longer than both the model's context ({window} frames) "
+                         f"and the longest dialogue of train_data ({longest} frames): give at most "
+                         f"{max(window, longest)}")
 
 
 def write_training_config(
@@ -213,8 +296,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "hf_moshi_userpred.train
     return 0
 
 
-__all__ = ["MoshiUserPredDataArguments", "MoshiUserPredModelArguments", "main", "parse_arguments", "train",
-           "write_training_config"]
+__all__ = ["DERIVED_FILES", "MoshiUserPredDataArguments", "MoshiUserPredModelArguments", "check_data_fits_model",
+           "main", "parse_arguments", "train", "write_training_config"]
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.utils import logging
 
 from ..data.collator import DialogueSegments, MoshiSegmentCollator
 from ..models.modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
 from ..models.modeling_moshi_userpred import MoshiUserPredOutput
+from .progress import TrainingLog, TrainingProgress
 
 logger = logging.get_logger(__name__)
 
@@ -155,9 +156,20 @@ class MoshiUserPredTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: batches are built by the collator"})
 
     def __post_init__(self):
+        # before Transformers' own set-up: a batch of 0 fails later as a ZeroDivisionError, a run of 0 steps saves an
+        # untrained model as a trained one
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "segment_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # Transformers trains max_steps when it is > 0 and num_train_epochs when it is < 0 (-1, the default)
+        if self.max_steps == 0:
+            raise ValueError("max_steps=0 trains nothing: give a number of steps >= 1, or -1 (the default) to train "
+                             "num_train_epochs")
+        if self.max_steps < 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs={self.num_train_epochs:g} trains nothing (max_steps={self.max_steps} "
+                             "leaves the length of the run to it): give epochs > 0 or max_steps >= 1")
         super().__post_init__()
-        if self.segment_frames < 1:
-            raise ValueError(f"segment_frames must be >= 1, got {self.segment_frames}")
         if self.user_loss_stages is not None:
             UserLossCurriculum(self.user_loss_stages, self.user_loss_stage_unit)  # validates both
         elif self.user_loss_stage_unit not in CURRICULUM_UNITS:
@@ -206,6 +218,9 @@ class MoshiUserPredTrainer(Trainer):
             callbacks.append(UserLossCurriculum(args.user_loss_stages, args.user_loss_stage_unit))
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:  # one bar with the key figures, no printed dicts
+            self.add_callback(TrainingProgress)
+        self.add_callback(TrainingLog)
         self.loss_is_scaled_for_ga = False  # compute_loss returns per-micro-batch means
         self._user_rows = self.model.user_rows  # a PEFT wrapper forwards attributes to the model
         self._delay0 = torch.tensor(self.model.config.delays[self._user_rows]) == 0

@@ -2,7 +2,7 @@
 
 torch starts with one thread per core. For a small model that is the wrong default: a forward or a streaming step
 is hundreds of operations of a few microseconds each, and the threads spend their time synchronising; on a machine
-where other work already holds the cores, they also spin against it. On the 2-core machine of the README the demo's
+where other work already holds the cores, they also spin against it. On a 2-core machine (2 vCPU, no GPU) the demo's
 0.6 M-parameter model trained in 77 s when the machine was quiet and in 1503 s with two other jobs running (torch's
 default 2 threads), and a streaming step of a tiny model is 10-25x slower with 2 threads than with 1 under load.
 A large model's matrix products do split well over free cores, so it gets them all.
