@@ -33,26 +33,24 @@ def add_command(commands: argparse._SubParsersAction, name: str, run: Callable, 
     return sub
 
 
-def positive_int(value: str) -> int:
-    """An argparse type: an integer >= 1 (a count of frames, windows, steps), else the parser's one-line error."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+def _number_type(convert: Callable[[str], float], accepts: Callable[[float], bool], what: str) -> Callable:
+    """An argparse type: the value converted by `convert` and refused unless `accepts` it, as the parser's one-line
+    error (`argument --top-k: must be an integer >= 1, got 0`)."""
+
+    def parse(value: str):
+        try:
+            number = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not accepts(number):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {number}")
+        return number
+
+    return parse
 
 
-def probability(value: str) -> float:
-    """An argparse type: a number in [0, 1], else the parser's one-line error."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value!r}") from None
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {number}")
-    return number
+positive_int = _number_type(int, lambda number: number >= 1, "an integer >= 1")  # a count of frames, windows, steps
+probability = _number_type(float, lambda number: 0 <= number <= 1, "a probability in [0, 1]")
 
 
 def torch_dtype(name: str | None):

@@ -8,7 +8,7 @@ import math
 import socket
 from pathlib import Path
 
-from .arguments import DTYPES, add_command, check_device, torch_dtype
+from .arguments import DTYPES, add_command, check_device, probability, torch_dtype
 
 DEMO_MODEL = Path("outputs/demo/model")  # where `demo` (the README's main job) saves its model
 
@@ -25,7 +25,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--max-conversations", "--max-sessions", type=int, default=8,
                      help="conversations served at once (slots); --max-sessions is the former name")
     sub.add_argument("--speculate-top-k", type=int, default=4, help="candidates precomputed per frame (0: off)")
-    sub.add_argument("--gap-fill-threshold", type=float, default=None,
+    sub.add_argument("--gap-fill-threshold", type=probability, default=None,
                      help="fill a late user frame with the predicted tokens of at least this probability "
                           "(off: a late slot pauses)")
     sub.add_argument("--idle-timeout", type=float, default=10.0,
@@ -59,8 +59,6 @@ def check_options(args: argparse.Namespace) -> None:
                              ("--speculate-top-k", args.speculate_top_k, 0)):
         if value < low:
             raise ValueError(f"{flag} must be at least {low}, got {value}")
-    if args.gap_fill_threshold is not None and not 0 <= args.gap_fill_threshold <= 1:
-        raise ValueError(f"--gap-fill-threshold must be a probability in [0, 1], got {args.gap_fill_threshold}")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
     if not 0 < args.port < 65536:
