@@ -113,7 +113,9 @@ async def expect_close(url: str, send, wait_s: float = 5.0) -> tuple[int, str]:
 # ------------------------------------------------------------------------------ kyutai's client, several
 def kyutai_client_module(recordings: list, feeds: list):
     """`moshi.client` with `sounddevice` replaced: each input stream plays the next of `feeds` at real-time pace and
-    each output stream records what the client plays into `recordings`."""
+    each output stream records what the client plays into `recordings`, as `(connection, blocks)`: the client plays
+    a block of the model's audio when it has one and zeros otherwise (an underrun, which it reports to its printer's
+    `print_lag`)."""
 
     class Stream:
         def __init__(self, samplerate, channels, blocksize, callback):
@@ -142,7 +144,7 @@ def kyutai_client_module(recordings: list, feeds: list):
     class OutputStream(Stream):
         def run(self):
             played = []
-            recordings.append(played)
+            recordings.append((getattr(self.callback, "__self__", None), played))
             start, index = time.monotonic(), 0
             while not self.stop.is_set():
                 out = np.zeros((self.blocksize, 1), dtype=np.float32)
@@ -160,7 +162,8 @@ def kyutai_client_module(recordings: list, feeds: list):
 @pytest.mark.slow
 def test_kyutai_clients_hold_conversations_at_once(demo_model_dir):
     """Three of kyutai's `moshi.client.Connection`s, unchanged, talk to one server at the same time: each gets the
-    model's audio (played back in 80 ms blocks, not silence), and text comes through."""
+    model's audio (played back in 80 ms blocks, not underruns; the 30-step model may well say nothing loud), and text
+    comes through."""
     from moshi.client_utils import RawPrinter
 
     recordings, feeds = [], held_out_user_channels(3, 5.0)
@@ -169,10 +172,13 @@ def test_kyutai_clients_hold_conversations_at_once(demo_model_dir):
     class Printer(RawPrinter):
         def __init__(self):
             super().__init__()
-            self.tokens = []
+            self.tokens, self.underruns = [], 0
 
         def print_token(self, token: str):
             self.tokens.append(token)
+
+        def print_lag(self):  # the client had no model audio to play for an 80 ms block
+            self.underruns += 1
 
     async def converse(url: str, printer: Printer):
         async with aiohttp.ClientSession() as session, session.ws_connect(url + "/api/chat") as ws:
@@ -190,12 +196,13 @@ def test_kyutai_clients_hold_conversations_at_once(demo_model_dir):
     with serving(demo_model_dir, "--max-sessions", "3", "--seed", "0") as (url, _):
         printers = asyncio.run(main(url))
         _, metrics = asyncio.run(get_json(url + "/metrics"))
-    assert len(recordings) == 3
-    for played, printer in zip(recordings, printers):
+    assert len(recordings) == 3 and {connection.printer for connection, _ in recordings} == set(printers)
+    for connection, played in recordings:
+        # 5 s sent = 62 frames; minus the model's one-frame delay and what is still in flight at the end. A block is
+        # the model's audio unless the client reported an underrun for it (and played zeros)
+        delivered = len(played) - connection.printer.underruns
+        assert delivered >= 45, f"only {delivered} 80 ms blocks of model audio played ({len(played)} blocks)"
         played = np.concatenate(played)
-        # 5 s sent = 62 frames; minus the model's one-frame delay and what is still in flight at the end
-        heard = np.abs(played.reshape(-1, FRAME)).max(axis=1) > 1e-4
-        assert heard.sum() >= 45, f"only {heard.sum()} non-silent 80 ms blocks played"
         # limited to -1 dBFS before Opus (whose coding may overshoot a little): never past full scale
         assert np.abs(played).max() <= 1.0
     # the 30-step model mostly writes padding: text from the three conversations together

@@ -212,9 +212,10 @@ def test_conversation_in_the_browser(demo_model_dir, fake_microphone):
     assert abs(seconds - ended["talkSeconds"]) < 2 * FRAME_S, (seconds, ended["talkSeconds"])
     model, user = audio[:, 0], audio[:, 1]
     assert np.sqrt(np.mean(user**2)) > 1e-3, "the user (right) channel is silent: the microphone was not recorded"
-    assert np.abs(model).max() > 1e-3, "the model (left) channel is silent: no model audio was played"
+    # the model's audio played, by the page's count of the decoded samples it took from its queue (underruns not
+    # counted): the 30-step model may well say nothing loud, so its loudness proves nothing
+    assert ended["audioSecondsPlayed"] >= talked / 2, (ended["audioSecondsPlayed"], talked)
     assert np.abs(model).max() <= 1.0, "the page played the model's voice past full scale"
-    assert ended["audioSecondsPlayed"] > 0
 
 
 def test_error_states(demo_model_dir, fake_microphone):

@@ -1,7 +1,8 @@
 """A streaming peak limiter: every audio the package emits stays within [-1, 1] at a listenable loudness.
 
-A Mimi decoder is free to produce any amplitude: the sample's small Mimi, or a checkpoint being fine-tuned, can
-decode to peaks of 50-80x full scale, which a sound card clips into a harsh square wave at full volume. So the
+A Mimi decoder is free to produce any amplitude: a checkpoint being fine-tuned, or an untrained decoder, can decode
+to peaks of 50-80x full scale, which a sound card clips into a harsh square wave at full volume (even the sample's
+small Mimi, whose decoder is fitted, peaks a little over full scale). So the
 system's audio passes through this limiter wherever it leaves the package (the `stream` WAVs, the server's Opus,
 the demo), and the page clamps what it plays as a last guard.
 
