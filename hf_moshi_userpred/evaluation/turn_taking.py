@@ -38,6 +38,7 @@ from .turn_taking_metrics import (
     anticipation_frames,
     binary_metrics,
     frame_metrics,
+    timer_fires,
     timer_frames,
 )
 from .turn_taking_plots import plot_turn_taking
@@ -141,8 +142,8 @@ def evaluate_turn_taking(
     decision_delay` (`decision_delay = 0`: as soon as the last frame with user speech has arrived) that the turn
     ended when `turn_end >= threshold`; a pause whose system onset comes before that boundary is left out (the
     teacher-forced system stream would give the answer away: the model sees the system's text of the frame it
-    predicts). A silence timer of `ms` decides shift once the user has been silent `timer_frames(ms)` frames, hold
-    if the user speaks before; it fires that many frames after the turn end. Backchannel vs barge-in is scored at
+    predicts). A silence timer of `ms` decides shift once both have been silent `timer_frames(ms)` frames, hold if
+    the user speaks or the system answers before ([`timer_fires`]); it fires that many frames after the turn end. Backchannel vs barge-in is scored at
     boundary `onset + onset_delay` with `turn_end` (a backchannel is followed by silence). Per frame, each signal's
     `turn_end` is also scored against what followed at every boundary where it is known ([`FrameMetrics`]: many
     more decisions than the pauses, so a steadier comparison of the signals; no timer has an opinion there).
@@ -203,10 +204,8 @@ def evaluate_turn_taking(
                 keep = known[0, :, -1] & ~turn_end.isnan()
                 frame_scores[name].append(turn_end[keep])
                 frame_labels[name].append(targets[0, keep, -1].bool())
-            for pause in events.pauses:
+            for pause in events.decidable_pauses(decision_delay):
                 decide = pause.end_frame + 1 + decision_delay
-                if decide >= T or (pause.system_onset is not None and pause.system_onset <= decide):
-                    continue
                 labels.append(pause.shift)
                 counts["shifts" if pause.shift else "holds"] += 1
                 for name in signal_names:
@@ -216,7 +215,7 @@ def evaluate_turn_taking(
                         ahead = anticipation_frames(turn_end, pause, threshold)
                         anticipation[name].append(-math.inf if ahead is None else ahead * frame_ms)
                 for name, frames in timer_names.items():
-                    fires = pause.silence_frames is None or pause.silence_frames >= frames
+                    fires = timer_fires(pause, frames)
                     scores[name].append(1.0 if fires else 0.0)
                     if pause.shift:
                         anticipation[name].append(-frames * frame_ms if fires else -math.inf)

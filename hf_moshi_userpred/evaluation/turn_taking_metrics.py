@@ -1,5 +1,6 @@
 """Scores of a turn-taking predictor: a binary decision against labels ([`binary_metrics`], [`auc`]), how early a
-signal detects the end of the user's turn ([`anticipation_frames`]), when a silence timer fires ([`timer_frames`]),
+signal detects the end of the user's turn ([`anticipation_frames`]), when a silence timer fires ([`timer_frames`],
+[`timer_fires`]),
 the per-pause and per-frame summaries of [`evaluate_turn_taking`] ([`ShiftHoldMetrics`], [`FrameMetrics`]), and its
 result, [`TurnTakingReport`], with its JSON and Markdown forms.
 """
@@ -84,6 +85,22 @@ def anticipation_frames(signal: torch.Tensor, pause: Pause, threshold: float) ->
 def timer_frames(ms: float, frame_rate: float = FRAME_RATE) -> int:
     """Whole silent frames a silence timer of `ms` waits for (it fires once that much silence has arrived)."""
     return max(math.ceil(ms * frame_rate / 1000 - 1e-9), 1)
+
+
+def timer_fires(pause: Pause, frames: int) -> bool:
+    """Whether a silence timer that waits `frames` whole silent frames takes the turn at `pause` in time: the mutual
+    silence after the user's last speech frame (up to the user's next unit at a hold, up to the system's onset at a
+    shift; to the end of the dialogue if neither comes) lasts at least `frames`.
+
+    At a hold a firing timer cuts the user off. At a shift it answers no sooner than the recorded reply came: a
+    timer that has not fired when the reply was due says "hold" there, since a later answer is not the turn taking
+    the dialogue shows (how much later a patient timer would answer is the decision latency, `frames` itself).
+    """
+    if pause.shift:
+        silence = pause.system_onset - pause.end_frame - 1
+    else:
+        silence = pause.silence_frames
+    return silence is None or silence >= frames
 
 
 @dataclass
@@ -232,5 +249,6 @@ __all__ = [
     "auc",
     "binary_metrics",
     "frame_metrics",
+    "timer_fires",
     "timer_frames",
 ]
