@@ -28,12 +28,7 @@ SAMPLE = Path(hf_moshi_userpred.__file__).parent / "sample"
 RELATIVE_TOLERANCE = 2e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread per module
 
 
 @pytest.fixture(scope="module")

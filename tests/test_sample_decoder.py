@@ -30,12 +30,7 @@ DECODER_KEYS = ("decoder.", "decoder_transformer.", "upsample.",
                 "quantizer.acoustic_residual_vector_quantizer.output_proj.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread per module
 
 
 @pytest.fixture(scope="module")
