@@ -128,6 +128,35 @@ def test_statistics_see_the_generated_holds_and_timers_cannot_decide(conversatio
     assert evaluated["shift_silence"]["q50_s"] < evaluated["hold_silence"]["q50_s"]
 
 
+def test_encoder_fit_targets_are_causal_and_train_only_the_encoder(one_thread):
+    """Frame t's log-mel targets are spectra of windows ending inside frame t (audio after it changes nothing); the
+    fit moves the encoder and nothing that decoding uses; too-short audio is refused with its length."""
+    import torch
+
+    from hf_moshi_userpred.corpus.codec import initial_mimi
+    from hf_moshi_userpred.corpus.encoder_fit import EncoderFit, FrameSpectra, fit_encoder
+
+    fit = EncoderFit(steps=2, batch_size=2, segment_frames=4, warmup_steps=1)
+    spectra = FrameSpectra(fit, 24_000, 1920)
+    audio = torch.randn(1, 1920 * 6, generator=torch.Generator().manual_seed(0))
+    changed = audio.clone()
+    changed[:, 1920 * 4 :] = 0.5  # frames 4 and 5
+    a, b = spectra(audio), spectra(changed)
+    assert a.shape == (1, 6, fit.subframes * fit.mel_bands)
+    assert torch.equal(a[:, :4], b[:, :4]) and not torch.equal(a[:, 4:], b[:, 4:])
+
+    mimi = initial_mimi(16, seed=0)
+    mimi.encoder.requires_grad_(False)  # as a caller may have left it: the fit trains it anyway and restores this
+    before = {name: t.clone() for name, t in mimi.state_dict().items()}
+    assert fit_encoder(mimi, [torch.randn(1920 * 8, generator=torch.Generator().manual_seed(1))], fit) > 0
+    after = mimi.state_dict()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(name.startswith("encoder.") for name in moved)
+    assert not any(p.requires_grad for p in mimi.encoder.parameters())
+    with pytest.raises(ValueError, match="segment_frames=4 frames"):
+        fit_encoder(mimi, [torch.zeros(1920 * 3)], fit)
+
+
 @pytest.mark.slow
 def test_synthesize_command_writes_a_moshi_finetune_corpus(tmp_path, capsys):
     from transformers import MimiModel
@@ -136,7 +165,7 @@ def test_synthesize_command_writes_a_moshi_finetune_corpus(tmp_path, capsys):
 
     out = tmp_path / "corpus"
     assert main(["synthesize", "--out", str(out), "--hours", "0.06", "--eval-hours", "0.02", "--decoder-steps", "3",
-                 "--codec-minutes", "1", "--kmeans-iterations", "3", "--vocab-size", "300", "--quiet"]) == 0
+                 "--encoder-steps", "3", "--codec-minutes", "1", "--kmeans-iterations", "3", "--vocab-size", "300", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "held out:" in printed and "silence timers' balanced accuracy" in printed
     for split in ("train", "eval"):
@@ -154,6 +183,7 @@ def test_synthesize_command_writes_a_moshi_finetune_corpus(tmp_path, capsys):
     stats = json.loads((out / "statistics.json").read_text())
     assert set(stats["evaluated"]) == {"train", "eval"} and 0 <= stats["held_out_sentences_in_training"] < 0.5
     assert 0 <= stats["codec"]["clause_ending_probe"]["balanced_accuracy"] <= 1
+    assert stats["codec"]["encoder_and_codebooks_fit_seconds"] > 0 and stats["settings"]["encoder_steps"] == 3
     assert stats["settings"]["seed"] == 0 and stats["settings"]["overlap_share"] == 0.3
     assert not list(tmp_path.glob(".corpus.tmp-*"))  # built beside and renamed into place
 

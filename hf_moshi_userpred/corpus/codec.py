@@ -1,6 +1,7 @@
 """A small Mimi codec for a synthetic corpus: transformers' `MimiModel` at the real one's sample and frame rates with
-narrow layers, its random encoder kept, its codebooks fitted by k-means on the corpus' audio (a fresh Mimi has
-all-zero codebooks and would give code 0 everywhere); its decoder is fitted afterwards (`decoder_fit.py`).
+narrow layers, its encoder random (the shipped sample) or trained (`encoder_fit.py`, `synthesize`), its codebooks
+fitted by k-means on the corpus' audio (a fresh Mimi has all-zero codebooks and would give code 0 everywhere); its
+decoder is fitted afterwards (`decoder_fit.py`).
 
     mimi = build_mimi(signals, codebook_size=64, iterations=30, seed=0)   # signals: mono float32 at 24 kHz
     codes = encode(mimi, signals)                                        # [num_quantizers, frames] each
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import MimiConfig, MimiModel
 
+from .encoder_fit import EncoderFit, fit_encoder
 from .espeak import SILENCE_LEVEL
 
 # A small Mimi: the real one's sample rate and frame rate (12.5 Hz), narrow layers, few small codebooks.
@@ -131,9 +133,13 @@ def initial_mimi(codebook_size: int, seed: int) -> MimiModel:
     return MimiModel(MimiConfig(**MIMI_CONFIG, codebook_size=codebook_size)).eval()
 
 
-def build_mimi(signals: list[torch.Tensor], codebook_size: int, iterations: int, seed: int) -> MimiModel:
-    """A small random Mimi whose codebooks are calibrated on ``signals``."""
+def build_mimi(signals: list[torch.Tensor], codebook_size: int, iterations: int, seed: int,
+               encoder_fit: EncoderFit | None = None) -> MimiModel:
+    """A small Mimi whose codebooks are calibrated on ``signals``; its encoder random, or first trained on them
+    with ``encoder_fit`` (``encoder_fit.py``)."""
     model = initial_mimi(codebook_size, seed)
+    if encoder_fit is not None:
+        fit_encoder(model, signals, encoder_fit, seed)
     calibrate_codebooks(model, signals, iterations, seed)
     return model
 

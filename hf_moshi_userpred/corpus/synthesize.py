@@ -9,7 +9,8 @@ writes, into a new folder (built beside it and renamed into place once complete)
   `dialogues/NNNNN.json`: `{"alignments": [[word, [start_s, end_s], speaker], ...]}`;
 - `train.jsonl`, `eval.jsonl`: `{"path": ..., "duration": ...}` per line (the last dialogues held out);
 - `tokenizer.model`: sentencepiece BPE trained on the training dialogues' words;
-- `mimi/`: a small transformers Mimi, codebooks fitted by k-means and decoder trained on training audio;
+- `mimi/`: a small transformers Mimi, its encoder trained to keep the spectra (`encoder_fit.py`), its codebooks fitted
+  by k-means and its decoder trained, all on training audio;
 - `statistics.json`, `statistics.png`: the corpus as generated and as the evaluation sees it (`statistics.py`), the
   share of held-out sentences heard in training, the codec's clause-ending probe (`cue_probe.py`), the settings.
 """
@@ -36,6 +37,7 @@ from .codec import build_mimi
 from .conversation import ConversationLog, ConversationSettings, make_conversation
 from .cue_probe import clause_ending_probe
 from .decoder_fit import DecoderFit, decoder_quality, fit_decoder
+from .encoder_fit import EncoderFit
 from .espeak import SAMPLE_RATE, Espeak
 from .grammar import sentence_overlap
 from .statistics import corpus_statistics, plot_corpus_statistics
@@ -56,7 +58,8 @@ class CorpusOptions:
     vocab_size: int = 1000
     codebook_size: int = 64
     kmeans_iterations: int = 30
-    codec_minutes: float = 10.0  # of training audio (both channels) the codebooks and the decoder are fitted on
+    codec_minutes: float = 10.0  # of training audio (both channels) the codec is fitted on
+    encoder_steps: int = 1000  # 0: keep the encoder random (its codes then barely separate clause endings)
     decoder_steps: int = 400
 
     def __post_init__(self) -> None:
@@ -70,6 +73,8 @@ class CorpusOptions:
         for name in ("vocab_size", "codebook_size", "kmeans_iterations", "decoder_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.encoder_steps < 0:
+            raise ValueError(f"encoder_steps must be >= 0, got {self.encoder_steps}")
         if not self.codec_minutes > 0:
             raise ValueError(f"codec_minutes must be > 0, got {self.codec_minutes}")
 
@@ -172,7 +177,10 @@ def synthesize_corpus(out: str | os.PathLike, options: CorpusOptions = CorpusOpt
         (staging / "tokenizer.model").write_bytes(train_tokenizer(train_lines, options.vocab_size, seed))
 
         codec_signals = _mimi_signals(train, options.codec_minutes)
-        mimi = build_mimi(codec_signals, options.codebook_size, options.kmeans_iterations, seed)
+        encoder_started = time.perf_counter()
+        encoder_fit = EncoderFit(steps=options.encoder_steps) if options.encoder_steps else None
+        mimi = build_mimi(codec_signals, options.codebook_size, options.kmeans_iterations, seed, encoder_fit)
+        encoder_seconds = time.perf_counter() - encoder_started
         decoder_seconds = fit_decoder(mimi, codec_signals, DecoderFit(steps=options.decoder_steps), seed)
         mimi.save_pretrained(staging / "mimi")
         signals = {"train": _mimi_signals(train), "eval": _mimi_signals(held_out)}
@@ -183,6 +191,7 @@ def synthesize_corpus(out: str | os.PathLike, options: CorpusOptions = CorpusOpt
         statistics = corpus_statistics(splits, train_logs + eval_logs,
                                        sentence_overlap(train_lines, [line for d in held_out for line in d.lines]))
         statistics["codec"] = {"clause_ending_probe": probe, "decoder": quality,
+                               "encoder_and_codebooks_fit_seconds": round(encoder_seconds, 1),
                                "decoder_fit_seconds": round(decoder_seconds, 1)}
         statistics["settings"] = {"seed": seed, **asdict(options), **asdict(settings), "espeak_ng": espeak.version}
         (staging / "statistics.json").write_text(json.dumps(statistics, indent=1) + "\n")

@@ -50,12 +50,15 @@ def moshiko_shaped_lm_kwargs(
     )
 
 
-def sample_model_config(dim: int = 96, num_layers: int = 4) -> MoshiUserPredConfig:
+def sample_model_config(dim: int = 96, num_layers: int = 4, *, text_card: int = 200, card: int = 64,
+                        num_codebooks: int = SAMPLE_NUM_CODEBOOKS, context: int = 100) -> MoshiUserPredConfig:
     """A tiny moshi-shaped model for the shipped sample: its 200-piece text vocabulary, 4 of its Mimi's codebooks
-    per speaker (64 entries each), moshi's delays (semantic codebook 0, acoustic ones 1), an 8 s context."""
+    per speaker (64 entries each), moshi's delays (semantic codebook 0, acoustic ones 1), an 8 s context. The
+    keywords fit the same shape to another corpus (`demo --data`)."""
+    speaker_delays = [0] + [1] * (num_codebooks - 1)
     return MoshiUserPredConfig(
-        dim=dim, text_card=200, card=64, n_q=2 * SAMPLE_NUM_CODEBOOKS, dep_q=SAMPLE_NUM_CODEBOOKS, num_heads=4,
-        num_layers=num_layers, hidden_scale=2, context=100, delays=[0, 0, 1, 1, 1, 0, 1, 1, 1],
+        dim=dim, text_card=text_card, card=card, n_q=2 * num_codebooks, dep_q=num_codebooks, num_heads=4,
+        num_layers=num_layers, hidden_scale=2, context=context, delays=[0] + 2 * speaker_delays,
         depformer_dim=dim // 2, depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=dim,
         user_depformer_dim=dim // 2, user_depformer_num_heads=2, user_depformer_num_layers=1,
         user_depformer_dim_feedforward=dim,
