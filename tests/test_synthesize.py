@@ -183,9 +183,17 @@ def test_synthesize_command_writes_a_moshi_finetune_corpus(tmp_path, capsys):
     stats = json.loads((out / "statistics.json").read_text())
     assert set(stats["evaluated"]) == {"train", "eval"} and 0 <= stats["held_out_sentences_in_training"] < 0.5
     assert 0 <= stats["codec"]["clause_ending_probe"]["balanced_accuracy"] <= 1
-    assert stats["codec"]["encoder_and_codebooks_fit_seconds"] > 0 and stats["settings"]["encoder_steps"] == 3
+    assert stats["codec"]["fit_seconds"]["encoder_and_codebooks"] > 0 and stats["settings"]["encoder_steps"] == 3
     assert stats["settings"]["seed"] == 0 and stats["settings"]["overlap_share"] == 0.3
     assert not list(tmp_path.glob(".corpus.tmp-*"))  # built beside and renamed into place
+
+    # another corpus reuses this one's codec as it is (no fit)
+    again = tmp_path / "again"
+    assert main(["synthesize", "--out", str(again), "--hours", "0.03", "--eval-hours", "0.01", "--seed", "1",
+                 "--vocab-size", "300", "--mimi", str(out / "mimi"), "--quiet"]) == 0
+    reused = json.loads((again / "statistics.json").read_text())["codec"]
+    assert reused["fit_seconds"] == {} and reused["reused"] == str(out / "mimi")
+    assert (again / "mimi" / "model.safetensors").read_bytes() == (out / "mimi" / "model.safetensors").read_bytes()
 
     # an existing corpus is never overwritten; a bad setting is one clean line
     assert main(["synthesize", "--out", str(out), "--hours", "0.01"]) == 2

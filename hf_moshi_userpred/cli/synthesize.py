@@ -19,6 +19,7 @@ HELP = {
     "codec_minutes": "minutes of training audio (both channels) the Mimi encoder, codebooks and decoder are fitted on",
     "encoder_steps": "Adam steps of the Mimi encoder fit (0: a random encoder, whose codes barely carry the cues)",
     "decoder_steps": "Adam steps of the Mimi decoder fit",
+    "mimi": "a fitted Mimi folder to reuse as it is (e.g. another corpus' mimi/) instead of fitting one",
     "gap_median_s": "median gap before the next turn (log-normal; Stivers et al. 2009)",
     "gap_sigma": "log-normal shape of the gaps",
     "overlap_share": "share of turn changes that overlap the previous turn (Heldner & Edlund 2010)",

@@ -129,7 +129,7 @@ def evaluate_turn_taking(
     kind: str = "token",
     threshold: float = 0.5,
     signal_thresholds: Mapping[str, float] | None = None,
-    timers_ms: Sequence[float] = (200, 500, 700),
+    timers_ms: Sequence[float] = (200, 500, 700, 1000),
     decision_delay: int = 0,
     onset_delay: int = 2,
     min_pause_frames: int = 2,
