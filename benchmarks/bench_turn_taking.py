@@ -62,15 +62,15 @@ def collect(metrics: dict) -> dict:
 
 
 def targets(figures: dict) -> dict:
-    """Each target with the figure it reads and whether it is met (None: the figure is undefined)."""
+    """Each target with the figure it reads and whether it is met."""
     p, agents = figures["predictors"], figures["agents"]
     signals = {name: p[name] for name in SIGNALS if name in p}
     best = max(signals, key=lambda name: signals[name]["balanced_accuracy"] or 0)
     best_timer = max((p[name]["balanced_accuracy"] or 0) for name in TIMERS if name in p)
     held = next((name for name in agents if name.startswith("hold ")), None)
 
-    def check(value, ok) -> dict:
-        return {"value": value, "met": None if value is None else bool(ok(value))}
+    def check(value, ok) -> dict:  # an undefined figure (no such event) meets nothing
+        return {"value": value, "met": value is not None and bool(ok(value))}
 
     with_prediction = agents.get(held, {})
     return {

@@ -58,6 +58,9 @@ def test_recipe_runs_end_to_end_on_a_synthesised_corpus(corpus, tmp_path, capsys
 
     model = MoshiUserPredForConditionalGeneration.from_pretrained(out / "model")
     assert model.voice_activity_head is not None and model.config.user_logit_temperature is not None
+    # trained jointly with the transformer, over the recipe's 2 s window
+    assert model.config.voice_activity_trains_transformer
+    assert (model.config.voice_activity_horizon, model.config.voice_activity_turn_end_frames) == (25, 12)
     assert model.config.card == 64 and model.config.dep_q == 4
     assert (out / "model" / "turn_taking_statistics.json").is_file() and (out / "model" / "mimi").is_dir()
 

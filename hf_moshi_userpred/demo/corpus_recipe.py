@@ -3,7 +3,9 @@ real two-channel corpus with word alignments converted to the format (docs/corpu
 
 1. encode `DIR/train.jsonl` and `DIR/eval.jsonl` with the folder's Mimi and tokenizer (or the ones given); the last
    tenth of the training dialogues is kept apart for validation;
-2. train a model sized to the data ([`RecipeScale`]) with the user-loss curriculum, then its voice-activity head;
+2. train a model sized to the data ([`RecipeScale`]) with the user-loss curriculum and, jointly, its voice-activity
+   head (its loss reaching the transformer) over a 2 s horizon: the turn ends when the user is silent over its last
+   second, so a pause inside a turn, up to 2 s on the corpus, is no turn end;
 3. calibrate on the validation dialogues: the user branch's temperatures, and the P(turn end) threshold of each
    turn-taking signal (the one that best separates shifts from holds there);
 4. evaluate user prediction and turn taking (`evaluate --turn-taking`: the signals against silence timers, the
@@ -23,22 +25,32 @@ from pathlib import Path
 
 import sentencepiece
 import torch
+from transformers import PrinterCallback
 
 from ..data.audio import load_mimi
 from ..data.encoding import EncodedDialogues, encode_dataset
-from ..data.voice_activity import TurnTakingStatistics, dialogue_alignments, fit_turn_taking_statistics
+from ..data.voice_activity import (
+    DialoguesWithVoiceActivity,
+    TurnTakingStatistics,
+    dialogue_alignments,
+    fit_turn_taking_statistics,
+)
 from ..evaluation.reports import write_turn_taking_report, write_user_prediction_report
 from ..evaluation.turn_taking import evaluate_turn_taking
 from ..evaluation.turn_taking_metrics import binary_metrics
 from ..evaluation.user_prediction import calibrate_user_prediction
 from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
-from ..sample import sample_model_config
+from ..sample import sample_model_config, sample_training_arguments
 from ..training.train import write_training_config
+from ..training.trainer import MoshiUserPredTrainer
 from ..utils.cpu_threads import set_torch_threads
 from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME, atomic_directory, atomic_write, write_json
-from .pipeline import train_sample_model
 
 VALIDATION_SHARE = 0.1  # of the training dialogues, for the calibration (never the held-out ones)
+# The turn-taking signals' window (head and token table): 25 frames (2 s, VAP's projection window), the turn over
+# when the user is silent over the last 12 (about 1 s). With the demo's 800 ms window a pause over 800 ms inside a
+# turn looks like a turn end, and a third of the corpus' pauses are longer.
+HORIZON, TURN_END_FRAMES = 25, 12
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # the P(turn end) thresholds calibration tries
 
 
@@ -53,13 +65,13 @@ class RecipeScale:
 
     @classmethod
     def for_hours(cls, train_hours: float) -> RecipeScale:
-        """96 wide and 900 steps (the shipped demo) up to 10 minutes of training dialogue; above, 128 wide and 1200
-        steps per hour (some 10 passes over the data at 6 segments of 64 frames a step; the recipe keeps the
-        checkpoint of the lowest validation loss, as a corpus of an hour or two is learnt by heart within that),
-        at most 12000."""
+        """96 wide and 900 steps (the shipped demo) up to 10 minutes of training dialogue; above, 128 wide and 2000
+        steps per hour (some 17 passes over the data at 6 segments of 64 frames a step; the recipe keeps the
+        checkpoint of the lowest validation loss, as a small corpus is learnt by heart within that), at most
+        20000."""
         if train_hours <= 1 / 6:
             return cls(dim=96, num_layers=4, steps=900)
-        return cls(dim=128, num_layers=4, steps=min(max(900, round(1200 * train_hours)), 12000))
+        return cls(dim=128, num_layers=4, steps=min(max(900, round(2000 * train_hours)), 20000))
 
 
 @dataclass
@@ -148,16 +160,26 @@ def run_corpus_recipe(
                                  num_codebooks=num_codebooks)
     model = MoshiUserPredForConditionalGeneration(config)
     set_torch_threads(model.num_parameters())
-    _say(f"2/5 training a {model.num_parameters() / 1e6:.1f} M-parameter model for {scale.steps} steps on "
-         f"{hours['train']:.2f} h, then its turn-taking head")
-    model, args, train_metrics, train_s, _ = train_sample_model(
-        model, encoded["train"], encoded["validation"], alignments["train"], alignments["validation"], out,
-        scale.steps, seed, progress, keep_best=True)
+    model.config.voice_activity_trains_transformer = True
+    model.add_voice_activity_head(HORIZON, TURN_END_FRAMES)
+    _say(f"2/5 training a {model.num_parameters() / 1e6:.1f} M-parameter model with its turn-taking head for "
+         f"{scale.steps} steps on {hours['train']:.2f} h")
+    args = sample_training_arguments(out / "training", scale.steps, seed, progress, keep_best=True)
+    trainer = MoshiUserPredTrainer(
+        model=model, args=args, train_dataset=DialoguesWithVoiceActivity(encoded["train"], alignments["train"]),
+        eval_dataset=DialoguesWithVoiceActivity(encoded["validation"], alignments["validation"]))
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    train_started = time.perf_counter()
+    train_metrics = trainer.train().metrics
+    train_s = time.perf_counter() - train_started
+    model.eval()
 
     _say("3/5 calibrating on the validation dialogues")
     calibration = calibrate_user_prediction(model, encoded["validation"])
     model.config.user_logit_temperature = calibration.temperature
-    statistics = fit_turn_taking_statistics(encoded["train"], alignments["train"], model.config)
+    statistics = fit_turn_taking_statistics(encoded["train"], alignments["train"], model.config, horizon=HORIZON,
+                                            turn_end_frames=TURN_END_FRAMES)
     thresholds = calibrate_thresholds(model, encoded["validation"], alignments["validation"], statistics)
 
     _say("4/5 evaluating user prediction and turn taking on the held-out dialogues")

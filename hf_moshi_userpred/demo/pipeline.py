@@ -216,15 +216,14 @@ def logits_through_remote_code(model_dir: str | os.PathLike, codes: torch.Tensor
 
 def train_sample_model(
     model: MoshiUserPredForConditionalGeneration, train: Sequence, held_out: Sequence, train_alignments: Sequence,
-    eval_alignments: Sequence, out: Path, steps: int, seed: int = 0, progress: bool = False, keep_best: bool = False,
+    eval_alignments: Sequence, out: Path, steps: int, seed: int = 0, progress: bool = False,
 ) -> tuple[MoshiUserPredForConditionalGeneration, MoshiUserPredTrainingArguments, dict, float, list[dict]]:
     """The demo's recipe: `model` trained `steps` steps with the user-loss curriculum
     ([`sample_training_arguments`], outputs under `out / "training"`), then given a voice-activity head trained alone
     for a third as many steps on the dialogues' voice activity (`out / "training_head"`; what the model says and
-    predicts stays as it is). `keep_best`: the model ends as it was at its lowest loss on `held_out` (its checkpoints
-    under `out / "training"`). Returns the model (in eval mode), the first run's arguments, its metrics, its seconds
+    predicts stays as it is). Returns the model (in eval mode), the first run's arguments, its metrics, its seconds
     and its log history."""
-    args = sample_training_arguments(out / "training", steps, seed, progress, keep_best)
+    args = sample_training_arguments(out / "training", steps, seed, progress)
     trainer = MoshiUserPredTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when the progress bar is off
