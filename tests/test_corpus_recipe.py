@@ -72,6 +72,8 @@ def test_recipe_refuses_what_it_cannot_run(corpus, tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert "train.jsonl is missing" in error and "Traceback" not in error
+    assert main(["demo", "--data", str(corpus), "--out", str(tmp_path / "out"), "--steps", "0"]) == 2
+    assert "steps must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="num_codebooks must be within 1..8"):
         run_corpus_recipe(corpus, tmp_path / "out", num_codebooks=9)
     with pytest.raises(ValueError, match="no text tokenizer"):

@@ -198,6 +198,13 @@ def test_train_command_adds_and_trains_a_head(demo_model_dir, tmp_path):
 
     metrics = json.loads((out / "eval_results.json").read_text())
     assert metrics["eval_loss/voice_activity"] > 0
+    # a new head trained jointly with the transformer
+    joint = tmp_path / "joint"
+    assert main(["train", "--model_name_or_path", str(demo_model_dir), "--train_data", str(encoded / "train"),
+                 "--output_dir", str(joint), "--voice_activity_horizon", "6", "--voice_activity_turn_end_frames", "2",
+                 "--voice_activity_trains_transformer", "--max_steps", "2", "--per_device_train_batch_size", "2",
+                 "--segment_frames", "32", "--use_cpu", "--report_to", "none", "--save_strategy", "no"]) == 0
+    assert MoshiUserPredForConditionalGeneration.from_pretrained(joint).config.voice_activity_trains_transformer
 
 
 def test_the_head_loss_reaches_the_transformer_only_when_configured(tmp_path):

@@ -25,7 +25,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--mimi", default=None, help="--data: the Mimi codec folder (default: DATA/mimi)")
     sub.add_argument("--tokenizer", default=None, help="--data: the sentencepiece model (default: DATA/tokenizer.model)")
     sub.add_argument("--num-codebooks", type=positive_int, default=4, help="--data: Mimi codebooks per speaker")
-    sub.add_argument("--steps", type=positive_int, default=None,
+    sub.add_argument("--steps", type=int, default=None,
                      help="training steps (default: 900 on the sample; with --data, scaled to the data's hours)")
     sub.add_argument("--speculate-top-k", type=int, default=4, help="speculation candidates per frame (sample)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the initialisation, sampling and streaming")
@@ -43,6 +43,6 @@ def run(args: argparse.Namespace) -> None:
         return
     from ..demo.pipeline import run_demo
 
-    result = run_demo(args.out or "outputs/demo", steps=args.steps or 900, speculate_top_k=args.speculate_top_k,
+    result = run_demo(args.out or "outputs/demo", steps=900 if args.steps is None else args.steps, speculate_top_k=args.speculate_top_k,
                       seed=args.seed, progress=not args.quiet)
     print("\n" + result.describe())

@@ -111,9 +111,11 @@ def run_corpus_recipe(
         steps: overrides the scale's training steps.
 
     Raises:
-        ValueError: a manifest, the Mimi or the tokenizer is missing, too few training dialogues to keep some for
-            validation, or `num_codebooks` exceeds the Mimi's.
+        ValueError: `steps` < 1, a manifest, the Mimi or the tokenizer is missing, too few training dialogues to
+            keep some for validation, or `num_codebooks` exceeds the Mimi's.
     """
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     start = time.perf_counter()
     data, out = Path(data), Path(output_dir)
     manifests = {split: data / f"{split}.jsonl" for split in ("train", "eval")}

@@ -102,8 +102,9 @@ def write_turn_taking_report(
                                   signal_thresholds=signal_thresholds, window=window, plot_dir=plot_dir)
     behaviour = evaluate_dialogue_behaviour(model, dataset, alignments, statistics, hold_thresholds=(None, threshold),
                                             timers_ms=BEHAVIOUR_TIMERS_MS, seed=seed, plot_dir=plot_dir)
+    tradeoff = {name: [vars(point) for point in points] for name, points in signal.tradeoff.items()}
     write_json(out / TURN_TAKING_METRICS_NAME, {
-        "metrics": {**signal.to_dict(), **behaviour.to_dict()}, "markdown": signal.to_markdown(),
+        "metrics": {**signal.to_dict(), **behaviour.to_dict()}, "tradeoff": tradeoff, "markdown": signal.to_markdown(),
         "dialogue_behaviour_markdown": behaviour.to_markdown(), "dataset": str(data)})
     images = "\n".join(f"![{name}](plots/{Path(plot).name})" for name, plot in {**signal.plots,
                                                                                 **behaviour.plots}.items())
