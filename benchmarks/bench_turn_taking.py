@@ -26,7 +26,8 @@ import shutil
 from pathlib import Path
 
 from benchmarks.common import REPO, base_parser, setup, write_results
-from hf_moshi_userpred.corpus.synthesize import CorpusOptions, synthesize_corpus
+from hf_moshi_userpred.corpus.corpus_options import CorpusOptions
+from hf_moshi_userpred.corpus.synthesize import synthesize_corpus
 from hf_moshi_userpred.demo.corpus_recipe import CorpusRecipeResult, run_corpus_recipe
 
 OUTPUT = REPO / "outputs" / "benchmarks" / "turn_taking"

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from hf_moshi_userpred.corpus.synthesize import CorpusOptions, synthesize_corpus
+    from hf_moshi_userpred.corpus.corpus_options import CorpusOptions
+    from hf_moshi_userpred.corpus.synthesize import synthesize_corpus
 
     out = tmp_path_factory.mktemp("recipe") / "corpus"
     options = CorpusOptions(hours=0.08, eval_hours=0.03, dialogue_seconds=(30.0, 45.0), encoder_steps=10,

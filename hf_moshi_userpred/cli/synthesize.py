@@ -61,7 +61,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     from ..corpus.conversation import ConversationSettings
-    from ..corpus.synthesize import CorpusOptions
+    from ..corpus.corpus_options import CorpusOptions
 
     sub = add_command(commands, "synthesize", run,
                       "a synthetic conversational corpus where silence cannot decide the turn (needs espeak-ng)",
@@ -79,7 +79,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..corpus.conversation import ConversationSettings
-    from ..corpus.synthesize import CorpusOptions, synthesize_corpus
+    from ..corpus.corpus_options import CorpusOptions
+    from ..corpus.synthesize import synthesize_corpus
 
     def build(cls: type):
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
