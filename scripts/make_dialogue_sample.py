@@ -38,52 +38,41 @@ budget.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import io
 import json
+import logging
 import math
 import os
 import random
 import re
 import shutil
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 import soundfile as sf
 import soxr
 import torch
-from transformers import MimiConfig, MimiModel
-from transformers.audio_utils import mel_filter_bank
+from transformers import MimiModel
+
+from hf_moshi_userpred.corpus.codec import build_mimi, code_report, encode
+from hf_moshi_userpred.corpus.decoder_fit import (
+    MEL_FFT_SIZES,
+    MEL_FLOOR,
+    DecoderFit,
+    codec_state,
+    decoder_quality,
+    fit_decoder,
+    reset_decoder,
+)
+from hf_moshi_userpred.corpus.espeak import SAMPLE_RATE, Espeak, Utterance
+from hf_moshi_userpred.corpus.timeline import CHANNEL, SYSTEM, USER, Dialogue, Timeline, check_alignments
+from hf_moshi_userpred.corpus.tokenizer import train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_RATE = 16_000
 SIZE_BUDGET_BYTES = 4_800_000
-SYSTEM = "SPEAKER_MAIN"
-USER = "SPEAKER_USER"
-CHANNEL = {SYSTEM: 0, USER: 1}
 VOICES = {SYSTEM: "en-us+m3", USER: "en-gb-x-rp+f3"}
-
-# A small Mimi: the real one's sample rate and frame rate (12.5 Hz), narrow layers, few small codebooks.
-MIMI_CONFIG = dict(
-    hidden_size=64,
-    num_filters=4,
-    num_residual_layers=1,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=16,
-    intermediate_size=128,
-    codebook_dim=32,
-    vector_quantization_hidden_dimension=32,
-    upsample_groups=64,
-    num_quantizers=8,
-    num_semantic_quantizers=1,
-)
 
 # Turn taking, in seconds.
 LEAD_IN = (0.2, 0.5)
@@ -218,190 +207,8 @@ def turn_texts(rng: random.Random) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Speech: libespeak-ng through ctypes (speak_lib.h of espeak-ng 1.51).
-# --------------------------------------------------------------------------------------------------------
-
-AUDIO_OUTPUT_SYNCHRONOUS = 2
-POS_CHARACTER = 1
-ESPEAK_CHARS_UTF8 = 1
-EVENT_LIST_TERMINATED = 0
-EVENT_WORD = 1
-SILENCE_LEVEL = 1e-3  # espeak-ng writes exact zeros between words; this only ignores rounding dust
-WORD_PATTERN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
-
-
-class _EspeakEventId(ctypes.Union):
-    _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
-
-
-class _EspeakEvent(ctypes.Structure):
-    """``espeak_EVENT``; ``text_position`` is 1-based (characters), ``audio_position`` in ms from the start."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("unique_identifier", ctypes.c_uint),
-        ("text_position", ctypes.c_int),
-        ("length", ctypes.c_int),
-        ("audio_position", ctypes.c_int),
-        ("sample", ctypes.c_int),
-        ("user_data", ctypes.c_void_p),
-        ("id", _EspeakEventId),
-    ]
-
-
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_EspeakEvent)
-)
-
-
-@dataclass
-class Utterance:
-    """Synthesised speech (float32 mono at ``SAMPLE_RATE``, no leading or trailing silence) and its words.
-
-    ``words`` holds ``(word, start_s, end_s)`` relative to the start of ``audio``.
-    """
-
-    audio: np.ndarray
-    words: list[tuple[str, float, float]]
-
-    @property
-    def duration(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
-
-
-class Espeak:
-    """Synchronous espeak-ng synthesis that keeps the word events (where each word starts in the audio)."""
-
-    def __init__(self, library: str = "libespeak-ng.so.1") -> None:
-        self._lib = ctypes.CDLL(library)
-        self._lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        self._lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
-        self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self._lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_uint,
-            ctypes.c_int,
-            ctypes.c_uint,
-            ctypes.c_uint,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
-        self._lib.espeak_Info.argtypes = [ctypes.c_void_p]
-        self._lib.espeak_Info.restype = ctypes.c_char_p
-        self.sample_rate = self._lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, None, 0)
-        if self.sample_rate <= 0:
-            raise RuntimeError("espeak_Initialize failed")
-        self.version: str = self._lib.espeak_Info(None).decode()
-        self._chunks: list[np.ndarray] = []
-        self._word_events: list[tuple[int, int]] = []
-        self._callback = _SYNTH_CALLBACK(self._on_synth)  # referenced for as long as espeak may call it
-        self._lib.espeak_SetSynthCallback(self._callback)
-
-    def _on_synth(self, wav: ctypes.Array, num_samples: int, events: ctypes.Array) -> int:
-        if num_samples > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
-        i = 0
-        while events[i].type != EVENT_LIST_TERMINATED:
-            if events[i].type == EVENT_WORD:
-                self._word_events.append((events[i].text_position, events[i].audio_position))
-            i += 1
-        return 0  # continue synthesis
-
-    def synthesize(self, text: str, voice: str) -> Utterance:
-        """Speak ``text`` with ``voice``; the words are the letter sequences of ``text`` (apostrophes kept).
-
-        Sentences are capitalised for espeak-ng, which only ends a sentence (pause, intonation) before a
-        capital letter; the words keep the case of ``text``.
-        """
-        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice!r}")
-        self._chunks, self._word_events = [], []
-        data = re.sub(r"(^|[.?!] )([a-z])", lambda m: m.group(1) + m.group(2).upper(), text).encode("ascii")
-        error = self._lib.espeak_Synth(data, len(data) + 1, 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None)
-        if error != 0:
-            raise RuntimeError(f"espeak_Synth failed ({error}) on {text!r}")
-        audio = np.concatenate(self._chunks).astype(np.float32) / 32768.0
-
-        # One word event per word. An event points at the word's first character (1-based), or just before
-        # it after a sentence end; espeak-ng also reports stray events (position 0, or one per punctuation).
-        words = {m.start() + 1: m.group() for m in WORD_PATTERN.finditer(text)}
-        starts: dict[int, int] = {}
-        for position, ms in self._word_events:
-            following = [p for p in words if p >= position]
-            if position > 0 and following and min(following) not in starts:
-                starts[min(following)] = round(ms * self.sample_rate / 1000)
-        if starts.keys() != words.keys():
-            missing = [words[p] for p in words if p not in starts]
-            raise RuntimeError(f"espeak-ng reported no start for {missing} in {text!r}")
-        bounds = [starts[p] for p in sorted(words)] + [len(audio)]
-        spans = []
-        for (position, word), begin, stop in zip(sorted(words.items()), bounds[:-1], bounds[1:]):
-            voiced = np.flatnonzero(np.abs(audio[begin:stop]) > SILENCE_LEVEL)
-            if len(voiced) == 0:
-                raise RuntimeError(f"no audio for {word!r} in {text!r}")
-            spans.append((word, begin + int(voiced[0]), begin + int(voiced[-1]) + 1))
-
-        first, last = spans[0][1], spans[-1][2]
-        audio = soxr.resample(audio[first:last], self.sample_rate, SAMPLE_RATE)
-        return Utterance(
-            audio.astype(np.float32),
-            [(w, (b - first) / self.sample_rate, (e - first) / self.sample_rate) for w, b, e in spans],
-        )
-
-
-# --------------------------------------------------------------------------------------------------------
 # Dialogues: turns and backchannels laid out on two channels.
 # --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dialogue:
-    """Stereo float32 audio ``[samples, 2]`` at ``SAMPLE_RATE`` and moshi-finetune alignments."""
-
-    audio: np.ndarray
-    alignments: list[tuple[str, tuple[float, float], str]]
-    lines: list[str]  # the words of each utterance, for the tokenizer
-    speech_seconds: dict[str, float]  # per speaker, from the first to the last word of each utterance
-
-    @property
-    def duration(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
-
-
-class Timeline:
-    """Utterances placed on the two channels; refuses to overlap a speaker with themselves."""
-
-    def __init__(self) -> None:
-        self.placed: list[tuple[str, int, Utterance]] = []
-        self.free_at = {SYSTEM: 0.0, USER: 0.0}
-
-    def place(self, speaker: str, start: float, utterance: Utterance) -> float:
-        """Put ``utterance`` on ``speaker``'s channel at ``start`` (seconds, on the frame grid); returns where it
-        ends."""
-        if abs(start / FRAME_SECONDS - round(start / FRAME_SECONDS)) > 1e-6:
-            raise ValueError(f"utterance start {start} is not on the {FRAME_SECONDS} s frame grid")
-        first = round(start * SAMPLE_RATE)
-        if first / SAMPLE_RATE < self.free_at[speaker]:
-            raise ValueError(f"{speaker} would overlap their own speech at {start:.2f} s")
-        self.placed.append((speaker, first, utterance))
-        self.free_at[speaker] = (first + len(utterance.audio)) / SAMPLE_RATE
-        return self.free_at[speaker]
-
-    def speech_seconds(self, speaker: str) -> float:
-        return sum(u.duration for s, _, u in self.placed if s == speaker)
-
-    def render(self, duration: float) -> Dialogue:
-        audio = np.zeros((round(duration * SAMPLE_RATE), 2), dtype=np.float32)
-        alignments = []
-        for speaker, first, utterance in self.placed:
-            audio[first : first + len(utterance.audio), CHANNEL[speaker]] += utterance.audio
-            offset = first / SAMPLE_RATE
-            for word, begin, end in utterance.words:
-                alignments.append((word, (round(offset + begin, 3), round(offset + end, 3)), speaker))
-        alignments.sort(key=lambda a: (a[1][0], a[2]))
-        lines = [" ".join(w for w, _, _ in u.words) for _, _, u in self.placed]
-        return Dialogue(audio, alignments, lines, {s: self.speech_seconds(s) for s in CHANNEL})
 
 
 def on_grid(seconds: float) -> float:
@@ -465,382 +272,6 @@ def make_dialogue(rng: random.Random, espeak: Espeak, min_seconds: float, max_se
             and timeline.speech_seconds(USER) >= MIN_USER_SPEECH_SHARE * speech
         ):
             return timeline.render(duration)
-
-
-def check_alignments(dialogue: Dialogue) -> None:
-    """Every word's span holds speech on its channel; the channel is silent between words apart by >= 0.1 s."""
-    margin = round(0.02 * SAMPLE_RATE)
-    for speaker, channel in CHANNEL.items():
-        signal = dialogue.audio[:, channel]
-        times = [span for _, span, s in dialogue.alignments if s == speaker]
-        spans = [(round(b * SAMPLE_RATE), round(e * SAMPLE_RATE)) for b, e in times]
-        for b, e in spans:
-            if np.sqrt(np.mean(signal[b:e] ** 2)) < 0.01:
-                raise AssertionError(f"{speaker}: no speech in the word at {b / SAMPLE_RATE:.3f} s")
-        gaps = zip([0] + [e for _, e in spans], [b for b, _ in spans] + [len(signal)])
-        for b, e in gaps:
-            if e - b >= 0.1 * SAMPLE_RATE and np.abs(signal[b + margin : e - margin]).max() > SILENCE_LEVEL:
-                raise AssertionError(f"{speaker}: sound between words, at {b / SAMPLE_RATE:.3f} s")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tokenizer and Mimi.
-# --------------------------------------------------------------------------------------------------------
-
-
-def train_tokenizer(lines: list[str], vocab_size: int, seed: int) -> bytes:
-    """A BPE sentencepiece model with Moshi's special ids (unk 0, bos 1, eos 2, pad 3), serialized."""
-    spm.set_random_generator_seed(seed)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
-def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
-    """``k`` centroids of ``points`` ``[N, D]``: k-means++ seeding from the data, then Lloyd iterations."""
-    centroids = points[torch.randint(len(points), (1,), generator=generator)]
-    nearest = torch.cdist(points, centroids)[:, 0] ** 2
-    for _ in range(1, k):
-        if nearest.sum() > 0:
-            index = torch.multinomial(nearest / nearest.sum(), 1, generator=generator)
-        else:  # fewer distinct points than centroids
-            index = torch.randint(len(points), (1,), generator=generator)
-        centroids = torch.cat([centroids, points[index]])
-        nearest = torch.minimum(nearest, torch.cdist(points, points[index])[:, 0] ** 2)
-    for _ in range(iterations):
-        assignment = torch.cdist(points, centroids).argmin(dim=1)
-        counts = torch.bincount(assignment, minlength=k)
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
-        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
-        empty = (counts == 0).nonzero()[:, 0]
-        if len(empty):  # re-seed empty clusters on the worst-represented points
-            error = (points - centroids[assignment]).norm(dim=1)
-            centroids[empty] = points[error.topk(len(empty)).indices]
-    return centroids
-
-
-@torch.no_grad()
-def calibrate_codebooks(model: MimiModel, signals: list[torch.Tensor], iterations: int, seed: int) -> None:
-    """Fit every codebook of ``model`` by k-means on the latents of ``signals`` (mono, 24 kHz).
-
-    The semantic and the acoustic residual quantizers both quantize the encoder latents, each in its own
-    projected space; within one, layer ``i`` is fitted on what layers ``< i`` leave unexplained.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.cat([model.encoder(signal[None, None]).latents for signal in signals], dim=-1)
-    quantizer = model.quantizer
-    for rvq in (quantizer.semantic_residual_vector_quantizer, quantizer.acoustic_residual_vector_quantizer):
-        projected = latents if rvq.input_proj is None else rvq.input_proj(latents)
-        residual = projected[0].T
-        for layer in rvq.layers:
-            codebook = layer.codebook
-            centroids = kmeans(residual, codebook.codebook_size, iterations, generator)
-            codebook.cluster_usage.fill_(1.0)
-            codebook.embed_sum.copy_(centroids)  # embed = embed_sum / cluster_usage
-            codebook.initialized.fill_(1.0)
-            codebook._embed = None  # drop the cached codebook (transformers computes it lazily)
-            residual = residual - centroids[torch.cdist(residual, centroids).argmin(dim=1)]
-
-
-@torch.no_grad()
-def encode(model: MimiModel, signals: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Codes ``[num_quantizers, frames]`` of each mono 24 kHz signal."""
-    n_q = model.config.num_quantizers
-    return [model.encode(s[None, None], num_quantizers=n_q).audio_codes[0] for s in signals]
-
-
-def entropy(codes: torch.Tensor, codebook_size: int) -> float:
-    """Entropy in bits of the empirical distribution of ``codes``."""
-    probs = torch.bincount(codes, minlength=codebook_size).double() / len(codes)
-    probs = probs[probs > 0]
-    return round(-(probs * probs.log2()).sum().item(), 2)
-
-
-def code_report(
-    codes: list[torch.Tensor], signals: list[torch.Tensor], frame_size: int, codebook_size: int
-) -> list[dict]:
-    """Per codebook: entries used, entropy (bits) over all frames and over speech, silence stability.
-
-    A frame is silent when it and the three frames before it (more than the encoder's receptive field) hold
-    only zeros (the first three frames of a signal, which also see the encoder's start-up padding, are never
-    silent), and speech when its RMS exceeds 0.01. Stability is the share of silent frames carrying the most
-    common silent code.
-    """
-    silent, speech = [], []
-    for code, signal in zip(codes, signals):
-        padding = code.shape[-1] * frame_size - len(signal)
-        frames = torch.nn.functional.pad(signal, (0, padding)).view(-1, frame_size)
-        quiet = frames.abs().amax(dim=1) < SILENCE_LEVEL
-        silent.append(torch.cat([torch.zeros(3, dtype=torch.bool), quiet]).unfold(0, 4, 1).all(dim=1))
-        speech.append(frames.pow(2).mean(dim=1).sqrt() > 0.01)
-    all_codes = torch.cat(codes, dim=-1)
-    silent_mask, speech_mask = torch.cat(silent), torch.cat(speech)
-    report = []
-    for k, row in enumerate(all_codes):
-        silent_codes = row[silent_mask]
-        report.append(
-            dict(
-                codebook=k,
-                used=int(row.unique().numel()),
-                entropy_bits=entropy(row, codebook_size),
-                speech_entropy_bits=entropy(row[speech_mask], codebook_size),
-                silence_stability=round((silent_codes == silent_codes.mode().values).double().mean().item(), 3),
-            )
-        )
-    return report
-
-
-def initial_mimi(codebook_size: int, seed: int) -> MimiModel:
-    """The small Mimi with its random initial weights (all-zero codebooks), the same for a given seed."""
-    torch.manual_seed(seed)
-    return MimiModel(MimiConfig(**MIMI_CONFIG, codebook_size=codebook_size)).eval()
-
-
-def build_mimi(signals: list[torch.Tensor], codebook_size: int, iterations: int, seed: int) -> MimiModel:
-    """A small random Mimi whose codebooks are calibrated on ``signals``."""
-    model = initial_mimi(codebook_size, seed)
-    calibrate_codebooks(model, signals, iterations, seed)
-    return model
-
-
-# --------------------------------------------------------------------------------------------------------
-# Mimi's decoder: fitted to turn the codes of the training audio back into it.
-# --------------------------------------------------------------------------------------------------------
-
-# What decoding uses and encoding does not: the quantizer's output projections (codes -> latents), the upsampling, the
-# decoder transformer and the SEANet decoder. Everything else (encoder, codebooks) stays as it was, so the codes of
-# any audio are the same before and after the fit.
-DECODER_PREFIXES = (
-    "decoder.",
-    "quantizer.semantic_residual_vector_quantizer.output_proj.",
-    "quantizer.acoustic_residual_vector_quantizer.output_proj.",
-)
-MEL_FFT_SIZES = (512, 1024, 2048)  # STFT sizes of the multi-resolution mel loss (hop: a quarter; n_fft / 16 bands)
-MEL_FLOOR = 1e-4  # added to the mel magnitudes (a sinusoid's amplitude) before the log: about 40 dB under speech
-VOICED_RMS = 0.02  # a 40 ms frame louder than this whose normalised autocorrelation peaks over 0.5 is voiced
-PITCH_RANGE_HZ = (60.0, 400.0)
-
-
-@dataclass(frozen=True)
-class DecoderFit:
-    """How the decoder is fitted (the defaults made the shipped one): Adam on random segments of the training audio,
-    linear warm-up then cosine decay, gradients clipped to norm 1. The target is the audio ``delay_frames`` later:
-    the codes of this (untrained) encoder summarise the audio before them, and a causal decoder rebuilds it better
-    late (a trial of 800 steps on time: held-out log-mel distance 0.57 against 0.45, with more noise in the silences
-    around speech; 1 frame late: 0.50)."""
-
-    steps: int = 1000
-    batch_size: int = 8
-    segment_frames: int = 16
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    delay_frames: int = 2
-    waveform_weight: float = 1.0  # L1 on the samples
-    convergence_weight: float = 1.0  # spectral convergence of the mel magnitudes, beside the log-mel distance
-
-
-class MelSpectrograms:
-    """Magnitude mel spectrograms of ``[B, T]`` audio at the ``MEL_FFT_SIZES``: Hann window, a quarter hop, Slaney
-    bands of peak 1, magnitudes divided by the window's sum (a full-scale sinusoid reads 0.5)."""
-
-    def __init__(self, sampling_rate: int) -> None:
-        self.resolutions = []
-        for n_fft in MEL_FFT_SIZES:
-            bank = mel_filter_bank(
-                n_fft // 2 + 1, n_fft // 16, 0.0, sampling_rate / 2, sampling_rate, mel_scale="slaney"
-            )
-            self.resolutions.append((n_fft, torch.hann_window(n_fft), torch.from_numpy(bank).float()))
-
-    def __call__(self, audio: torch.Tensor) -> list[torch.Tensor]:
-        mels = []
-        for n_fft, window, bank in self.resolutions:
-            spectrum = torch.stft(audio, n_fft, n_fft // 4, window=window, return_complex=True)
-            magnitude = (spectrum.real.square() + spectrum.imag.square() + 1e-12).sqrt() / window.sum()
-            mels.append(torch.einsum("fm,bft->bmt", bank, magnitude))
-        return mels
-
-
-def log_mel_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Mean |ln(mel_a + floor) - ln(mel_b + floor)| over bands and frames, averaged over the resolutions."""
-    return sum(((x + MEL_FLOOR).log() - (y + MEL_FLOOR).log()).abs().mean() for x, y in zip(a, b)) / len(a)
-
-
-def spectral_convergence(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """||mel_a - mel_b|| / ||mel_b|| (Frobenius, over the batch), averaged over the resolutions: unlike the log
-    distance, it weighs the loud parts, which keeps the decoder from playing speech too quietly."""
-    return sum((x - y).norm() / (y.norm() + MEL_FLOOR * y.numel() ** 0.5) for x, y in zip(a, b)) / len(a)
-
-
-def decoder_parameters(model: MimiModel) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if name.startswith(DECODER_PREFIXES)}
-
-
-def codec_state(model: MimiModel) -> dict[str, torch.Tensor]:
-    """Copies of every tensor that encoding uses (all but the decoder's)."""
-    return {name: t.clone() for name, t in model.state_dict().items() if not name.startswith(DECODER_PREFIXES)}
-
-
-def reset_decoder(model: MimiModel, seed: int) -> None:
-    """Put the decoder of a Mimi built by this script back to its initial random weights (those ``build_mimi`` gave
-    it), so that refitting it gives what the full build gives; refuses a Mimi whose encoder is not this seed's."""
-    fresh = initial_mimi(model.config.codebook_size, seed)
-    fresh_state, state = fresh.state_dict(), model.state_dict()
-    encoder = [name for name in state if name.startswith(("encoder.",))]
-    if state.keys() != fresh_state.keys() or not all(torch.equal(state[n], fresh_state[n]) for n in encoder):
-        raise SystemExit(f"this Mimi was not built by this script with --seed {seed}: its encoder differs")
-    with torch.no_grad():
-        for name, parameter in decoder_parameters(model).items():
-            parameter.copy_(fresh_state[name])
-
-
-def pad_to_codes(signal: torch.Tensor, num_frames: int, frame_size: int, delay: int = 0) -> torch.Tensor:
-    """``signal`` delayed by ``delay`` samples, cut or zero-padded to ``num_frames`` frames."""
-    return torch.nn.functional.pad(signal, (delay, num_frames * frame_size - len(signal) - delay))
-
-
-def fit_decoder(model: MimiModel, signals: list[torch.Tensor], fit: DecoderFit = DecoderFit(), seed: int = 0) -> float:
-    """Train the decoder side of ``model`` (``DECODER_PREFIXES``) to rebuild ``signals`` (mono, 24 kHz) from their
-    codes, ``fit.delay_frames`` late; the encoder and the codebooks are frozen (checked). Returns the seconds it took.
-
-    Loss: L1 on the waveform + log-mel distance + spectral convergence (``MelSpectrograms``). The decoder's last
-    convolution is first scaled so that its output has the loudness of ``signals``: an untrained decoder is hundreds of
-    times louder, and bringing that down by gradient first teaches it silence, which it does not unlearn.
-    """
-    start = time.perf_counter()
-    frozen = codec_state(model)
-    parameters = decoder_parameters(model)
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in parameters)
-    frame = model.config.frame_size
-    codes = encode(model, signals)
-    targets = [pad_to_codes(s, c.shape[-1], frame, fit.delay_frames * frame) for s, c in zip(signals, codes)]
-    mels = MelSpectrograms(model.config.sampling_rate)
-
-    with torch.no_grad():
-        decoded = torch.cat([model.decode(c[None]).audio_values.flatten() for c in codes])
-        gain = torch.cat(targets).square().mean().sqrt() / decoded.square().mean().sqrt()
-        last = model.decoder.decoder_seanet.layers[-1].conv
-        last.weight.mul_(gain)
-        last.bias.mul_(gain)
-
-    optimizer = torch.optim.Adam(parameters.values(), lr=fit.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / fit.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / fit.steps)),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    length = fit.segment_frames
-    for step in range(fit.steps):
-        batch_codes, batch_targets = [], []
-        for index in torch.randint(len(signals), (fit.batch_size,), generator=generator).tolist():
-            first = int(torch.randint(codes[index].shape[-1] - length + 1, (1,), generator=generator))
-            batch_codes.append(codes[index][:, first : first + length])
-            batch_targets.append(targets[index][first * frame : (first + length) * frame])
-        audio, target = model.decode(torch.stack(batch_codes)).audio_values[:, 0], torch.stack(batch_targets)
-        audio_mels, target_mels = mels(audio), mels(target)
-        log_mel = log_mel_distance(audio_mels, target_mels)
-        loss = (
-            fit.waveform_weight * (audio - target).abs().mean()
-            + log_mel
-            + fit.convergence_weight * spectral_convergence(audio_mels, target_mels)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters.values(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == fit.steps - 1:
-            print(f"decoder step {step}: loss {loss.item():.3f}, log-mel {log_mel.item():.3f}", flush=True)
-
-    for name, p in model.named_parameters():
-        p.requires_grad_(requires_grad[name])
-    state = model.state_dict()
-    if not all(torch.equal(state[name], tensor) for name, tensor in frozen.items()):
-        raise AssertionError("fitting the decoder changed the encoder or the codebooks")
-    return time.perf_counter() - start
-
-
-def envelope_delay(decoded: torch.Tensor, original: torch.Tensor, hop: int, max_lag: int) -> int:
-    """The lag (in ``hop`` samples, positive: ``decoded`` is late) that best correlates the two RMS envelopes."""
-    n = min(len(decoded), len(original)) // hop
-    a = decoded[: n * hop].view(n, hop).square().mean(dim=1).sqrt()
-    b = original[: n * hop].view(n, hop).square().mean(dim=1).sqrt()
-    a, b = a - a.mean(), b - b.mean()
-
-    def correlation(lag: int) -> float:
-        return float((a[max(lag, 0) : n + min(lag, 0)] * b[max(-lag, 0) : n - max(lag, 0)]).sum())
-
-    return max(range(-max_lag, max_lag + 1), key=correlation)
-
-
-def median_pitch(signals: list[torch.Tensor], sampling_rate: int) -> int | None:
-    """Median F0 (Hz) of the voiced 40 ms frames of ``signals``, None without any. The period is the shortest lag
-    within ``PITCH_RANGE_HZ`` where the normalised autocorrelation has a local maximum within 15% of its highest
-    (not the highest itself, which is as often twice the period)."""
-    size = round(0.04 * sampling_rate)
-    shortest, longest = round(sampling_rate / PITCH_RANGE_HZ[1]), round(sampling_rate / PITCH_RANGE_HZ[0])
-    periods = []
-    for signal in signals:
-        frames = signal[: len(signal) // size * size].view(-1, size).double()
-        frames = frames[frames.square().mean(dim=1).sqrt() > VOICED_RMS]
-        if not len(frames):
-            continue
-        frames = frames - frames.mean(dim=1, keepdim=True)
-        correlation = torch.fft.irfft(torch.fft.rfft(frames, 2 * size).abs().square(), 2 * size)
-        correlation = correlation[:, shortest - 1 : longest + 2] / correlation[:, :1]
-        inner = correlation[:, 1:-1]
-        peak = inner.max(dim=1, keepdim=True).values
-        candidates = (inner >= 0.85 * peak) & (inner >= correlation[:, :-2]) & (inner >= correlation[:, 2:])
-        voiced = peak[:, 0] > 0.5
-        periods.append(candidates[voiced].double().argmax(dim=1) + shortest)  # argmax: the first True
-    every = sampling_rate / torch.cat(periods or [torch.zeros(0)]).double()
-    return round(every.median().item()) if len(every) else None
-
-
-@torch.no_grad()
-def decoder_quality(model: MimiModel, signals: list[torch.Tensor], delay_frames: int) -> dict:
-    """How ``model`` rebuilds ``signals`` (mono 24 kHz, alternately left and right channels) from their codes, the
-    decoded audio taken ``delay_frames`` early: log-mel distance (mean over signals), peak, RMS, measured delay (median
-    over signals, envelope correlation at 10 ms), median pitch per channel; the same for the original audio."""
-    frame, rate = model.config.frame_size, model.config.sampling_rate
-    mels = MelSpectrograms(rate)
-    delay = delay_frames * frame
-    distances, delays, decoded, originals = [], [], [], []
-    for signal, codes in zip(signals, encode(model, signals)):
-        audio = model.decode(codes[None]).audio_values[0, 0]
-        original = pad_to_codes(signal, codes.shape[-1], frame)
-        delays.append(envelope_delay(audio, original, rate // 100, 50) * 10)
-        audio = audio[delay:]
-        original = original[: len(audio)]
-        distances.append(log_mel_distance(mels(audio[None]), mels(original[None])).item())
-        decoded.append(audio)
-        originals.append(original)
-    result = {}
-    for name, audio in (("decoded", decoded), ("original", originals)):
-        every = torch.cat(audio)
-        result[name] = dict(
-            peak=round(every.abs().max().item(), 2),
-            rms=round(every.square().mean().sqrt().item(), 3),
-            pitch_left_hz=median_pitch(audio[0::2], rate),
-            pitch_right_hz=median_pitch(audio[1::2], rate),
-        )
-    result["decoded"]["log_mel_distance"] = round(sum(distances) / len(distances), 2)
-    result["decoded"]["delay_ms"] = sorted(delays)[len(delays) // 2]
-    return result
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1157,6 +588,7 @@ def main() -> None:
     if not 0 < args.num_eval < args.num_dialogues:
         parser.error("--num-eval must leave at least one training dialogue")
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the decoder fit's progress
     torch.set_num_threads(1)  # same float reductions, hence same k-means and decoder fit, on every run
     output = args.output.resolve()
     if args.fit_decoder_only and not (output / "mimi").is_dir():

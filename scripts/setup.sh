@@ -2,7 +2,8 @@
 # Set up .venv on a fresh machine: torch first (pinned, so pip does not pull a multi-GB CUDA build),
 # then this package with matplotlib for the demo's plots and aiohttp + sphn for `serve`. `setup.sh test` adds the
 # test extras, the moshi oracle (installed --no-deps: its own pins conflict with transformers 5, see
-# docs/design.md §4) and Debian's Chromium with its driver for the web page's browser tests.
+# docs/design.md §4), Debian's Chromium with its driver for the web page's browser tests and espeak-ng for the corpus
+# generator's tests (`synthesize`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,8 +14,9 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ "${1:-}" = "test" ]; then
   "${pip[@]}" -e ".[test]"
   "${pip[@]}" --no-deps "moshi==0.2.13" einops
-  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v espeak-ng >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver espeak-ng >/dev/null
   fi
 else
   "${pip[@]}" -e ".[plots,serve]"

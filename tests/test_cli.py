@@ -135,7 +135,8 @@ def test_push_command_uploads_to_a_stand_in_hub(demo, tmp_path, monkeypatch, cap
 def test_every_command_documents_every_option():
     parser = build_parser()
     commands = next(action for action in parser._actions if action.dest == "command").choices
-    assert set(commands) == {"demo", "convert", "encode", "train", "evaluate", "stream", "serve", "push"}
+    assert set(commands) == {"demo", "convert", "encode", "train", "evaluate", "stream", "serve", "push",
+                             "synthesize"}
     for name, sub in commands.items():
         if name == "train":
             continue

@@ -12,6 +12,7 @@ from hf_moshi_userpred.evaluation.dialogue_behaviour import (
     dialogue_behaviour,
     evaluate_dialogue_behaviour,
     system_speech,
+    timer_speech,
 )
 from hf_moshi_userpred.evaluation.turn_taking_events import find_events
 
@@ -105,6 +106,17 @@ def test_a_system_that_talks_into_pauses_answers_backchannels_and_never_yields()
     m = out.metrics()
     assert m.pause_takeover_rate == 1 and m.response_rate == 0.5 and m.no_responses == 1
     assert m.median_response_ms == pytest.approx(80) and m.stop_rate == 0 and m.median_stop_ms is None
+
+
+def test_a_silence_timer_agent_speaks_after_the_wait_and_stops_on_hearing_the_user():
+    user = activity(12, (2, 4), (7, 7))
+    # silent runs: frames 0-1 (2), 5-6 (2), 8-11; it speaks at f once the 2 frames before f were silent
+    assert timer_speech(user, 2).nonzero().flatten().tolist() == [2, 7, 10, 11]
+    # the hand-made dialogue through the same scorer: a 3-frame timer takes the 4-frame hold (41-44), not the
+    # 2-frame one (5-6), answers the turn end after 10 three frames late, and stops one frame into the barge-in
+    T, events = hand_made_dialogue()
+    out = dialogue_behaviour(events, timer_speech(events.user_activity, 3), context_frames=3)
+    assert out.pause_takeovers == [False, True] and out.response_frames[0] == 3
 
 
 def test_a_silent_system():

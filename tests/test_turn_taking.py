@@ -5,6 +5,7 @@ model."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -23,7 +24,13 @@ from hf_moshi_userpred.data.voice_activity import (
 )
 from hf_moshi_userpred.evaluation.turn_taking import evaluate_turn_taking, turn_taking_signal
 from hf_moshi_userpred.evaluation.turn_taking_events import Pause, find_events
-from hf_moshi_userpred.evaluation.turn_taking_metrics import anticipation_frames, auc, binary_metrics, timer_frames
+from hf_moshi_userpred.evaluation.turn_taking_metrics import (
+    anticipation_frames,
+    auc,
+    binary_metrics,
+    timer_fires,
+    timer_frames,
+)
 
 
 def activity(T: int, *spans: tuple[int, int]) -> torch.Tensor:
@@ -57,34 +64,6 @@ def test_events_of_a_hand_made_dialogue():
         (0, 4, False, 2, None), (7, 10, True, 5, 14), (30, 40, False, 4, None), (45, 50, True, None, 53)]
     assert [(o.start_frame, o.end_frame, o.backchannel) for o in events.onsets] == [(16, 17, True), (30, 40, False)]
     assert len(events.shifts) == 2 and len(events.holds) == 2
-
-
-def test_stretch_hold_pauses_repeats_the_last_silent_frame_and_shifts_later_words():
-    # here, not at the top: benchmarks/ imports only from the repository root (`python -m pytest` puts it on the path)
-    from benchmarks.bench_turn_taking import stretch_hold_pauses
-
-    f = 0.08
-    # user 0-4, hold (frames 5-6 silent), user 7-9, system 12-14 (a shift), user 17-18 after it (a hold? no: the
-    # system spoke in between, so 9 -> 12 is a shift and 14 -> 17 is no user pause)
-    words = [["a", [0.0, 5 * f], "SPEAKER_USER"], ["b", [7 * f, 10 * f], "SPEAKER_USER"],
-             ["c", [12 * f, 15 * f], "SPEAKER_MAIN"], ["d", [17 * f, 19 * f], "SPEAKER_USER"]]
-    codes = torch.arange(3 * 20).view(3, 20)
-    stretched, moved = stretch_hold_pauses(codes, words, 3)
-    assert stretched.shape == (3, 23)
-    # frame 6 (the last silent one) now fills frames 6-9; everything from frame 7 on is 3 frames later
-    assert torch.equal(stretched[:, :7], codes[:, :7]) and (stretched[:, 6:10] == codes[:, 6:7]).all()
-    assert torch.equal(stretched[:, 10:], codes[:, 7:])
-    assert moved[0] == words[0]
-    assert [m[1] for m in moved[1:]] == [[pytest.approx(10 * f), pytest.approx(13 * f)],
-                                          [pytest.approx(15 * f), pytest.approx(18 * f)],
-                                          [pytest.approx(20 * f), pytest.approx(22 * f)]]
-    user = voice_activity(moved, 23, user=True)
-    system = voice_activity(moved, 23, user=False)
-    hold = find_events(user, system).holds[0]
-    assert (hold.end_frame, hold.silence_frames) == (4, 5)  # 2 silent frames, now 5
-    assert torch.equal(stretch_hold_pauses(codes, words, [0])[0], codes)
-    with pytest.raises(ValueError, match=r"one per hold \(1\), got \[1, 2\]"):
-        stretch_hold_pauses(codes, words, [1, 2])
 
 
 def test_short_gaps_merge_into_one_unit():
@@ -133,6 +112,18 @@ def test_anticipation_frames_known_values():
 
 def test_timer_frames():
     assert [timer_frames(ms) for ms in (80, 200, 500, 700)] == [1, 3, 7, 9]
+
+
+def test_timer_fires_in_time():
+    """A timer takes the turn only if the mutual silence lasts its frames: to the user's next unit at a hold (it cuts
+    the user off), to the system's onset at a shift (a later answer is not the turn taking the dialogue shows)."""
+    hold = Pause(start_frame=0, end_frame=9, shift=False, silence_frames=5, system_onset=None)
+    assert [timer_fires(hold, frames) for frames in (4, 5, 6)] == [True, True, False]
+    # a shift: the user resumes 30 frames later, but the system answered 3 silent frames after frame 9
+    shift = Pause(start_frame=0, end_frame=9, shift=True, silence_frames=30, system_onset=13)
+    assert [timer_fires(shift, frames) for frames in (3, 4)] == [True, False]
+    # silence to the end of the dialogue: every timer fires
+    assert timer_fires(Pause(start_frame=0, end_frame=9, shift=False, silence_frames=None, system_onset=None), 99)
 
 
 def test_future_silence_targets_known_values():
@@ -198,11 +189,13 @@ def test_evaluation_on_a_random_model_andtoy_turn_dialogues(tmp_path):
     report = evaluate_turn_taking(model, items, alignments, stats, plot_dir=tmp_path)
     assert (report.num_shifts, report.num_holds, report.num_dialogues) == (4, 0, 4)
     assert (report.num_backchannels, report.num_barge_ins) == (0, 4)
-    assert set(report.predictors) == {"model", "repeat_last", "unigram", "timer_200ms", "timer_500ms", "timer_700ms"}
-    # every shift's silence (10 frames, to the next user unit) outlasts every timer: all detected, at the timer
-    for name, frames in (("timer_200ms", 3), ("timer_500ms", 7), ("timer_700ms", 9)):
-        assert report.predictors[name].shift_hold.recall == 1.0
-        assert report.predictors[name].median_anticipation_ms == pytest.approx(-frames * 80)
+    assert set(report.predictors) == {"model", "repeat_last", "unigram", "timer_200ms", "timer_500ms", "timer_700ms",
+                                      "timer_1000ms"}
+    # the system answers 2 silent frames after the user's last one (frames 15-16), before any timer (3, 7, 9 frames)
+    # fires: a timer is scored in time (`timer_fires`), so it detects no shift and has no anticipation
+    for name in ("timer_200ms", "timer_500ms", "timer_700ms", "timer_1000ms"):
+        assert report.predictors[name].shift_hold.recall == 0.0
+        assert report.predictors[name].median_anticipation_ms is None
     # repeat-last reads the table row of the last token seen: token 20 + i is at frame 5 + i, and the user is
     # silent over frames j + 5 .. j + 9 after frame j from token 25 (frame 10) on; seen at boundary 11, the turn
     # ends at boundary 15: 4 frames early. Token 24 (frame 9) is followed by speech at frame 14.
@@ -215,8 +208,38 @@ def test_evaluation_on_a_random_model_andtoy_turn_dialogues(tmp_path):
     assert metrics["turn_taking/num_shifts"] == 4 and "turn_taking/timer_500ms/recall" in metrics
     assert all(v is not None for v in metrics.values())
     assert "| model |" in report.to_markdown() and "timer_700ms" in report.to_markdown()
-    assert set(report.plots) == {"turn_taking_roc", "turn_taking_timeline"}
+    assert set(report.plots) == {"turn_taking_roc", "turn_taking_timeline", "turn_taking_tradeoff"}
     assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in report.plots)
+    # no hold: nothing to take over, no interval for a balanced accuracy with one class
+    assert report.false_takeovers["model"] is None and report.intervals["model"]["balanced_accuracy"] is None
+    assert report.intervals["repeat_last"]["median_anticipation_ms"] == (320, 320)  # every shift 4 frames early
+
+
+def test_takeover_latency_tradeoff_and_bootstrap():
+    """A signal takes over a hold where it reaches the threshold anywhere in the user's silence; a patient timer
+    takes over every hold its wait fits in and answers every shift that late; bootstrap intervals hold the estimate."""
+    from hf_moshi_userpred.evaluation.turn_taking_tradeoff import (
+        bootstrap_interval,
+        hold_peak,
+        takeover_latency_curve,
+        timer_curve,
+    )
+
+    turn_end = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.4, 0.1, 0.8, 0.0])
+    hold = Pause(start_frame=0, end_frame=2, shift=False, silence_frames=2, system_onset=None)  # silent frames 3-4
+    assert hold_peak(turn_end, hold) == pytest.approx(0.9)  # boundaries 3 and 4; 6 comes after the user resumed
+    assert hold_peak(turn_end, Pause(0, 4, False, None, None)) == pytest.approx(0.8)  # silent to the end
+    curve = takeover_latency_curve([0.9, 0.2], {0.5: [-80.0, 160.0, math.inf], 0.95: [math.inf] * 3})
+    assert [(p.setting, p.false_takeover, p.median_latency_ms) for p in curve] == [(0.5, 0.5, 160.0),
+                                                                                  (0.95, 0.0, None)]
+    timers = timer_curve([240.0, 800.0, math.inf], num_shifts=5, timers_ms=(200, 500, 1000))
+    assert [(p.false_takeover, p.median_latency_ms) for p in timers] == [(1.0, 200.0), (pytest.approx(2 / 3), 500.0),
+                                                                         (pytest.approx(1 / 3), 1000.0)]
+    values = [float(v) for v in range(100)]
+    low, high = bootstrap_interval(values, lambda sample: sum(sample) / len(sample))
+    assert low < 49.5 < high and high - low < 25
+    assert bootstrap_interval([], lambda sample: 0.0) is None
+    assert bootstrap_interval([1.0, 2.0], lambda sample: None) is None  # never defined
 
 
 # ------------------------------------------------------------------------------- a trained sample model (plumbing)
@@ -249,11 +272,15 @@ def test_signal_and_evaluation_on_the_trained_sample_model(demo_model_dir, tmp_p
 
     report = evaluate_turn_taking(model, held_out, eval_alignments, stats)
     assert report.num_shifts + report.num_holds >= 5 and report.num_shifts >= 1 and report.num_holds >= 1
-    for name in ("timer_500ms", "timer_700ms"):  # the sample's in-turn pauses are shorter than 500 ms
-        assert report.predictors[name].shift_hold.balanced_accuracy == 1.0
+    for name in ("timer_500ms", "timer_700ms"):  # the sample's in-turn pauses are shorter than 500 ms: never cut off
+        assert report.predictors[name].shift_hold.specificity == 1.0
     assert report.predictors["unigram"].shift_hold.auc == 0.5  # a constant signal
-    for m in report.predictors.values():
-        assert 0 <= m.shift_hold.balanced_accuracy <= 1
+    for name, m in report.predictors.items():
+        assert 0 <= m.shift_hold.balanced_accuracy <= 1 and 0 <= report.false_takeovers[name] <= 1
+    low, high = report.intervals["model"]["balanced_accuracy"]
+    assert low <= report.predictors["model"].shift_hold.balanced_accuracy <= high
+    timer = {p.setting: p for p in report.tradeoff["timer"]}
+    assert timer[500].false_takeover == 0.0 and timer[500].median_latency_ms == 500  # no hold lasts 500 ms
 
 
 def test_evaluate_turn_taking_command(demo_model_dir, tmp_path, capsys):

@@ -198,3 +198,30 @@ def test_train_command_adds_and_trains_a_head(demo_model_dir, tmp_path):
 
     metrics = json.loads((out / "eval_results.json").read_text())
     assert metrics["eval_loss/voice_activity"] > 0
+    # a new head trained jointly with the transformer
+    joint = tmp_path / "joint"
+    assert main(["train", "--model_name_or_path", str(demo_model_dir), "--train_data", str(encoded / "train"),
+                 "--output_dir", str(joint), "--voice_activity_horizon", "6", "--voice_activity_turn_end_frames", "2",
+                 "--voice_activity_trains_transformer", "--max_steps", "2", "--per_device_train_batch_size", "2",
+                 "--segment_frames", "32", "--use_cpu", "--report_to", "none", "--save_strategy", "no"]) == 0
+    assert MoshiUserPredForConditionalGeneration.from_pretrained(joint).config.voice_activity_trains_transformer
+
+
+def test_the_head_loss_reaches_the_transformer_only_when_configured(tmp_path):
+    """Detached by default (the head changes nothing the model says); `voice_activity_trains_transformer` trains
+    them jointly, as VAP models are, and survives a save and reload."""
+    items, alignments = toy_turn_dialogues(sample_model_config(dim=32, num_layers=1))
+    activity = DialoguesWithVoiceActivity(items, alignments)[0]["user_activity"][None]
+    for joint in (False, True):
+        torch.manual_seed(0)
+        config = sample_model_config(dim=32, num_layers=1)
+        config.voice_activity_trains_transformer = joint
+        model = MoshiUserPredForConditionalGeneration(config)
+        model.add_voice_activity_head(4, 2)
+        out = model(items[0]["codes"][None], user_activity=activity, return_loss=True)
+        out.voice_activity_loss.backward()
+        reached = [name for name, p in model.named_parameters()
+                   if not name.startswith("voice_activity_head") and p.grad is not None and p.grad.abs().sum() > 0]
+        assert bool(reached) == joint, reached[:3]
+    model.save_pretrained(tmp_path)
+    assert MoshiUserPredForConditionalGeneration.from_pretrained(tmp_path).voice_activity_head.trains_transformer

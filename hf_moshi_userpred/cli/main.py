@@ -1,10 +1,11 @@
-"""`hf-moshi-userpred`: the command line (convert, encode, train, evaluate, stream, serve, demo, push).
+"""`hf-moshi-userpred`: the command line (synthesize, convert, encode, train, evaluate, stream, serve, demo, push).
 
 Each command lives in its own module of this folder (its arguments and a `run` that calls the package); this one
 builds the parser and turns a user mistake (bad path, bad value, incompatible files) into one line on stderr and
 exit code 2, never a traceback.
 
     hf-moshi-userpred demo                                   # the whole pipeline on the shipped sample, offline
+    hf-moshi-userpred synthesize --out DIR [--hours 1.0] [--seed 0]   # a conversational corpus (espeak-ng)
     hf-moshi-userpred convert KYUTAI_DIR OUT [--user-init copy_system|random] [--to-moshi] [--quantize int8|int4]
     hf-moshi-userpred encode MANIFEST.jsonl OUT --mimi MIMI --tokenizer TOKENIZER --num-codebooks N
     hf-moshi-userpred train CONFIG.yaml | --flag value ...   (also `accelerate launch -m hf_moshi_userpred.training.train`)
@@ -22,11 +23,11 @@ import sys
 from collections.abc import Sequence
 
 from ..utils.errors import error_summary
-from . import convert, demo, encode, evaluate, push, serve, stream, train
+from . import convert, demo, encode, evaluate, push, serve, stream, synthesize, train
 from .arguments import Formatter, Parser
 
 PROG = "hf-moshi-userpred"
-COMMANDS = (demo, convert, encode, train, evaluate, stream, serve, push)  # in the order `--help` lists them
+COMMANDS = (demo, synthesize, convert, encode, train, evaluate, stream, serve, push)  # in the order `--help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -165,9 +165,9 @@ The turn-taking signal, P(the user's turn ends within the next {result.turn_taki
 user's turn ended; hold: the user goes on), decided as soon as the last frame of user speech is in, next to silence
 timers that decide later: `vap_head` is the model's voice-activity head (trained alone for {s["head_training_steps"]} steps after the
 model), `model` the token table under the user branch's prediction. The sample's pauses inside a turn are all short,
-so a timer of 500 ms or more is never wrong on it, only late; and a handful of pauses is not a measurement (one moves
-a rate by 20-25 points): the per-frame table scores every frame, and `benchmarks/bench_turn_taking.py`
-cross-validates over all 28 dialogues, also with longer pauses.
+so a timer of 500 ms or more never cuts the user off on it; and a handful of pauses is not a measurement (one moves
+a rate by 20-25 points): the per-frame table scores every frame, and `hf-moshi-userpred synthesize` with
+`demo --data` measures on a corpus of hours where silence cannot decide (docs/corpus.md).
 
 {result.turn_taking.to_markdown()}
 

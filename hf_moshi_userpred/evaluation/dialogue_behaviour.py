@@ -71,6 +71,7 @@ from ..models.modeling_moshi_codes import ZERO_TOKEN_ID
 from .figures import save_figures
 from .report_format import milliseconds, percent
 from .turn_taking_events import TurnTakingEvents, dialogue_events
+from .turn_taking_metrics import timer_frames
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -268,7 +269,7 @@ class DialogueBehaviourReport:
     Args:
         settings: row name -> [`BehaviourMetrics`]: `recorded` (the recorded system, from its own text row: what
             the definitions give on human-made timing), `model` (streaming without the turn hold), `hold {t}`
-            (with `turn_hold_threshold=t`).
+            (with `turn_hold_threshold=t`), `timer {ms} ms` (a silence-timer agent, [`timer_speech`]).
         num_dialogues, frames_per_dialogue: what was streamed (`frames_per_dialogue`: the `max_frames` cap or None).
         kind, bridge_frames, hangover_frames, context_frames, seed: the settings.
         signal: what the hold read: "voice-activity head" (the model has one) or "`kind` table".
@@ -324,6 +325,23 @@ class DialogueBehaviourReport:
         return "\n".join(lines)
 
 
+def timer_speech(user: torch.Tensor, frames: int) -> torch.Tensor:
+    """What a cascaded agent with a silence timer says (bool `[T]`), without user prediction: it speaks in frame `f`
+    once the user has been silent over the `frames` frames before it (it has heard the user up to frame `f - 1`),
+    and stops as soon as it hears them (an ideal voice-activity detector: one frame late)."""
+    speech = torch.zeros_like(user, dtype=torch.bool)
+    silent_run = 0
+    for f in range(user.shape[0]):
+        speech[f] = silent_run >= frames
+        silent_run = 0 if bool(user[f]) else silent_run + 1
+    return speech
+
+
+def timer_setting_name(ms: float) -> str:
+    """The report's row name of a silence-timer agent."""
+    return f"timer {ms:g} ms"
+
+
 def setting_name(threshold: float | None) -> str:
     """The report's row name of a turn-hold threshold (None: `model`, without the hold)."""
     return "model" if threshold is None else f"hold {threshold:g}"
@@ -338,6 +356,7 @@ def evaluate_dialogue_behaviour(
     statistics: TurnTakingStatistics,
     *,
     hold_thresholds: Sequence[float | None] = (None, 0.5),
+    timers_ms: Sequence[float] = (),
     kind: str = "token",
     seed: int | None = 0,
     max_frames: int | None = None,
@@ -363,6 +382,8 @@ def evaluate_dialogue_behaviour(
             `TurnTakingStatistics.load(model_dir)`); `kind` picks the table.
         hold_thresholds: one streamed setting each: None streams without the turn hold, a float `t` with
             `turn_hold_threshold=t`.
+        timers_ms: one silence-timer agent each (no model: [`timer_speech`] on the recorded user's activity), the
+            policy of a voice agent without user prediction.
         seed: the sampling seed of every run (the settings differ only by the hold).
         max_frames: stream only the first `max_frames` frames of each dialogue (a quick look; later events are cut).
         bridge_frames, hangover_frames: [`system_speech`]; min_pause_frames, max_backchannel_frames,
@@ -394,7 +415,8 @@ def evaluate_dialogue_behaviour(
         raise ValueError(f"max_frames must be at least 2, got {max_frames}")
     table, padding = statistics.table(kind), padding_ids(c)
     speech_settings = {"bridge_frames": bridge_frames, "hangover_frames": hangover_frames}
-    outcomes = {name: BehaviourOutcomes() for name in (RECORDED, *names)}
+    timers = {timer_setting_name(ms): timer_frames(ms) for ms in timers_ms}
+    outcomes = {name: BehaviourOutcomes() for name in (RECORDED, *names, *timers)}
     timeline: dict[str, Any] = {}
     codes = []
     for i, item in enumerate(dialogues):
@@ -422,6 +444,8 @@ def evaluate_dialogue_behaviour(
                 user, system = events.user_activity, events.system_activity
                 speech = {RECORDED: system_speech(x[0], T, padding, offset=0, **speech_settings)}
                 turn_end = {}
+                for name, frames in timers.items():
+                    speech[name] = timer_speech(user, frames)
                 for name, out in zip(names, runs):
                     speech[name] = system_speech(out.text_tokens[b], T, padding, offset=1, **speech_settings)
                     # computed at call o, once user frame o is in: it belongs to frame boundary o + 1
@@ -495,5 +519,7 @@ __all__ = [
     "evaluate_dialogue_behaviour",
     "plot_dialogue_behaviour",
     "setting_name",
+    "timer_setting_name",
+    "timer_speech",
     "system_speech",
 ]

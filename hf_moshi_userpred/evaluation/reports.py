@@ -13,7 +13,7 @@ without and with the turn hold), `plots/*.png`. Every file is replaced atomicall
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..data.encoding import EncodedDialogues
@@ -28,6 +28,7 @@ from .user_prediction import CalibrationReport, UserPredictionReport, evaluate_u
 
 TURN_TAKING_METRICS_NAME = "turn_taking_metrics.json"
 TURN_TAKING_REPORT_NAME = "turn_taking_report.md"
+BEHAVIOUR_TIMERS_MS = (200, 500, 700, 1000)  # the silence-timer agents the model's behaviour is compared with
 
 
 def write_user_prediction_report(
@@ -85,23 +86,25 @@ def write_turn_taking_report(
     out: str | os.PathLike,
     *,
     threshold: float = 0.5,
+    signal_thresholds: Mapping[str, float] | None = None,
     seed: int = 0,
     window: int | None = None,
     plots: bool = True,
 ) -> tuple[TurnTakingReport, DialogueBehaviourReport]:
     """The turn-taking signal's shift/hold, anticipation and backchannel metrics on the alignments of `data` (the
     encoded folder `dataset` was read from), and the system's dialogue behaviour streaming `dataset` without and
-    with the turn hold at `threshold`; written to `out/turn_taking_metrics.json` and `out/turn_taking_report.md`
+    with the turn hold at `threshold`, next to silence-timer agents (`signal_thresholds`: per-signal overrides for the signal's metrics); written to `out/turn_taking_metrics.json` and `out/turn_taking_report.md`
     (plots in `out/plots/` unless `plots` is False)."""
     out = Path(out)
     alignments = dialogue_alignments(data)
     plot_dir = out / "plots" if plots else None
-    signal = evaluate_turn_taking(model, dataset, alignments, statistics, threshold=threshold, window=window,
-                                  plot_dir=plot_dir)
+    signal = evaluate_turn_taking(model, dataset, alignments, statistics, threshold=threshold,
+                                  signal_thresholds=signal_thresholds, window=window, plot_dir=plot_dir)
     behaviour = evaluate_dialogue_behaviour(model, dataset, alignments, statistics, hold_thresholds=(None, threshold),
-                                            seed=seed, plot_dir=plot_dir)
+                                            timers_ms=BEHAVIOUR_TIMERS_MS, seed=seed, plot_dir=plot_dir)
+    tradeoff = {name: [vars(point) for point in points] for name, points in signal.tradeoff.items()}
     write_json(out / TURN_TAKING_METRICS_NAME, {
-        "metrics": {**signal.to_dict(), **behaviour.to_dict()}, "markdown": signal.to_markdown(),
+        "metrics": {**signal.to_dict(), **behaviour.to_dict()}, "tradeoff": tradeoff, "markdown": signal.to_markdown(),
         "dialogue_behaviour_markdown": behaviour.to_markdown(), "dataset": str(data)})
     images = "\n".join(f"![{name}](plots/{Path(plot).name})" for name, plot in {**signal.plots,
                                                                                 **behaviour.plots}.items())

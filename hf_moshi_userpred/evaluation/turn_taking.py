@@ -36,11 +36,15 @@ from .turn_taking_metrics import (
     ShiftHoldMetrics,
     TurnTakingReport,
     anticipation_frames,
+    balanced_accuracy,
     binary_metrics,
     frame_metrics,
+    lower_median,
+    timer_fires,
     timer_frames,
 )
 from .turn_taking_plots import plot_turn_taking
+from .turn_taking_tradeoff import SWEEP, bootstrap_interval, hold_peak, takeover_latency_curve, timer_curve
 
 if TYPE_CHECKING:
     from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
@@ -124,7 +128,8 @@ def evaluate_turn_taking(
     *,
     kind: str = "token",
     threshold: float = 0.5,
-    timers_ms: Sequence[float] = (200, 500, 700),
+    signal_thresholds: Mapping[str, float] | None = None,
+    timers_ms: Sequence[float] = (200, 500, 700, 1000),
     decision_delay: int = 0,
     onset_delay: int = 2,
     min_pause_frames: int = 2,
@@ -141,8 +146,8 @@ def evaluate_turn_taking(
     decision_delay` (`decision_delay = 0`: as soon as the last frame with user speech has arrived) that the turn
     ended when `turn_end >= threshold`; a pause whose system onset comes before that boundary is left out (the
     teacher-forced system stream would give the answer away: the model sees the system's text of the frame it
-    predicts). A silence timer of `ms` decides shift once the user has been silent `timer_frames(ms)` frames, hold
-    if the user speaks before; it fires that many frames after the turn end. Backchannel vs barge-in is scored at
+    predicts). A silence timer of `ms` decides shift once both have been silent `timer_frames(ms)` frames, hold if
+    the user speaks or the system answers before ([`timer_fires`]); it fires that many frames after the turn end. Backchannel vs barge-in is scored at
     boundary `onset + onset_delay` with `turn_end` (a backchannel is followed by silence). Per frame, each signal's
     `turn_end` is also scored against what followed at every boundary where it is known ([`FrameMetrics`]: many
     more decisions than the pauses, so a steadier comparison of the signals; no timer has an opinion there).
@@ -153,6 +158,8 @@ def evaluate_turn_taking(
         alignments: their word alignments (see [`dialogue_alignments`]).
         statistics: from [`fit_turn_taking_statistics`] on the training dialogues.
         kind: `"token"` or `"two_state"` table ([`TurnTakingStatistics.table`]).
+        threshold: P(turn end) threshold of the signal predictors; `signal_thresholds` overrides it per signal
+            name (`model`, `vap_head`, ...: each signal's own calibrated threshold).
         plot_dir: if given, write the plots there ([`plot_turn_taking`]).
 
     Raises:
@@ -168,11 +175,13 @@ def evaluate_turn_taking(
         raise ValueError(f"the statistics have {statistics.token_table.shape[0]} tokens, the model "
                          f"card={model.config.card}")
     frame_ms = 1000 / FRAME_RATE
+    signal_thresholds = dict(signal_thresholds or {})
     timer_names = {f"timer_{ms:g}ms": timer_frames(ms) for ms in timers_ms}
     labels: list[bool] = []
     c = model.config
     signal_names = ("model", *(("vap_head",) if model.voice_activity_head is not None else ()), "repeat_last",
                     "unigram")
+    thresholds = {name: signal_thresholds.get(name, threshold) for name in signal_names}
     signal_horizon = {name: (statistics.horizon, statistics.turn_end_frames) for name in signal_names}
     if model.voice_activity_head is not None:
         signal_horizon["vap_head"] = (c.voice_activity_horizon, c.voice_activity_turn_end_frames)
@@ -180,6 +189,9 @@ def evaluate_turn_taking(
     frame_labels: dict[str, list[torch.Tensor]] = {name: [] for name in signal_names}
     scores: dict[str, list[float]] = {name: [] for name in (*signal_names, *timer_names)}
     anticipation: dict[str, list[float]] = {name: [] for name in scores}
+    hold_peaks: dict[str, list[float]] = {name: [] for name in signal_names}
+    sweep_latency: dict[str, dict[float, list[float]]] = {name: {t: [] for t in SWEEP} for name in signal_names}
+    hold_silences_ms: list[float] = []
     onset_labels: list[bool] = []
     onset_scores: dict[str, list[float]] = {name: [] for name in signal_names}
     counts = {"shifts": 0, "holds": 0, "backchannels": 0, "barge_ins": 0}
@@ -203,20 +215,26 @@ def evaluate_turn_taking(
                 keep = known[0, :, -1] & ~turn_end.isnan()
                 frame_scores[name].append(turn_end[keep])
                 frame_labels[name].append(targets[0, keep, -1].bool())
-            for pause in events.pauses:
+            for pause in events.decidable_pauses(decision_delay):
                 decide = pause.end_frame + 1 + decision_delay
-                if decide >= T or (pause.system_onset is not None and pause.system_onset <= decide):
-                    continue
                 labels.append(pause.shift)
                 counts["shifts" if pause.shift else "holds"] += 1
+                if not pause.shift:
+                    silence = pause.silence_frames
+                    hold_silences_ms.append(math.inf if silence is None else silence * frame_ms)
                 for name in signal_names:
                     turn_end = signals[name][1]
                     scores[name].append(float(turn_end[decide]))
                     if pause.shift:
-                        ahead = anticipation_frames(turn_end, pause, threshold)
+                        ahead = anticipation_frames(turn_end, pause, thresholds[name])
                         anticipation[name].append(-math.inf if ahead is None else ahead * frame_ms)
+                        for t, latencies in sweep_latency[name].items():
+                            ahead = anticipation_frames(turn_end, pause, t)
+                            latencies.append(math.inf if ahead is None else -ahead * frame_ms)
+                    else:
+                        hold_peaks[name].append(hold_peak(turn_end, pause))
                 for name, frames in timer_names.items():
-                    fires = pause.silence_frames is None or pause.silence_frames >= frames
+                    fires = timer_fires(pause, frames)
                     scores[name].append(1.0 if fires else 0.0)
                     if pause.shift:
                         anticipation[name].append(-frames * frame_ms if fires else -math.inf)
@@ -240,18 +258,37 @@ def evaluate_turn_taking(
     for name in scores:
         is_timer = name in timer_names
         predictors[name] = ShiftHoldMetrics.from_pauses(
-            scores[name], labels, anticipation[name], 0.5 if is_timer else threshold,
+            scores[name], labels, anticipation[name], 0.5 if is_timer else thresholds[name],
             (timer_names[name] if is_timer else decision_delay) * frame_ms)
-    backchannel = {name: binary_metrics(onset_scores[name], onset_labels, threshold)
+    backchannel = {name: binary_metrics(onset_scores[name], onset_labels, thresholds[name])
                    for name in signal_names} if onset_labels else {}
     frames = {name: frame_metrics(torch.cat(frame_scores[name]), torch.cat(frame_labels[name]))
               for name in signal_names}
     report = TurnTakingReport(
         predictors=predictors, backchannel=backchannel, frames=frames, num_shifts=counts["shifts"], num_holds=counts["holds"],
         num_backchannels=counts["backchannels"], num_barge_ins=counts["barge_ins"], num_dialogues=len(dataset),
-        threshold=threshold, horizon=statistics.horizon, turn_end_frames=statistics.turn_end_frames, kind=kind,
+        threshold=threshold, signal_thresholds=thresholds, horizon=statistics.horizon, turn_end_frames=statistics.turn_end_frames, kind=kind,
         decision_delay=decision_delay, onset_delay=onset_delay, frame_ms=frame_ms, timeline=timeline,
     )
+    for name in signal_names:
+        report.false_takeovers[name] = (sum(p >= thresholds[name] for p in hold_peaks[name]) / len(hold_peaks[name])
+                                        if hold_peaks[name] else None)
+        report.tradeoff[name] = takeover_latency_curve(hold_peaks[name], sweep_latency[name])
+    for name, frames in timer_names.items():
+        report.false_takeovers[name] = (sum(s >= frames * frame_ms for s in hold_silences_ms) / len(hold_silences_ms)
+                                        if hold_silences_ms else None)
+    report.tradeoff["timer"] = timer_curve(hold_silences_ms, counts["shifts"])
+    for name in scores:
+        cut = 0.5 if name in timer_names else thresholds[name]
+        report.intervals[name] = {
+            "balanced_accuracy": bootstrap_interval(list(zip(scores[name], labels)),
+                                                    lambda pairs, cut=cut: balanced_accuracy(pairs, cut)),
+            "median_anticipation_ms": bootstrap_interval(anticipation[name], lower_median),
+        }
+        if name in backchannel:
+            report.intervals[name]["backchannel_balanced_accuracy"] = bootstrap_interval(
+                list(zip(onset_scores[name], onset_labels)),
+                lambda pairs, cut=thresholds[name]: balanced_accuracy(pairs, cut))
     report.timeline["scores"] = {"labels": labels, **scores}  # per pause, for pooling over runs and the ROC plot
     report.timeline["anticipation_ms"] = anticipation  # per shift (-inf: never detected)
     if plot_dir is not None:

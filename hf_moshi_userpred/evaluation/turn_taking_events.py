@@ -50,6 +50,18 @@ class TurnTakingEvents:
     user_activity: torch.Tensor | None = None
     system_activity: torch.Tensor | None = None
 
+    def decidable_pauses(self, decision_delay: int = 0) -> list[Pause]:
+        """The pauses a predictor can be scored at when it decides `decision_delay` frames after the user's last
+        speech frame: the decision boundary lies inside the dialogue and before the system starts (at an earlier
+        onset the teacher-forced system stream would give the answer away, and a real agent would be too late)."""
+        T = self.user_activity.shape[0] if self.user_activity is not None else None
+        decidable = []
+        for pause in self.pauses:
+            decide = pause.end_frame + 1 + decision_delay
+            if (T is None or decide < T) and (pause.system_onset is None or pause.system_onset > decide):
+                decidable.append(pause)
+        return decidable
+
     @property
     def shifts(self) -> list[Pause]:
         return [p for p in self.pauses if p.shift]

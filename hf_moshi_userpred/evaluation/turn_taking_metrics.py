@@ -1,5 +1,6 @@
 """Scores of a turn-taking predictor: a binary decision against labels ([`binary_metrics`], [`auc`]), how early a
-signal detects the end of the user's turn ([`anticipation_frames`]), when a silence timer fires ([`timer_frames`]),
+signal detects the end of the user's turn ([`anticipation_frames`]), when a silence timer fires ([`timer_frames`],
+[`timer_fires`]),
 the per-pause and per-frame summaries of [`evaluate_turn_taking`] ([`ShiftHoldMetrics`], [`FrameMetrics`]), and its
 result, [`TurnTakingReport`], with its JSON and Markdown forms.
 """
@@ -7,15 +8,18 @@ result, [`TurnTakingReport`], with its JSON and Markdown forms.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..models.configuration_moshi_userpred import FRAME_RATE
 from .report_format import milliseconds, number, percent
 from .turn_taking_events import Pause
+
+if TYPE_CHECKING:
+    from .turn_taking_tradeoff import TradeoffPoint
 
 
 @dataclass
@@ -86,6 +90,22 @@ def timer_frames(ms: float, frame_rate: float = FRAME_RATE) -> int:
     return max(math.ceil(ms * frame_rate / 1000 - 1e-9), 1)
 
 
+def timer_fires(pause: Pause, frames: int) -> bool:
+    """Whether a silence timer that waits `frames` whole silent frames takes the turn at `pause` in time: the mutual
+    silence after the user's last speech frame (up to the user's next unit at a hold, up to the system's onset at a
+    shift; to the end of the dialogue if neither comes) lasts at least `frames`.
+
+    At a hold a firing timer cuts the user off. At a shift it answers no sooner than the recorded reply came: a
+    timer that has not fired when the reply was due says "hold" there, since a later answer is not the turn taking
+    the dialogue shows (how much later a patient timer would answer is the decision latency, `frames` itself).
+    """
+    if pause.shift:
+        silence = pause.system_onset - pause.end_frame - 1
+    else:
+        silence = pause.silence_frames
+    return silence is None or silence >= frames
+
+
 @dataclass
 class ShiftHoldMetrics:
     """One predictor at the user's pauses: shift-vs-hold [`BinaryMetrics`] (positive: shift), and the
@@ -105,7 +125,7 @@ class ShiftHoldMetrics:
         run or pooled over several."""
         detected = [a for a in anticipation_ms if a != -math.inf]
         return cls(shift_hold=binary_metrics(scores, labels, threshold),
-                   median_anticipation_ms=_median(anticipation_ms),
+                   median_anticipation_ms=lower_median(anticipation_ms),
                    detected=len(detected) / len(anticipation_ms) if anticipation_ms else None,
                    decision_ms=decision_ms)
 
@@ -143,6 +163,13 @@ class TurnTakingReport:
         frames: name -> [`FrameMetrics`] of each signal's `turn_end` at every boundary where the outcome is known.
         num_shifts, num_holds, num_backchannels, num_barge_ins: event counts; `num_dialogues`.
         threshold, horizon, turn_end_frames, kind, decision_delay, onset_delay: the settings.
+        signal_thresholds: the threshold each signal predictor was decided at (`threshold` unless overridden).
+        false_takeovers: per predictor, the share of holds it takes over: a signal reaching its threshold anywhere in
+            the user's silence, a timer whose wait the silence outlasts.
+        intervals: per predictor, bootstrap 95 % intervals (over the events) of `balanced_accuracy` (shift/hold),
+            `median_anticipation_ms` and `backchannel_balanced_accuracy`: `(low, high)`, None where undefined.
+        tradeoff: per signal, and `"timer"` for a patient silence timer, the false-takeover rate against the median
+            decision latency over a sweep of its threshold (of its wait) ([`takeover_latency_curve`]).
         frame_ms: one frame in ms.
         timeline: one dialogue's arrays for the timeline plot (`user`, `system` activity, `turn_end` per predictor,
             `silence` `[T, horizon]` of the model, `events`), and every pause's `scores` (`labels`: shift; per
@@ -165,6 +192,10 @@ class TurnTakingReport:
     decision_delay: int
     onset_delay: int
     frame_ms: float
+    signal_thresholds: dict[str, float] = field(default_factory=dict)
+    false_takeovers: dict[str, float | None] = field(default_factory=dict)
+    intervals: dict[str, dict[str, tuple[float, float] | None]] = field(default_factory=dict)
+    tradeoff: dict[str, list[TradeoffPoint]] = field(default_factory=dict, repr=False)
     timeline: dict[str, Any] = field(default_factory=dict, repr=False)
     plots: dict[str, str] = field(default_factory=dict)
 
@@ -178,6 +209,13 @@ class TurnTakingReport:
             out.update({prefix + key: value for key, value in vars(m.shift_hold).items()})
             out.update({prefix + "median_anticipation_ms": m.median_anticipation_ms,
                         prefix + "detected": m.detected, prefix + "decision_ms": m.decision_ms})
+        out.update({f"turn_taking/{name}/threshold": value for name, value in self.signal_thresholds.items()})
+        out.update({f"turn_taking/{name}/false_takeover": value for name, value in self.false_takeovers.items()})
+        for name, intervals in self.intervals.items():
+            for key, interval in intervals.items():
+                if interval is not None:
+                    out.update({f"turn_taking/{name}/{key}_ci_low": interval[0],
+                                f"turn_taking/{name}/{key}_ci_high": interval[1]})
         for name, m in self.backchannel.items():
             out.update({f"turn_taking/{name}/backchannel_{key}": value for key, value in vars(m).items()})
         for name, m in self.frames.items():
@@ -189,19 +227,23 @@ class TurnTakingReport:
 
     def to_markdown(self) -> str:
         """Shift-vs-hold table (predictors as rows), then backchannel-vs-barge-in, then the counts and settings."""
-        header = ("| predictor | decides at | balanced accuracy | F1 | AUC | shift recall | hold recall | "
-                  "median anticipation | shifts detected |")
-        lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        header = ("| predictor | decides at | balanced accuracy (95 % CI) | F1 | AUC | shift recall | hold recall | "
+                  "median anticipation (95 % CI) | shifts detected | false takeovers |")
+        lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in self.predictors.items():
-            s = m.shift_hold
-            lines.append(f"| {name} | +{m.decision_ms:.0f} ms | {percent(s.balanced_accuracy)} | {number(s.f1)} | "
-                         f"{number(s.auc)} | {percent(s.recall)} | {percent(s.specificity)} | "
-                         f"{milliseconds(m.median_anticipation_ms, signed=True)} | {percent(m.detected)} |")
+            s, intervals = m.shift_hold, self.intervals.get(name, {})
+            accuracy = percent(s.balanced_accuracy) + _interval(intervals.get("balanced_accuracy"), percent)
+            anticipation = milliseconds(m.median_anticipation_ms, signed=True) + _interval(
+                intervals.get("median_anticipation_ms"), lambda v: milliseconds(v, signed=True))
+            lines.append(f"| {name} | +{m.decision_ms:.0f} ms | {accuracy} | {number(s.f1)} | {number(s.auc)} | "
+                         f"{percent(s.recall)} | {percent(s.specificity)} | {anticipation} | {percent(m.detected)} | "
+                         f"{percent(self.false_takeovers.get(name))} |")
         if self.backchannel:
-            lines += ["", "| predictor | backchannel vs barge-in: balanced accuracy | F1 | AUC |",
+            lines += ["", "| predictor | backchannel vs barge-in: balanced accuracy (95 % CI) | F1 | AUC |",
                       "|---|---:|---:|---:|"]
-            lines += [f"| {name} | {percent(m.balanced_accuracy)} | {number(m.f1)} | {number(m.auc)} |"
-                      for name, m in self.backchannel.items()]
+            lines += [f"| {name} | {percent(m.balanced_accuracy)}"
+                      f"{_interval(self.intervals.get(name, {}).get('backchannel_balanced_accuracy'), percent)} | "
+                      f"{number(m.f1)} | {number(m.auc)} |" for name, m in self.backchannel.items()]
         lines += ["", "| predictor | P(turn end) per frame: AUC | log-loss | frames |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {number(m.auc)} | {number(m.log_loss)} | {m.count} |"
                   for name, m in self.frames.items()]
@@ -210,17 +252,36 @@ class TurnTakingReport:
             f"\n{self.num_shifts} shifts, {self.num_holds} holds, {self.num_backchannels} backchannels, "
             f"{self.num_barge_ins} barge-ins over {self.num_dialogues} dialogues. Signal ({self.kind} table): "
             f"P(user silent over the last {self.turn_end_frames * self.frame_ms:.0f} ms of the next "
-            f"{horizon_ms:.0f} ms), threshold {self.threshold:g}; decisions at the end of the user's last speech "
+            f"{horizon_ms:.0f} ms), threshold {self._thresholds()}; decisions at the end of the user's last speech "
             f"frame + {self.decision_delay} frame(s); anticipation before the end of that frame (positive: early).")
         return "\n".join(lines)
 
 
-def _median(values: Sequence[float]) -> float | None:
-    """The lower median; None when it is -inf (most shifts missed) or there is nothing."""
+    def _thresholds(self) -> str:
+        differing = {name: t for name, t in self.signal_thresholds.items() if t != self.threshold}
+        return f"{self.threshold:g}" + "".join(f", {name} {t:g}" for name, t in differing.items())
+
+
+def _interval(interval: tuple[float, float] | None, form: Callable[[float], str]) -> str:
+    return "" if interval is None else f" ({form(interval[0])} to {form(interval[1])})"
+
+
+def lower_median(values: Sequence[float]) -> float | None:
+    """The lower median; None when it is infinite (most events never detected) or there is nothing."""
     if not values:
         return None
     value = sorted(values)[(len(values) - 1) // 2]
-    return None if value == -math.inf else value
+    return None if math.isinf(value) else value
+
+
+def balanced_accuracy(pairs: Sequence[tuple[float, bool]], threshold: float) -> float | None:
+    """Balanced accuracy of `score >= threshold` on `(score, label)` pairs (what [`binary_metrics`] gives, without
+    its AUC: cheap enough to bootstrap); None without both classes."""
+    positives = [score >= threshold for score, label in pairs if label]
+    negatives = [score < threshold for score, label in pairs if not label]
+    if not positives or not negatives:
+        return None
+    return (sum(positives) / len(positives) + sum(negatives) / len(negatives)) / 2
 
 
 __all__ = [
@@ -230,7 +291,10 @@ __all__ = [
     "TurnTakingReport",
     "anticipation_frames",
     "auc",
+    "balanced_accuracy",
     "binary_metrics",
     "frame_metrics",
+    "lower_median",
+    "timer_fires",
     "timer_frames",
 ]

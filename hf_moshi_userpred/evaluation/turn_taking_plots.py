@@ -1,4 +1,5 @@
-"""The turn-taking report's plots: one dialogue's timeline and the shift-vs-hold ROC ([`plot_turn_taking`])."""
+"""The turn-taking report's plots: one dialogue's timeline, the shift-vs-hold ROC and the false-takeover against
+latency trade-off ([`plot_turn_taking`])."""
 
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ if TYPE_CHECKING:
 def plot_turn_taking(report: TurnTakingReport, plot_dir: str | os.PathLike) -> dict[str, str]:
     """Write `turn_taking_timeline.png` (one dialogue: both speakers' activity, the model's P(user silent) over the
     horizon as a heat map, P(turn end) of each predictor with the threshold, shifts and holds marked) and
-    `turn_taking_roc.png` (shift-vs-hold ROC of the signal predictors, the timers as points).
+    `turn_taking_roc.png` (shift-vs-hold ROC of the signal predictors, the timers as points) and
+    `turn_taking_tradeoff.png` (false takeovers at holds against the median latency at shifts, over a threshold
+    sweep of each signal and the wait of a silence timer).
 
     Raises:
         ImportError: matplotlib is missing (`pip install 'hf_moshi_userpred[plots]'`).
     """
     drawings = {"turn_taking_roc": (lambda figure: _plot_roc(report, figure), (5, 5))}
+    if report.tradeoff:
+        drawings["turn_taking_tradeoff"] = (lambda figure: _plot_tradeoff(report, figure), (6, 5))
     if report.timeline.get("user") is not None:
         drawings["turn_taking_timeline"] = (lambda figure: _plot_timeline(report, figure), (11, 6))
     return save_figures(plot_dir, drawings)
@@ -84,6 +89,35 @@ def _plot_roc(report: TurnTakingReport, figure: Figure) -> Figure:
     ax.set(xlabel="false shift rate (holds called shifts)", ylabel="shift recall", xlim=(-0.02, 1.02),
            ylim=(-0.02, 1.02), title=f"Shift vs hold ({report.num_shifts} shifts, {report.num_holds} holds)")
     ax.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _plot_tradeoff(report: TurnTakingReport, figure: Figure) -> Figure:
+    ax = figure.subplots()
+    for name, points in report.tradeoff.items():
+        shown = [p for p in points if p.false_takeover is not None and p.median_latency_ms is not None]
+        if not shown:
+            continue
+        latency, takeover = [p.median_latency_ms for p in shown], [p.false_takeover for p in shown]
+        if name == "timer":
+            ax.plot(latency, takeover, "s--", color="gray", ms=4, label="silence timer (its wait)")
+            for p in shown:
+                ax.annotate(f"{p.setting:g}", (p.median_latency_ms, p.false_takeover), fontsize=6,
+                            textcoords="offset points", xytext=(3, 3))
+            continue
+        line, = ax.plot(latency, takeover, ".-", label=f"{name} (threshold sweep)")
+        chosen = report.signal_thresholds.get(name)
+        for p in shown:
+            if chosen is not None and abs(p.setting - chosen) < 1e-9:
+                ax.plot(p.median_latency_ms, p.false_takeover, "o", color=line.get_color(), ms=9, mfc="none",
+                        label=f"{name} at its threshold {chosen:g}")
+    ax.axvline(0, color="k", lw=0.6, ls=":")
+    ax.set(xlabel="median latency at shifts (ms after the end of the user's turn; < 0: before it)",
+           ylabel="false takeovers (share of holds taken over)", ylim=(-0.02, 1.02),
+           title=f"Answering sooner vs cutting in ({report.num_shifts} shifts, {report.num_holds} holds)")
+    if ax.get_legend_handles_labels()[0]:  # nothing to draw without holds
+        ax.legend(loc="upper right", fontsize=7)
     figure.tight_layout()
     return figure
 

@@ -106,6 +106,9 @@ class MoshiUserPredConfig(PreTrainedConfig):
             it instead of a token table. Needs the user branch. Off (0) by default.
         voice_activity_turn_end_frames (`int`): the frames at the end of the horizon over which the user must be
             silent for "the turn ends" (`1 <= voice_activity_turn_end_frames <= voice_activity_horizon`).
+        voice_activity_trains_transformer (`bool`): whether the VAP head's loss reaches the transformer (trained
+            jointly, as VAP models are, so the hidden state learns what ends a turn) or the head reads the hidden
+            state with its gradient stopped (the default: the head then changes nothing the model says or predicts).
 
     Loss defaults (moshi-finetune's knobs):
         user_loss_weight (`float`): weight of the user loss in `loss` when `forward` is given none; the Trainer's
@@ -175,6 +178,7 @@ class MoshiUserPredConfig(PreTrainedConfig):
     user_logit_temperature: list[float] | None = None
     voice_activity_horizon: int = 0
     voice_activity_turn_end_frames: int = 5
+    voice_activity_trains_transformer: bool = False
 
     user_loss_weight: float = 0.1
     first_codebook_weight_multiplier: float = 1.0

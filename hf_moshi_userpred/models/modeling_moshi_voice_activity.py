@@ -8,9 +8,11 @@ probability that the user's turn ends within the horizon (Ekstedt & Skantze's vo
 the user's channel). These are the same outputs as the token-table signal of `turn_taking_signal`, learned directly
 from voice-activity targets instead of read off the predicted next token.
 
-The head reads the hidden state with its gradient stopped: its loss trains the head alone and never changes what
-the model says or predicts (on the shipped sample, letting it reach the transformer cost 2 points of delay-0 user
-accuracy and the head overfitted: held-out per-frame log-loss 1.53 against 0.57).
+By default the head reads the hidden state with its gradient stopped: its loss trains the head alone and never
+changes what the model says or predicts (on the shipped sample, letting it reach the transformer cost 2 points of
+delay-0 user accuracy and the head overfitted: held-out per-frame log-loss 1.53 against 0.57). With
+`config.voice_activity_trains_transformer` the loss reaches the transformer, as in VAP models, which learn what ends
+a turn only from such a target (`demo --data` trains so on a corpus of hours).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class MoshiVoiceActivityHead(nn.Module):
     def __init__(self, config: MoshiUserPredConfig):
         super().__init__()
         self.proj = nn.Linear(config.dim, config.voice_activity_horizon + 1)
+        self.trains_transformer = config.voice_activity_trains_transformer
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden.detach().to(self.proj.weight.dtype))
+        return self.proj((hidden if self.trains_transformer else hidden.detach()).to(self.proj.weight.dtype))
 
     def signal(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`silence` `[..., horizon]` and `turn_end` `[...]` probabilities (float32)."""

@@ -50,12 +50,15 @@ def moshiko_shaped_lm_kwargs(
     )
 
 
-def sample_model_config(dim: int = 96, num_layers: int = 4) -> MoshiUserPredConfig:
+def sample_model_config(dim: int = 96, num_layers: int = 4, *, text_card: int = 200, card: int = 64,
+                        num_codebooks: int = SAMPLE_NUM_CODEBOOKS, context: int = 100) -> MoshiUserPredConfig:
     """A tiny moshi-shaped model for the shipped sample: its 200-piece text vocabulary, 4 of its Mimi's codebooks
-    per speaker (64 entries each), moshi's delays (semantic codebook 0, acoustic ones 1), an 8 s context."""
+    per speaker (64 entries each), moshi's delays (semantic codebook 0, acoustic ones 1), an 8 s context. The
+    keywords fit the same shape to another corpus (`demo --data`)."""
+    speaker_delays = [0] + [1] * (num_codebooks - 1)
     return MoshiUserPredConfig(
-        dim=dim, text_card=200, card=64, n_q=2 * SAMPLE_NUM_CODEBOOKS, dep_q=SAMPLE_NUM_CODEBOOKS, num_heads=4,
-        num_layers=num_layers, hidden_scale=2, context=100, delays=[0, 0, 1, 1, 1, 0, 1, 1, 1],
+        dim=dim, text_card=text_card, card=card, n_q=2 * num_codebooks, dep_q=num_codebooks, num_heads=4,
+        num_layers=num_layers, hidden_scale=2, context=context, delays=[0] + 2 * speaker_delays,
         depformer_dim=dim // 2, depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=dim,
         user_depformer_dim=dim // 2, user_depformer_num_heads=2, user_depformer_num_layers=1,
         user_depformer_dim_feedforward=dim,
@@ -63,21 +66,26 @@ def sample_model_config(dim: int = 96, num_layers: int = 4) -> MoshiUserPredConf
 
 
 def sample_training_arguments(
-    output_dir: str | os.PathLike, steps: int = 900, seed: int = 0, progress: bool = True
+    output_dir: str | os.PathLike, steps: int = 900, seed: int = 0, progress: bool = True, keep_best: bool = False
 ) -> MoshiUserPredTrainingArguments:
     """The demo's recipe for [`sample_model_config`] (the tests' learning bar trains with it): text and system
     audio alone for the first 6% of the steps, then the user loss at half weight, then at full weight (it is the
-    task the demo is about); held-out losses six times during training."""
+    task the demo is about); held-out losses six times during training. `keep_best`: evaluate twelve times, keep a
+    checkpoint at each, and end with the one of the lowest held-out loss (a small corpus is learnt by heart long
+    before a fixed number of steps ends)."""
     from ..training.trainer import MoshiUserPredTrainingArguments  # the Trainer stack only when training
 
     first, second = max(steps * 6 // 100, 1), max(steps * 12 // 100, 2)
+    evaluations = 12 if keep_best else 6
+    best = dict(save_strategy="steps", save_steps=max(steps // evaluations, 1), load_best_model_at_end=True,
+                metric_for_best_model="loss", save_total_limit=2) if keep_best else dict(save_strategy="no")
     return MoshiUserPredTrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=6, segment_frames=64,
         learning_rate=3e-3, warmup_steps=min(20, steps // 10), lr_scheduler_type="constant_with_warmup",
         weight_decay=0.1, user_loss_stages=f"0:0.0,{first}:0.5,{second}:1.0", user_loss_stage_unit="step",
-        logging_steps=max(steps // 45, 1), eval_strategy="steps", eval_steps=max(steps // 6, 1),
-        per_device_eval_batch_size=8, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=not progress,
-        seed=seed, data_seed=seed,
+        logging_steps=max(steps // 45, 1), eval_strategy="steps", eval_steps=max(steps // evaluations, 1),
+        per_device_eval_batch_size=8, report_to="none", use_cpu=True, disable_tqdm=not progress, seed=seed,
+        data_seed=seed, **best,
     )
 
 

@@ -65,6 +65,9 @@ class MoshiUserPredModelArguments:
                                      "alignments)"})
     voice_activity_turn_end_frames: int = field(
         default=5, metadata={"help": "frames at the end of the new head's horizon that must be silent for a turn end"})
+    voice_activity_trains_transformer: bool = field(
+        default=False, metadata={"help": "the new head's loss also trains the transformer (jointly, as VAP models are; "
+                                         "default: the head reads it with the gradient stopped)"})
     overwrite_model: bool = field(
         default=False, metadata={"help": "let output_dir be model_name_or_path: the trained model replaces it, and "
                                          f"the files describing the old weights ({', '.join(DERIVED_FILES)}) are "
@@ -165,6 +168,7 @@ def train(
     replaces_model = _check_output_dir(model_args, training_args.output_dir)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
     if model_args.voice_activity_horizon:
+        model.config.voice_activity_trains_transformer = model_args.voice_activity_trains_transformer
         model.add_voice_activity_head(model_args.voice_activity_horizon, model_args.voice_activity_turn_end_frames)
     if model.voice_activity_head is not None:  # its targets: the user's voice activity from the word alignments
         train_dataset = DialoguesWithVoiceActivity(train_dataset, dialogue_alignments(data_args.train_data))
