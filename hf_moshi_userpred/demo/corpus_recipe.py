@@ -26,6 +26,7 @@ from pathlib import Path
 import sentencepiece
 import torch
 from transformers import PrinterCallback
+from transformers.utils import logging
 
 from ..data.audio import load_mimi
 from ..data.encoding import EncodedDialogues, encode_dataset
@@ -37,7 +38,8 @@ from ..data.voice_activity import (
 )
 from ..evaluation.reports import write_turn_taking_report, write_user_prediction_report
 from ..evaluation.turn_taking import evaluate_turn_taking
-from ..evaluation.turn_taking_metrics import binary_metrics
+from ..evaluation.turn_taking_metrics import balanced_accuracy
+from ..evaluation.turn_taking_tradeoff import SWEEP
 from ..evaluation.user_prediction import calibrate_user_prediction
 from ..models.modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 from ..sample import sample_model_config, sample_training_arguments
@@ -51,7 +53,8 @@ VALIDATION_SHARE = 0.1  # of the training dialogues, for the calibration (never 
 # when the user is silent over the last 12 (about 1 s). With the demo's 800 ms window a pause over 800 ms inside a
 # turn looks like a turn end, and a third of the corpus' pauses are longer.
 HORIZON, TURN_END_FRAMES = 25, 12
-THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # the P(turn end) thresholds calibration tries
+logger = logging.get_logger(__name__)
+THRESHOLDS = SWEEP  # the P(turn end) thresholds calibration tries: the trade-off curves' sweep
 
 
 @dataclass(frozen=True)
@@ -235,16 +238,15 @@ def calibrate_thresholds(model: MoshiUserPredForConditionalGeneration, dialogues
     for name in ("model", "vap_head"):
         if name not in scores:
             continue
-        accuracies = {t: binary_metrics(scores[name], scores["labels"], t).balanced_accuracy for t in THRESHOLDS}
+        pairs = list(zip(scores[name], scores["labels"]))
+        accuracies = {t: balanced_accuracy(pairs, t) for t in THRESHOLDS}
         known = {t: a for t, a in accuracies.items() if a is not None}
         thresholds[name] = max(known, key=known.get) if known else 0.5
     return thresholds
 
 
 def _say(message: str) -> None:
-    from transformers.utils import logging
-
-    logging.get_logger(__name__).info(message)
+    logger.info(message)
 
 
 __all__ = ["CorpusRecipeResult", "RecipeScale", "calibrate_thresholds", "run_corpus_recipe"]
