@@ -116,9 +116,9 @@ def test_converted_directory_loads_and_matches_moshi(reference, kyutai_dir, conv
 def test_user_init_copies_or_randomises_the_user_depformer(kyutai_dir, tmp_path, user_init):
     result = convert_kyutai_checkpoint(kyutai_dir, tmp_path / "model", user_init=user_init, progress=False)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(result.output_dir)
-    system = dict(model.depformer.named_parameters())
-    user = dict(model.user_depformer.named_parameters())
-    pairs = {name: system[model._system_counterpart(name)] for name in user}
+    params = dict(model.named_parameters())
+    user = {name: param for name, param in params.items() if name.startswith("user_depformer.")}
+    pairs = {name: params[model.system_counterpart(name)] for name in user}
     assert all(user[name].shape == counterpart.shape for name, counterpart in pairs.items())  # all have one
     equal = {name for name, counterpart in pairs.items() if torch.equal(user[name], counterpart)}
     if user_init == "copy_system":
@@ -133,8 +133,8 @@ def test_copy_system_names_the_tensors_that_kept_their_random_init(kyutai_dir, t
     # a third user layer has no system counterpart (the system Depformer has two)
     result = convert_kyutai_checkpoint(kyutai_dir, tmp_path / "model", user_depformer_num_layers=3, progress=False)
     model = MoshiUserPredForConditionalGeneration.from_pretrained(result.output_dir)
-    user = [name for name, _ in model.user_depformer.named_parameters()]
-    random_init = [name for name in user if name.startswith("transformer.layers.2.")]
+    user = [name for name, _ in model.named_parameters() if name.startswith("user_depformer.")]
+    random_init = [name for name in user if name.startswith("user_depformer.transformer.layers.2.")]
     assert random_init
     assert result.notes[0] == (
         f"user Depformer: {len(user) - len(random_init)} of {len(user)} tensors copied from the system Depformer; "

@@ -149,7 +149,7 @@ def test_copy_system_with_fewer_user_codebooks_and_single_weight_set():
 def test_copy_system_leaves_mismatched_shapes_random():
     model = tiny_model(user_depformer_dim=16, user_depformer_num_heads=2)
     not_copied = model.init_user_branch("copy_system")
-    assert "heads.0.weight" in not_copied and "in_projs.0.weight" in not_copied
+    assert "user_depformer.heads.0.weight" in not_copied and "user_depformer.in_projs.0.weight" in not_copied
 
 
 def test_random_user_init_uses_moshis_scheme():

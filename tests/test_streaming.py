@@ -401,16 +401,16 @@ def test_user_depformer_runs_after_the_system_tokens(moshi_lm, monkeypatch, samp
     log, session = [], {}
     system_frame, user_frame = model.depformer.generate_frame, model.user_depformer.generate_frame
 
-    def record_system(hidden, text, cache, sample):
-        audio, logits = system_frame(hidden, text, cache, sample)
+    def record_system(hidden, text, cache, sample, **options):
+        audio, logits = system_frame(hidden, text, cache, sample, **options)
         log.append(("system", hidden.clone(), text.clone(), audio.clone()))
         return audio, logits
 
-    def record_user(hidden, text, cache, sample):
+    def record_user(hidden, text, cache, sample, **options):
         stream = session["stream"]
         slot = (stream.offsets % stream.ring)[:, None, None].expand(-1, 1 + c.dep_q, 1)
         log.append(("user", hidden.clone(), text.clone(), stream.tokens[:, : 1 + c.dep_q].gather(-1, slot)[..., 0]))
-        return user_frame(hidden, text, cache, sample)
+        return user_frame(hidden, text, cache, sample, **options)
 
     monkeypatch.setattr(model.depformer, "generate_frame", record_system)
     monkeypatch.setattr(model.user_depformer, "generate_frame", record_user)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..models.configuration_moshi_userpred import USER_DEPFORMERS
 from .arguments import DTYPES, add_command, check_device, torch_dtype
 
 
@@ -19,6 +20,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--user-init", choices=("copy_system", "random"), default="copy_system",
                      help="initialise the user Depformer from the system one, or randomly")
     sub.add_argument("--user-dep-q", type=int, default=None, help="user codebooks to predict (default: all)")
+    sub.add_argument("--user-depformer", choices=USER_DEPFORMERS, default=None,
+                     help="the user branch as a Depformer of its own (separate) or as the system Depformer's steps "
+                          "after the system codebooks (shared: PersonaPlex's multistream layout); default: shared for "
+                          "a multistream checkpoint (dep_q = n_q, e.g. nvidia/personaplex-7b-v1), else separate. "
+                          "The notes say whether a multistream checkpoint's user steps are copies of the system's")
     sub.add_argument("--config", default=None, help="kyutai config json (default: SOURCE/config.json, else moshiko)")
     sub.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the checkpoint's)")
     sub.add_argument("--to-moshi", action="store_true", help="export SOURCE (a model directory) to kyutai's layout")
@@ -46,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
         result = quantize_model_directory(args.source, args.output, args.quantize, device=args.device,
                                           overwrite=args.overwrite, progress=not args.quiet)
     else:
-        overrides = {} if args.user_dep_q is None else {"user_dep_q": args.user_dep_q}
+        overrides = {key: value for key, value in (("user_dep_q", args.user_dep_q),
+                                                   ("user_depformer", args.user_depformer)) if value is not None}
         result = convert_kyutai_checkpoint(args.source, args.output, user_init=args.user_init, config_path=args.config,
                                            dtype=torch_dtype(args.dtype), overwrite=args.overwrite,
                                            progress=not args.quiet, quantize=args.quantize, device=args.device,

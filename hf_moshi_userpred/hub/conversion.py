@@ -220,8 +220,9 @@ def convert_kyutai_checkpoint(
         state_dict = _read_weights(checkpoint.weights, dtype, progress)
         model = MoshiUserPredForConditionalGeneration.from_moshi(
             state_dict, checkpoint.lm_kwargs, user_init, dtype=dtype, **config_overrides)
+        held_user_steps = f"linears.{model.config.dep_q}.weight" in state_dict  # a multistream checkpoint
         del state_dict  # the model holds the tensors now
-        notes = _user_branch_notes(model, user_init)
+        notes = _user_branch_notes(model, user_init, loaded=held_user_steps and model.user_depformer is None)
 
         with atomic_directory(output, overwrite=overwrite) as staging:
             if quantize is None:
@@ -422,6 +423,7 @@ def export_to_moshi(
             raise ValueError(f"cannot load the model in {str(model_dir)!r}: {error}") from error
         state_dict = {name: tensor.contiguous() for name, tensor in model.moshi_state_dict().items()}
         config = {**model.config.to_moshi_lm_kwargs(), "moshi_name": KYUTAI_WEIGHTS_NAME}
+        shared = model.config.predict_user_audio and model.config.user_depformer == "shared"
         del model  # only the exported tensors are needed from here
         tokenizer = source / TOKENIZER_NAME if (source / TOKENIZER_NAME).is_file() else None
         if tokenizer is not None:
@@ -435,8 +437,12 @@ def export_to_moshi(
 
     notes = [] if tokenizer is not None else [f"no {TOKENIZER_NAME} in {source}: config.json names no tokenizer, so "
                                               f"moshi looks for {KYUTAI_TOKENIZER_NAME} beside the weights"]
-    notes.append(f"the user branch is not part of moshi's layout and was left out; Mimi is not exported (moshi reads "
-                 f"it in its own format: put kyutai's {KYUTAI_MIMI_NAME} beside the weights)")
+    if shared:
+        notes.append(f"the shared user branch is part of moshi's layout (dep_q={config['dep_q']}); Mimi is not "
+                     f"exported (moshi reads it in its own format: put kyutai's {KYUTAI_MIMI_NAME} beside the weights)")
+    else:
+        notes.append(f"the user branch is not part of moshi's layout and was left out; Mimi is not exported (moshi "
+                     f"reads it in its own format: put kyutai's {KYUTAI_MIMI_NAME} beside the weights)")
     num_parameters = sum(t.numel() for t in state_dict.values())
     return ConversionResult(output, len(state_dict), num_parameters, _files(output), notes)
 
@@ -467,11 +473,47 @@ def _read_weights(path: Path, dtype: torch.dtype | None, progress: bool) -> dict
     return state_dict
 
 
-def _user_branch_notes(model: MoshiUserPredForConditionalGeneration, user_init: str) -> list[str]:
-    """Describes the user Depformer's initialisation. `from_moshi` does not return `init_user_branch`'s list of
-    tensors left random, so the (cheap) initialisation is run once more for it."""
-    if model.user_depformer is None:
+def shared_user_steps_report(model: MoshiUserPredForConditionalGeneration) -> str:
+    """Whether a shared user branch's steps (PersonaPlex's 8-15) are copies of the system's (0-7): a user stream that
+    a loader initialised by copying and no training touched predicts the system's voice, not the user's. One line.
+
+    Raises:
+        ValueError: the model has no shared user branch.
+    """
+    c = model.config
+    if not (c.predict_user_audio and c.user_depformer == "shared"):
+        raise ValueError("shared_user_steps_report: the model has no shared user branch (user_depformer='shared')")
+    params = dict(model.named_parameters())
+    copies = []
+    for step in range(c.dep_q, c.depformer_steps):
+        pairs = [(param, params.get(model.system_counterpart(name))) for name, param in params.items()
+                 if name.startswith(model.depformer_step_prefixes(step))]
+        if all(source is None or (source.shape == param.shape and torch.equal(source, param))
+               for param, source in pairs):
+            copies.append(step)
+    steps = f"user steps {c.dep_q}-{c.depformer_steps - 1} (shared Depformer)"
+    if not copies:
+        return f"{steps}: trained (none is a copy of its system step {0}-{c.user_dep_q - 1})"
+    verdict = ("the user stream was initialised by copying and, unless trained since, predicts the system's voice: "
+               "fine-tune the user branch (train --training_mode user_branch) before relying on its predictions")
+    if len(copies) == c.user_dep_q:
+        return f"{steps}: copies of steps 0-{c.user_dep_q - 1} ({len(copies)} of {c.user_dep_q}): {verdict}"
+    return f"{steps}: {len(copies)} of {c.user_dep_q} are copies of their system step (steps {copies}): {verdict}"
+
+
+def _user_branch_notes(model: MoshiUserPredForConditionalGeneration, user_init: str, loaded: bool) -> list[str]:
+    """Describes the user branch: the diagnostic of a shared branch the checkpoint held (`loaded`), or the user
+    Depformer's initialisation. `from_moshi` does not return `init_user_branch`'s list of tensors left random, so
+    the (cheap) initialisation is run once more for it."""
+    if not model.config.predict_user_audio:
         return ["no user branch (predict_user_audio=False)"]
+    if loaded:
+        return [shared_user_steps_report(model)]
+    if model.user_depformer is None:  # a shared branch initialised from a single-stream checkpoint
+        random_init = model.init_user_branch(user_init)
+        return [f"shared user steps {model.config.dep_q}-{model.config.depformer_steps - 1}: initialised by "
+                f"{user_init}" + (f" ({len(random_init)} tensors random)" if user_init == "copy_system" else ""),
+                shared_user_steps_report(model)]
     total = sum(1 for _ in model.user_depformer.parameters())
     random_init = model.init_user_branch(user_init)
     if user_init == "random":
@@ -503,4 +545,4 @@ def progress_bars(enabled: bool) -> Iterator[None]:
 
 __all__ = ["INT4_GROUP_SIZES", "QUANTIZATION_SCHEMES", "TINYGEMM_GROUP_SIZES", "ConversionResult", "KyutaiCheckpoint",
            "convert_kyutai_checkpoint", "export_to_moshi", "find_kyutai_checkpoint", "progress_bars",
-           "quantization_config", "quantize_model_directory"]
+           "quantization_config", "quantize_model_directory", "shared_user_steps_report"]

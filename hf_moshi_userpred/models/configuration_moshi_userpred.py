@@ -21,6 +21,9 @@ NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
 POSITIONAL_EMBEDDINGS = ("sin", "rope", "sin_rope", "rope_concat", "none")
 GATINGS = ("none", "silu", "gelu", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "mish", "softsign", "identity")
 USER_INITS = ("random", "copy_system")
+# Where the user branch lives: its own Depformer ("separate", this package's default), or the steps after the system
+# codebooks in the system Depformer ("shared": the multistream layout of PersonaPlex and moshi's dep_q = n_q models).
+USER_DEPFORMERS = ("separate", "shared")
 # Frames a streaming KV cache holds for a model without an attention window (moshiko's context): a session must
 # bound its memory, and the teacher-forced evaluation cuts dialogues into windows of the same length.
 UNBOUNDED_CONTEXT_FRAMES = 3000
@@ -88,6 +91,14 @@ class MoshiUserPredConfig(PreTrainedConfig):
     User Depformer (this package):
         predict_user_audio (`bool`): build the user branch.
         user_dep_q (`int`): user codebooks it predicts, `1 <= user_dep_q <= n_q - dep_q`.
+        user_depformer (`str`): `separate` (the default: a Depformer of its own, configured by the `user_depformer_*`
+            fields) or `shared`: the user branch *continues the system Depformer*, as in the multistream checkpoints
+            (NVIDIA's PersonaPlex, moshi's `dep_q = n_q` models): after the system's `dep_q` steps, with their keys
+            and values over the codebook axis, come `user_dep_q` more steps with their own per-step weights, step
+            `dep_q`'s input being the system's last codebook. The Depformer then runs `depformer_steps = dep_q +
+            user_dep_q` steps, its `depformer_*` per-step lists (schedule, feed-forward widths) cover them all, the
+            `user_depformer_*` fields must be unset (they are the system's), and the lookahead is 1. In kyutai's
+            layout it is `LMModel(dep_q=dep_q + user_dep_q)`.
         user_depformer_dim, _num_layers, _num_heads, _dim_feedforward, _multi_linear, _weights_per_step,
         _pos_emb, _norm: as the system Depformer's (None: the system Depformer's value).
         user_depformer_low_rank_embeddings: as `depformer_low_rank_embeddings` (None: the system's value).
@@ -164,6 +175,7 @@ class MoshiUserPredConfig(PreTrainedConfig):
 
     predict_user_audio: bool = True
     user_dep_q: int | None = None
+    user_depformer: str = "separate"
     user_depformer_dim: int | None = None
     user_depformer_num_layers: int | None = None
     user_depformer_num_heads: int | None = None
@@ -235,6 +247,8 @@ class MoshiUserPredConfig(PreTrainedConfig):
             "norm": self.depformer_norm,
             "low_rank_embeddings": self.depformer_low_rank_embeddings,
         }
+        if self.user_depformer == "shared":  # the system Depformer's own steps: its options, checked in validation
+            same_as_system["dim_feedforward"] = self.depformer_dim_feedforward
         for key, value in same_as_system.items():
             if getattr(self, f"user_depformer_{key}") is None:
                 setattr(self, f"user_depformer_{key}", value)
@@ -275,6 +289,7 @@ class MoshiUserPredConfig(PreTrainedConfig):
             ("gating", GATINGS),
             ("depformer_gating", GATINGS),
             ("user_init", USER_INITS),
+            ("user_depformer", USER_DEPFORMERS),
         ):
             if getattr(self, field) not in allowed:
                 fail(field, f"must be one of {allowed}")
@@ -302,11 +317,13 @@ class MoshiUserPredConfig(PreTrainedConfig):
         if schedule is not None:
             if not self.depformer_weights_per_step:
                 fail("depformer_weights_per_step_schedule", "needs depformer_weights_per_step=True")
-            if len(schedule) != self.dep_q:
-                fail("depformer_weights_per_step_schedule", f"needs dep_q={self.dep_q} entries, got {len(schedule)}")
+            if len(schedule) != self.depformer_steps:
+                fail("depformer_weights_per_step_schedule", f"needs one entry per Depformer step "
+                                                            f"({self.depformer_steps}), got {len(schedule)}")
             if any(s < 0 for s in schedule):
                 fail("depformer_weights_per_step_schedule", "entries must be >= 0")
-        for prefix in ("depformer_", "user_depformer_"):
+        separate = self.user_depformer == "separate"  # a shared user branch has the system's options (checked below)
+        for prefix in ("depformer_", "user_depformer_") if separate else ("depformer_",):
             ff = getattr(self, f"{prefix}dim_feedforward")
             gating = self.depformer_gating
             per_step = getattr(self, f"{prefix}weights_per_step")
@@ -325,6 +342,16 @@ class MoshiUserPredConfig(PreTrainedConfig):
                 fail("user_dep_q", f"must be in 1..n_q - dep_q = {user_rows}")
             if self.user_prediction_lookahead < 1:
                 fail("user_prediction_lookahead", "must be >= 1 frame")
+            if self.user_depformer == "shared":
+                if self.user_prediction_lookahead != 1:
+                    fail("user_prediction_lookahead", "a shared user Depformer predicts the user's tokens of the "
+                                                      "system's own position: the lookahead must be 1")
+                for key in ("dim", "num_layers", "num_heads", "dim_feedforward", "multi_linear", "weights_per_step",
+                            "pos_emb", "norm", "low_rank_embeddings"):
+                    if getattr(self, f"user_depformer_{key}") != getattr(self, f"depformer_{key}"):
+                        fail(f"user_depformer_{key}", f"a shared user Depformer is the system Depformer's steps: "
+                                                      f"leave it unset (depformer_{key}="
+                                                      f"{getattr(self, f'depformer_{key}')!r})")
             temperature = self.user_logit_temperature
             if temperature is not None and (
                     not isinstance(temperature, list) or len(temperature) != self.user_dep_q
@@ -356,6 +383,12 @@ class MoshiUserPredConfig(PreTrainedConfig):
         """Rows of the codes tensor: text + `n_q` audio."""
         return 1 + self.n_q
 
+    @property
+    def depformer_steps(self) -> int:
+        """Codebook steps the system Depformer runs: `dep_q`, plus `user_dep_q` with a shared user branch."""
+        shared = self.predict_user_audio and self.user_depformer == "shared"
+        return self.dep_q + self.user_dep_q if shared else self.dep_q
+
     def depformer_weight_set(self, step: int) -> int | None:
         """The system Depformer's weight set for codebook step `step` (None: a single set for all steps)."""
         if not self.depformer_weights_per_step:
@@ -369,7 +402,7 @@ class MoshiUserPredConfig(PreTrainedConfig):
         if not self.depformer_weights_per_step:
             return 1
         schedule = self.depformer_weights_per_step_schedule
-        return max(schedule) + 1 if schedule is not None else self.dep_q
+        return max(schedule) + 1 if schedule is not None else self.depformer_steps
 
     @classmethod
     def from_moshi_lm_kwargs(cls, lm_kwargs: dict[str, Any], **overrides: Any) -> "MoshiUserPredConfig":
@@ -379,6 +412,10 @@ class MoshiUserPredConfig(PreTrainedConfig):
             lm_kwargs: moshi's LM kwargs (e.g. `moshi.models.loaders._lm_kwargs`) or a kyutai checkpoint's
                 `config.json` (its metadata keys such as `moshi_name` are dropped).
             **overrides: fields of this config, e.g. `user_dep_q=1` or `predict_user_audio=False`.
+
+        A multistream checkpoint, whose Depformer generates every audio row (`dep_q = n_q`, as NVIDIA's PersonaPlex:
+        the first half the system's codebooks, the second the user's, with the same delays), becomes a model with a
+        shared user branch (`user_depformer="shared"`, `dep_q = user_dep_q = n_q / 2`).
 
         Raises:
             ValueError: on a moshi option this package does not implement (conditioners, cross-attention, ...),
@@ -410,11 +447,16 @@ class MoshiUserPredConfig(PreTrainedConfig):
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown moshi lm_kwargs {unknown}: not an LMModel option this package knows")
+        half, delays = kwargs["n_q"] // 2, kwargs["delays"]
+        if (kwargs["dep_q"] == kwargs["n_q"] == 2 * half and delays[1 : 1 + half] == delays[1 + half :]
+                and overrides.get("user_depformer", "shared") == "shared"):
+            kwargs.update(dep_q=half, user_dep_q=half, user_depformer="shared")
         kwargs.update(overrides)
         return cls(**kwargs)
 
     def to_moshi_lm_kwargs(self) -> dict[str, Any]:
-        """The moshi `LMModel` kwargs of the shared part (text, system audio), for export and oracle tests."""
+        """The moshi `LMModel` kwargs of the shared part (text, system audio, and a shared user branch), for export
+        and oracle tests."""
         keys = ("delays", "n_q", "dep_q", "card", "text_card", "text_card_out", "dim", "num_heads", "num_layers",
                 "hidden_scale", "norm", "norm_emb", "bias_proj", "positional_embedding", "max_period",
                 "positional_scale", "gating", "layer_scale", "context", "kv_repeat", "existing_text_padding_id",
@@ -424,8 +466,9 @@ class MoshiUserPredConfig(PreTrainedConfig):
                 "depformer_pos_emb", "depformer_norm", "depformer_max_period", "depformer_gating",
                 "depformer_layer_scale", "depformer_kv_repeat", "depformer_positional_scale")
         out = {key: getattr(self, key) for key in keys}
+        out["dep_q"] = self.depformer_steps  # a shared user branch is part of kyutai's Depformer
         out["causal"] = True
         return out
 
 
-__all__ = ["FRAME_PERIOD_S", "FRAME_RATE", "MoshiUserPredConfig"]
+__all__ = ["FRAME_PERIOD_S", "FRAME_RATE", "MoshiUserPredConfig", "USER_DEPFORMERS"]

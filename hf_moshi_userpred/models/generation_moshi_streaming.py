@@ -31,12 +31,18 @@ from transformers.utils import ModelOutput
 
 from .generation_moshi_config import STREAMS, MoshiUserPredGenerationConfig, build_logits_processor, sample_from_scores
 from .generation_moshi_cuda_graphs import CUDAGraphed
+from .generation_moshi_persona import MoshiPersonaPrompt, MoshiPromptState, prefill_persona_prompt, prompt_key
 from .generation_moshi_text_constraints import MoshiTextConstraints, MoshiUserTurnOutput, WordTokenizer
-from .modeling_moshi_codes import UNGENERATED_TOKEN_ID, check_codes
+from .modeling_moshi_codes import UNGENERATED_TOKEN_ID, ZERO_TOKEN_ID, check_codes
 
 if TYPE_CHECKING:  # the model module imports this one (through the generation mixin)
     from .modeling_moshi_streaming_step import MoshiSystemStepOutput
     from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
+
+
+# Persona prompts whose prefill a session keeps (by a digest of the codes): 0.5 MB per frame for moshiko's 7B in
+# bfloat16 (32 layers of 32 heads of 128 keys and values), about 100 MB for a 200-frame prompt.
+PROMPT_CACHE_SIZE = 8
 
 
 @dataclass
@@ -180,11 +186,12 @@ class MoshiStreamingSession:
         self.speculation: _Speculation | None = None
         self.missing = torch.zeros(batch_size, dtype=torch.bool, device=device)  # frame `o` was gap-filled
         # the idle-time half of the last step when it was deferred (`step(..., look_ahead=False)`): hidden, text,
-        # gap-filled rows
-        self.deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        # system audio, gap-filled rows
+        self.deferred: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.constraints = MoshiTextConstraints(c, generation_config, batch_size, device, turn_taking_table, tokenizer,
                                                 self.predicts_user, model.has_voice_activity_head)
         self.user_turn: MoshiUserTurnOutput | None = None  # the turn-taking signal of the last look-ahead
+        self.prompt_states: dict[str, MoshiPromptState] = {}  # persona prompts' prefills, least recent first
 
     # ------------------------------------------------------------------------------------------ control
     def say(self, text: str | Sequence[Sequence[int]], *, tokenizer: WordTokenizer | None = None,
@@ -221,6 +228,41 @@ class MoshiStreamingSession:
         if self.speculation is not None:  # it was computed without these words
             self.speculation.valid &= ~mask
         return queued
+
+    def prompt(self, prompt: MoshiPersonaPrompt, mask: torch.Tensor | None = None) -> int:
+        """Restart the slots where `mask` `[B]` is True (all by default) from a persona prompt (a voice and a role,
+        PersonaPlex's procedure: `MoshiPersonaPrompt.build`): each slot then holds what stepping through the
+        prompt's frames would leave (keys and values, token ring, text history) and continues at position `P`.
+
+        The prompt runs as one prefill, and its result is kept (the last `PROMPT_CACHE_SIZE` prompts, by a digest of
+        their codes): a slot started with a prompt seen before copies it. The other slots are untouched.
+
+        Returns:
+            `P`, the prompt's frames (they count against the context).
+
+        Raises:
+            ValueError: bad prompt codes (naming the place), or a prompt that leaves no room in the context.
+        """
+        mask = self._check_mask(mask, "prompt")
+        c = self.model.config
+        codes = check_codes(prompt.codes, c, name="prompt.codes", batched=False)
+        frames, window = codes.shape[1], c.streaming_window
+        if frames >= window:
+            raise ValueError(f"the persona prompt has {frames} frames: it leaves no room in the model's context of "
+                             f"{window} frames (shorten the voice sample or the role text)")
+        key = prompt_key(codes)
+        state = self.prompt_states.pop(key, None)  # re-inserted below: the dict's order is the recency
+        if state is None:
+            state = prefill_persona_prompt(self.model, MoshiPersonaPrompt(codes), self.ring, self.text_history.shape[1])
+        self.prompt_states[key] = state
+        while len(self.prompt_states) > PROMPT_CACHE_SIZE:
+            self.prompt_states.pop(next(iter(self.prompt_states)))
+        self.reset(mask)
+        self.model.load_prompt(self.caches, state.kv, mask)
+        self.tokens.copy_(torch.where(mask[:, None, None], state.ring[None], self.tokens))
+        self.text_history.copy_(torch.where(mask[:, None], state.text_history[None], self.text_history))
+        self.offsets.masked_fill_(mask, state.num_frames)
+        return state.num_frames
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Restart the slots where `mask` `[B]` is True (all by default): a new conversation in each."""
@@ -289,7 +331,8 @@ class MoshiStreamingSession:
         tensors = [self.tokens, self.offsets, self.text_history, *self.constraints.tensors()]
         if self.predicts_user:
             tensors += [self.user_prediction, self.user_probs, self.user_entropy]
-        return self.caches.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
+        prompts = sum(state.nbytes() for state in self.prompt_states.values())
+        return self.caches.nbytes() + prompts + sum(t.numel() * t.element_size() for t in tensors)
 
     # --------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -362,7 +405,7 @@ class MoshiStreamingSession:
         tokens = self._commit_tokens(text, audio)
         critical = time.perf_counter() - start
         status = self._speculation_status(spec, hit, run, critical)
-        self.deferred = (hidden, text, gap_filled)
+        self.deferred = (hidden, text, audio, gap_filled)
         if not look_ahead:
             return MoshiStreamStepOutput(tokens=tokens, speculative=status, gap_filled=gap_filled, critical_s=critical)
         ahead = self.look_ahead()
@@ -397,10 +440,10 @@ class MoshiStreamingSession:
         self._check_active()
         if self.deferred is None:
             raise RuntimeError("look_ahead() completes a step(..., look_ahead=False); there is none pending")
-        (hidden, text, gap_filled), self.deferred = self.deferred, None
+        (hidden, text, audio, gap_filled), self.deferred = self.deferred, None
         speculate_s = 0.0
         if self.predicts_user:
-            self._predict_user(hidden, text)
+            self._predict_user(hidden, text, audio)
             if gap_filled is not None:
                 gap_filled = gap_filled | self._fill_gap_late_rows()
             if self.top_k and speculate:
@@ -512,8 +555,8 @@ class MoshiStreamingSession:
         return status
 
     # ------------------------------------------------------------------------------------- user branch
-    def _predict_user(self, hidden: torch.Tensor, text: torch.Tensor) -> None:
-        """Run the user Depformer (after the system tokens exist) and slide the prediction window."""
+    def _predict_user(self, hidden: torch.Tensor, text: torch.Tensor, audio: torch.Tensor) -> None:
+        """Run the user branch (after the system tokens exist) and slide the prediction window."""
         noise = None
         if self.do_sample["user"]:
             noise = self._draw((self.batch_size, self.model.config.user_dep_q, self.model.config.card),
@@ -523,7 +566,8 @@ class MoshiStreamingSession:
             scores = self.processors["user"](sequence, logits.float())
             return sample_from_scores(scores, None if noise is None else noise[:, step])
 
-        tokens, logits = self.model.user_step(hidden, text, self.caches, sample_user)
+        tokens, logits = self.model.user_step(hidden, text, self.caches, sample_user, audio=audio,
+                                              known=self._known_user_tokens())
         # The signal: the model's voice-activity head when it has one, else the turn-taking table's.
         signal = (self.model.voice_activity_signal(hidden) if self.constraints.head_signal
                   else self.constraints.table_signal(logits))
@@ -536,6 +580,17 @@ class MoshiStreamingSession:
                             (self.user_entropy, entropy)):
             window.copy_(torch.where(run, torch.cat([window[..., 1:], new[..., None]], dim=-1), window))
         self.last_user_logits = logits
+
+    def _known_user_tokens(self) -> torch.Tensor:
+        """`[B, user_dep_q]` the user tokens of the position the user branch predicts that the model will read
+        anyway: the rows with a delay, which hold a frame already received (-1 for the rows of a frame not received
+        yet, and of a gap-filled frame)."""
+        c = self.model.config
+        rows = slice(self.user_offset, self.user_offset + c.user_dep_q)
+        cell = (self.offsets % self.ring)[:, None, None].expand(-1, c.user_dep_q, 1)
+        received = self.tokens[:, rows].gather(-1, cell)[..., 0]
+        delayed = (self.delays[rows] > 0)[None] & ~(self.missing[:, None] & (self.delays[rows] == 1)[None])
+        return torch.where(delayed, received, ZERO_TOKEN_ID)
 
     def _speculate(self) -> _Speculation:
         """Precompute the next call for the top-k next delay-0 user tokens (one batched forward)."""

@@ -100,6 +100,51 @@ class MoshiKVCache:
         values[:, :, self.capacity :] = v
         return keys, values, mask
 
+    def attend_sequence(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, context: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and mask for `n` new entries at *consecutive* positions (a prefill: a prompt, or the codebook
+        steps a Depformer already knows), each attending to the cached positions and the new entries up to itself,
+        inside the window: what feeding them one step at a time would give. For a one-off prefill, not a
+        CUDA-graphed step (it allocates).
+
+        Args:
+            layer: layer index.
+            k, v: new keys/values `[B, num_kv_heads, n, head_dim]` (kept as `pending[layer]`).
+            positions: `[B, n]` their positions, consecutive.
+            context: attention window (None: the ring's capacity, which a step-by-step stream cannot exceed).
+
+        Returns:
+            keys, values `[B, num_kv_heads, capacity + n, head_dim]` and a bool mask `[B, 1, n, capacity + n]`.
+        """
+        self.pending[layer] = (k, v)
+        if layer == 0:
+            window = self.capacity if context is None else min(context, self.capacity)
+            to_cached = positions[:, :, None] - self.positions[:, None, :]  # [B, n, capacity]
+            cached = (self.positions[:, None, :] >= 0) & (to_cached > 0) & (to_cached < window)
+            to_new = positions[:, :, None] - positions[:, None, :]  # [B, n, n]
+            self._mask = torch.cat([cached, (to_new >= 0) & (to_new < window)], dim=-1)[:, None]
+        return torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2), self._mask
+
+    def commit_sequence(
+        self, pending: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> None:
+        """Write all `n` entries of an `attend_sequence` step at their `positions` `[B, n]` (only the last `capacity`
+        fit the ring), for every slot `b` where `mask[b]` (default all)."""
+        keep = min(positions.shape[1], self.capacity)
+        positions = positions[:, -keep:]
+        b = self._batch_index[:, None]
+        cells = positions % self.capacity  # [B, keep]
+        for layer, (k, v) in enumerate(pending):
+            for store, new in ((self.keys[layer], k), (self.values[layer], v)):
+                by_cell = store.transpose(1, 2)  # [B, capacity, num_kv_heads, head_dim], a view
+                chosen = new[:, :, -keep:].transpose(1, 2)
+                if mask is not None:
+                    chosen = torch.where(mask[:, None, None, None], chosen, by_cell[b, cells])
+                by_cell[b, cells] = chosen
+        self.positions[b, cells] = positions if mask is None else torch.where(mask[:, None], positions,
+                                                                              self.positions[b, cells])
+
     def take_pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The new keys/values of the last step (and forget them)."""
         pending, self.pending = self.pending, [None] * len(self.pending)

@@ -29,9 +29,9 @@ class MoshiStreamingCaches:
     Attributes:
         transformer: the main transformer's ring buffer, `config.streaming_window` positions, room for `k`
             alternatives per step when speculating.
-        depformer: the system Depformer's cache for one frame of `B` slots.
+        depformer: the system Depformer's cache for one frame of `B` slots (a shared user branch runs in it too).
         speculative_depformer: the same for `B * k` alternatives (speculation on), else None.
-        user_depformer: the user Depformer's cache (user branch on), else None.
+        user_depformer: the user Depformer's cache (a separate user branch), else None.
     """
 
     transformer: MoshiKVCache
@@ -110,7 +110,8 @@ class MoshiStreamingStepMixin:
         hidden = self.out_norm(self.transformer(x, positions[:, None].expand(B, n), cache=caches.transformer))
         text = sample_text(self.text_linear(hidden).reshape(B * n, -1))
         depformer_cache = caches.depformer if n == 1 else caches.speculative_depformer
-        audio, _ = self.depformer.generate_frame(hidden.reshape(B * n, -1), text, depformer_cache, sample_audio)
+        audio, _ = self.depformer.generate_frame(hidden.reshape(B * n, -1), text, depformer_cache, sample_audio,
+                                                 num_steps=self.config.dep_q)
         return MoshiSystemStepOutput(hidden=hidden, text=text.view(B, n), audio=audio.view(B, n, -1),
                                      pending=caches.transformer.take_pending())
 
@@ -134,6 +135,29 @@ class MoshiStreamingStepMixin:
         """
         caches.transformer.commit(pending, positions, choice, mask=mask)
 
+    def prefill_prompt(self, inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The main transformer over `P` consecutive positions `0..P-1` of delayed tokens `[1 + n_q, P]` (a persona
+        prompt) in one call.
+
+        Returns:
+            per layer, the keys and values `[1, kv_heads, P, head_dim]` that feeding the positions one at a time
+            would write into a cache (for `load_prompt`).
+        """
+        P = inputs.shape[1]
+        cache = self.transformer.make_cache(1, P)
+        self.transformer(self.embed(inputs[None]), torch.arange(P, device=inputs.device)[None], cache=cache,
+                         prefill=True)
+        return cache.take_pending()
+
+    def load_prompt(self, caches: MoshiStreamingCaches, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                    mask: torch.Tensor) -> None:
+        """Write a prompt's keys and values (`prefill_prompt`) at positions `0..P-1` of the main transformer's cache of
+        the slots where `mask` `[B]` is True; the other slots keep theirs."""
+        B, P = mask.shape[0], kv[0][0].shape[2]
+        positions = torch.arange(P, device=mask.device)[None].expand(B, -1)
+        caches.transformer.commit_sequence([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv],
+                                           positions, mask)
+
     def reset_streaming_caches(self, caches: MoshiStreamingCaches, mask: torch.Tensor | None = None) -> None:
         """Empty the main transformer's cache of the slots where `mask` `[B]` is True (all for None): they start a new
         conversation at position 0. (The Depformer caches hold one frame and are emptied at every frame anyway.)"""
@@ -150,29 +174,45 @@ class MoshiStreamingStepMixin:
         text: torch.Tensor,
         caches: MoshiStreamingCaches,
         sample: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+        audio: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The user Depformer on one frame: run after `system_step`, so it adds nothing to the critical path.
+        """The user branch on one frame: run after `system_step`, so it adds nothing to the critical path.
+
+        A shared user branch (`config.user_depformer="shared"`) continues the system Depformer: the frame's system
+        codebooks `audio` are prefilled in one call, then the user steps run. It follows PersonaPlex's rule: the
+        microphone's tokens (`known`) replace the sampled ones as the next step's input wherever they are known.
 
         Args:
             hidden: `[B, dim]` the committed `system_step` hidden state of every slot.
             text: `[B]` the committed text token.
             caches: from `make_streaming_caches`.
             sample: as `sample_audio` of `system_step`, over the user codebooks (it sees the calibrated logits).
+            audio: `[B, dep_q]` the committed system codebooks (needed by a shared user branch).
+            known: `[B, user_dep_q]` the user tokens this step predicts that are already known (-1: unknown); a
+                shared user branch reads them in place of its samples.
 
         Returns:
             tokens `[B, user_dep_q]` and logits `[B, user_dep_q, card]` (calibrated by
             `config.user_logit_temperature` when set).
         """
-        if self.user_depformer is None:
+        c = self.config
+        if not c.predict_user_audio:
             raise ValueError("user_step: the model has no user branch (predict_user_audio=False)")
-        temperature = self.config.user_logit_temperature
-        if temperature is None:
-            return self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample)
+        temperature = c.user_logit_temperature
 
         def sample_calibrated(step: int, logits: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
-            return sample(step, logits / temperature[step], sequence)
+            return sample(step, logits if temperature is None else logits / temperature[step], sequence)
 
-        tokens, logits = self.user_depformer.generate_frame(hidden, text, caches.user_depformer, sample_calibrated)
+        if c.user_depformer == "shared":
+            if audio is None:
+                raise ValueError("user_step: a shared user Depformer continues the frame's system codebooks: pass "
+                                 "`audio`")
+            tokens, logits = self.depformer.generate_frame(hidden, text, caches.depformer, sample_calibrated,
+                                                           prefix=audio, known=known)
+        else:
+            tokens, logits = self.user_depformer.generate_frame(hidden, text, caches.user_depformer,
+                                                                sample_calibrated)
         return tokens, self.calibrate_user_logits(logits, codebook_dim=1)
 
     @property

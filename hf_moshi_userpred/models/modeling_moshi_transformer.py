@@ -145,12 +145,14 @@ class MoshiAttention(nn.Module):
         self.out_projs = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(num_weight_sets)])
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, step_offset: int = 0, cache: MoshiKVCache | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, step_offset: int = 0, cache: MoshiKVCache | None = None,
+        prefill: bool = False,
     ) -> torch.Tensor:
         """`x` `[B, T, dim]`, `positions` `[B or 1, T]` -> `[B, T, dim]`.
 
         With a `cache`, the T inputs are alternatives for one position per slot (`positions[:, 0]`), each
-        attending to the cached window and to itself; their keys/values are left in `cache.pending`.
+        attending to the cached window and to itself, or with `prefill` T consecutive positions attending causally;
+        their keys/values are left in `cache.pending`.
         """
         B, T, _ = x.shape
         qkv = apply_weights_per_step(self.in_projs, self.schedule, x, step_offset)
@@ -160,7 +162,10 @@ class MoshiAttention(nn.Module):
         k, v = kv.view(B, T, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rope is not None:
             q, k = apply_rope(q, k, positions.expand(B, T), **self.rope)
-        if cache is not None:
+        if cache is not None and prefill:
+            keys, values, mask = cache.attend_sequence(self.layer_idx, k, v, positions.expand(B, T), self.context)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.kv_repeat > 1)
+        elif cache is not None:
             keys, values, mask = cache.attend(self.layer_idx, k, v, positions.expand(B, T)[:, 0], self.context)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.kv_repeat > 1)
         elif self.context is not None and self.context < T:
@@ -238,9 +243,10 @@ class MoshiTransformerLayer(GradientCheckpointingLayer):
         self.layer_scale_2 = nn.Identity() if layer_scale is None else MoshiLayerScale(dim, layer_scale)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, step_offset: int = 0, cache: MoshiKVCache | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, step_offset: int = 0, cache: MoshiKVCache | None = None,
+        prefill: bool = False,
     ) -> torch.Tensor:
-        update = self.self_attn(self.norm1(x), positions, step_offset, cache)
+        update = self.self_attn(self.norm1(x), positions, step_offset, cache, prefill)
         x = x.to(update) + self.layer_scale_1(update)
         h = self.norm2(x)
         if self.gating is None:
@@ -305,11 +311,12 @@ class MoshiTransformer(nn.Module):
         positions: torch.Tensor | None = None,
         step_offset: int = 0,
         cache: MoshiKVCache | None = None,
+        prefill: bool = False,
     ) -> torch.Tensor:
         """`x` `[B, T, dim]`, `positions` `[B or 1, T]` (default `0..T-1`) -> `[B, T, dim]` in `x`'s dtype.
 
         With a `cache` (streaming), the T inputs are alternatives for the position `positions[:, 0]` of each
-        stream (T = 1 for a plain step); see `MoshiAttention.forward`.
+        stream (T = 1 for a plain step), or with `prefill` T consecutive positions; see `MoshiAttention.forward`.
         """
         input_dtype = x.dtype
         if positions is None:
@@ -317,7 +324,7 @@ class MoshiTransformer(nn.Module):
         if self.positional_embedding in ("sin", "sin_rope"):
             x = x + self.positional_scale * sin_embedding(positions, x.shape[-1], self.max_period, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, step_offset, cache)
+            x = layer(x, positions, step_offset, cache, prefill)
         return x.to(input_dtype)
 
 

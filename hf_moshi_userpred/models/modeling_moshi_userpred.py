@@ -8,6 +8,9 @@ Architecture (moshi's `LMModel` plus one branch):
     hidden + text token -> depformer        system audio  [B, dep_q, T, card]      (codebook axis)
     hidden + text token -> user_depformer   user audio    [B, user_dep_q, T, card] (codebook axis, new)
 
+With `config.user_depformer="shared"` (PersonaPlex's multistream layout) there is no `user_depformer`: the system
+Depformer runs `dep_q + user_dep_q` steps, the last `user_dep_q` giving the user audio.
+
 All logits are un-delayed: `logits[:, k, t]` scores `codes[:, row_k, t]`, with `mask` False where no
 prediction exists (delay tails, filled with NaN) or the target is the zero token -1.
 
@@ -217,7 +220,7 @@ def _build_depformer(config: MoshiUserPredConfig, user: bool) -> MoshiDepformer:
         )
     else:
         branch = dict(
-            dim=c.depformer_dim, num_steps=c.dep_q, num_heads=c.depformer_num_heads,
+            dim=c.depformer_dim, num_steps=c.depformer_steps, num_heads=c.depformer_num_heads,
             num_layers=c.depformer_num_layers, dim_feedforward=c.depformer_dim_feedforward,
             multi_linear=c.depformer_multi_linear, weights_per_step=c.depformer_weights_per_step,
             schedule=c.depformer_weights_per_step_schedule, low_rank_embeddings=c.depformer_low_rank_embeddings,
@@ -261,7 +264,8 @@ class MoshiUserPredForConditionalGeneration(
         self.out_norm = create_norm(c.norm, c.dim)
         self.text_linear = nn.Linear(c.dim, c.text_card_out, bias=c.bias_proj)
         self.depformer = _build_depformer(c, user=False)
-        self.user_depformer = _build_depformer(c, user=True) if c.predict_user_audio else None
+        separate = c.predict_user_audio and c.user_depformer == "separate"
+        self.user_depformer = _build_depformer(c, user=True) if separate else None
         self.voice_activity_head = MoshiVoiceActivityHead(c) if c.voice_activity_horizon else None
         self.extra_heads = nn.ModuleList(
             [nn.Linear(c.dim, c.extra_heads_dim, bias=False) for _ in range(c.extra_heads_num_heads)]
@@ -273,10 +277,47 @@ class MoshiUserPredForConditionalGeneration(
         self.post_init()
         # On the meta device there is nothing to copy yet: `from_moshi` copies once the checkpoint is loaded, and
         # `from_pretrained` loads the saved user branch itself.
-        if self.user_depformer is not None and c.user_init == "copy_system" and not self.text_linear.weight.is_meta:
+        if c.predict_user_audio and c.user_init == "copy_system" and not self.text_linear.weight.is_meta:
             self.init_user_branch("copy_system")
 
     # ----------------------------------------------------------------------------------------- layout
+    @property
+    def user_branch_prefixes(self) -> tuple[str, ...]:
+        """Names (prefixes) of the user branch's parameters: the user Depformer, or a shared Depformer's per-step
+        modules of the user steps, and the voice-activity head. What `training_mode="user_branch"` trains, and
+        `copy_system` initialises.
+
+        Raises:
+            ValueError: a shared user branch without per-step weights (its steps share the system's transformer
+                weights, so it has no parameters of its own to train alone).
+        """
+        c = self.config
+        if not c.predict_user_audio:
+            return ()
+        head = ("voice_activity_head.",) if self.voice_activity_head is not None else ()
+        if c.user_depformer == "separate":
+            return ("user_depformer.", *head)
+        if not (c.depformer_weights_per_step and c.depformer_multi_linear):
+            raise ValueError("a shared user Depformer has parameters of its own only with depformer_weights_per_step "
+                             "and depformer_multi_linear (its steps share the system's weights otherwise)")
+        user_sets = {c.depformer_weight_set(k) for k in range(c.dep_q, c.depformer_steps)}
+        if user_sets & {c.depformer_weight_set(k) for k in range(c.dep_q)}:
+            raise ValueError(f"depformer_weights_per_step_schedule={c.depformer_weights_per_step_schedule} shares "
+                             f"weight sets between the system and the user steps")
+        return (*(prefix for k in range(c.dep_q, c.depformer_steps) for prefix in self.depformer_step_prefixes(k)),
+                *head)
+
+    def depformer_step_prefixes(self, step: int) -> tuple[str, ...]:
+        """Names (prefixes) of the system Depformer's modules of codebook step `step` alone (with weights per step
+        and one input projection per step): its head, norm, input embedding, input projection, and its weight set
+        in every layer."""
+        c = self.config
+        index = c.depformer_weight_set(step)
+        return (f"depformer.heads.{step}.", f"depformer.norms.{step}.", f"depformer.emb.{step - 1}.",
+                f"depformer.in_projs.{self.depformer.in_proj_index(step)}.",
+                *(f"depformer.transformer.layers.{layer}.{module}.{index}." for layer in range(c.depformer_num_layers)
+                  for module in ("self_attn.in_projs", "self_attn.out_projs", "gating")))
+
     @property
     def user_rows(self) -> slice:
         """Rows of `codes` the user Depformer predicts."""
@@ -331,20 +372,24 @@ class MoshiUserPredForConditionalGeneration(
         text_tokens = delayed[:, 0, 1:]
 
         text_logits, text_mask = self._undelay(self.text_linear(hidden)[:, None], codes[:, :1], delays[:1])
-        system_rows = slice(1, 1 + c.dep_q)
-        audio_logits, audio_mask = self._undelay(
-            self.depformer(hidden, text_tokens, delayed[:, 1 : c.dep_q, 1:]), codes[:, system_rows],
-            delays[system_rows],
-        )
+        system_rows, rows = slice(1, 1 + c.dep_q), self.user_rows
+        predict_user = predict_user and c.predict_user_audio
+        shared = predict_user and c.user_depformer == "shared"
+        # A shared Depformer continues over the user rows: its step dep_q reads the system's last codebook.
+        steps = c.depformer_steps if shared else c.dep_q
+        depformer_logits = self.depformer(hidden, text_tokens, delayed[:, 1:steps, 1:], num_steps=steps)
+        audio_logits, audio_mask = self._undelay(depformer_logits[:, : c.dep_q], codes[:, system_rows],
+                                                 delays[system_rows])
         user_logits = user_mask = None
-        if self.user_depformer is not None and predict_user:
-            rows, lookahead = self.user_rows, c.user_prediction_lookahead
-            # Position s predicts the delayed user tokens of position s + lookahead; past the end: zero tokens.
-            future, _ = shift_time(delayed[:, rows], [lookahead] * c.user_dep_q, T, ZERO_TOKEN_ID)
-            user_logits, user_mask = self._undelay(
-                self.user_depformer(hidden, text_tokens, future[:, :-1]), codes[:, rows],
-                [d - (lookahead - 1) for d in delays[rows]],
-            )
+        if predict_user:
+            lookahead = c.user_prediction_lookahead
+            if shared:  # lookahead 1: the user rows of the system's own position
+                raw = depformer_logits[:, c.dep_q :]
+            else:
+                # Position s predicts the delayed user tokens of position s + lookahead; past the end: zero tokens.
+                future, _ = shift_time(delayed[:, rows], [lookahead] * c.user_dep_q, T, ZERO_TOKEN_ID)
+                raw = self.user_depformer(hidden, text_tokens, future[:, :-1])
+            user_logits, user_mask = self._undelay(raw, codes[:, rows], [d - (lookahead - 1) for d in delays[rows]])
             user_logits = self.calibrate_user_logits(user_logits, codebook_dim=1)
         voice_activity_logits = None
         if self.voice_activity_head is not None:  # cheap, and it reads the hidden state only: run even without the branch
@@ -469,9 +514,19 @@ class MoshiUserPredForConditionalGeneration(
         with torch.device("meta"):
             model = cls(config).to(dtype)
         model.load_moshi_state_dict(state_dict, device=device)
-        if model.user_depformer is not None:
-            model.user_depformer.to_empty(device=device)
+        # What the checkpoint did not hold (the user branch, unless a multistream checkpoint held it, and a voice-
+        # activity head) is allocated and initialised.
+        unloaded = [name for name, param in model.named_parameters() if param.is_meta]
+        for name in unloaded:
+            module_name, _, param_name = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            param = getattr(module, param_name)
+            setattr(module, param_name, nn.Parameter(torch.empty_like(param, device=device), param.requires_grad))
+        if any(not name.startswith("voice_activity_head.") for name in unloaded):
             model.init_user_branch(user_init)
+        if model.voice_activity_head is not None and any(name.startswith("voice_activity_head.") for name in unloaded):
+            for module in model.voice_activity_head.modules():
+                model._init_weights(module)
         return model.eval()
 
     def load_moshi_state_dict(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device | None = None) -> None:
@@ -483,6 +538,10 @@ class MoshiUserPredForConditionalGeneration(
             ValueError: listing every missing, unexpected or mis-shaped key.
         """
         params = dict(self.named_parameters())
+        c = self.config
+        if c.predict_user_audio and c.user_depformer == "shared" and f"linears.{c.dep_q}.weight" not in state_dict:
+            # A single-stream checkpoint (moshiko) into a shared user branch: its user steps are initialised later.
+            params = {name: p for name, p in params.items() if not name.startswith(self.user_branch_prefixes)}
         converted = convert_from_moshi(state_dict, {name: p.shape for name, p in params.items()})
         on_meta = any(p.is_meta for name, p in params.items() if name in converted)
         target = device if device is not None else (None if on_meta else self.device)
@@ -499,29 +558,34 @@ class MoshiUserPredForConditionalGeneration(
 
     @torch.no_grad()
     def init_user_branch(self, method: str = "copy_system") -> list[str]:
-        """(Re)initialise the user Depformer: `"random"` (moshi's scheme) or `"copy_system"`.
+        """(Re)initialise the user branch's Depformer part: `"random"` (moshi's scheme) or `"copy_system"`.
 
         `"copy_system"` copies, for every user codebook step k, the weights the system Depformer uses at step k
         (its weight set, input projection, embedding, norm and head) wherever the shapes match, and leaves the
-        rest randomly initialised.
+        rest randomly initialised. With a shared Depformer, user step `dep_q + k` gets system step k's modules
+        (PersonaPlex's loader can do the same); the embedding of step `dep_q`'s input, the system's last codebook,
+        has no counterpart (the system's step 0 reads text).
 
         Returns:
-            The user-branch parameter names that were not copied (all of them for `"random"`).
+            The user-branch parameter names (the model's) that were not copied (all of them for `"random"`).
         """
-        if self.user_depformer is None:
+        if not self.config.predict_user_audio:
             raise ValueError("init_user_branch: the model has no user branch (predict_user_audio=False)")
         if method not in USER_INITS:
             raise ValueError(f"init_user_branch: method={method!r} must be one of {USER_INITS}")
-        for param in self.user_depformer.parameters():
+        prefixes = tuple(prefix for prefix in self.user_branch_prefixes if prefix != "voice_activity_head.")
+        user_params = {name: param for name, param in self.named_parameters() if name.startswith(prefixes)}
+        for param in user_params.values():
             param._is_hf_initialized = False
-        self.user_depformer.apply(self._init_weights)
-        user_params = dict(self.user_depformer.named_parameters())
+        for name, module in self.named_modules():
+            if f"{name}.".startswith(prefixes):
+                self._init_weights(module)
         if method == "random":
             return sorted(user_params)
-        system_params = dict(self.depformer.named_parameters())
+        params = dict(self.named_parameters())
         not_copied = []
         for name, param in user_params.items():
-            source = system_params.get(self._system_counterpart(name))
+            source = params.get(self.system_counterpart(name))
             if source is not None and source.shape == param.shape:
                 param.copy_(source)
             else:
@@ -531,12 +595,19 @@ class MoshiUserPredForConditionalGeneration(
                            f"(no system counterpart of the same shape): {not_copied}")
         return not_copied
 
-    def _system_counterpart(self, name: str) -> str | None:
-        """Name of the system-Depformer tensor that plays the role of user-Depformer tensor `name`, if any."""
+    def system_counterpart(self, name: str) -> str | None:
+        """Name of the system-Depformer parameter that plays the role of the user-branch parameter `name` (both the
+        model's names, e.g. `user_depformer.heads.0.weight` -> `depformer.heads.0.weight`, or in a shared Depformer
+        `depformer.heads.8.weight` -> `depformer.heads.0.weight`), if any."""
         c = self.config
+        if c.user_depformer == "shared":
+            return self._shared_counterpart(name)
+        if not name.startswith("user_depformer."):
+            return None
+        name = name.removeprefix("user_depformer.")
         if match := re.match(r"in_projs\.(\d+)\.(.+)", name):
             step = int(match[1])
-            return f"in_projs.{self.depformer.in_proj_index(step)}.{match[2]}" if step < c.dep_q else None
+            return f"depformer.in_projs.{self.depformer.in_proj_index(step)}.{match[2]}" if step < c.dep_q else None
         if match := re.match(r"(transformer\.layers\.\d+\.)(self_attn\.in_projs|self_attn\.out_projs|gating)\.(\d+)\.(.+)",
                              name):
             prefix, module, step, rest = match.groups()
@@ -544,12 +615,30 @@ class MoshiUserPredForConditionalGeneration(
                 return None
             index = c.depformer_weight_set(int(step))
             if index is None:
-                return f"{prefix}gating.{rest}" if module == "gating" else f"{prefix}{module}.0.{rest}"
-            return f"{prefix}{module}.{index}.{rest}"
+                return f"depformer.{prefix}gating.{rest}" if module == "gating" else f"depformer.{prefix}{module}.0.{rest}"
+            return f"depformer.{prefix}{module}.{index}.{rest}"
         if match := re.match(r"(transformer\.layers\.\d+\.)gating\.(linear_in|linear_out)\.(.+)", name):
             index = c.depformer_weight_set(0)
-            return name if index is None else f"{match[1]}gating.{index}.{match[2]}.{match[3]}"
-        return name
+            return f"depformer.{name}" if index is None else f"depformer.{match[1]}gating.{index}.{match[2]}.{match[3]}"
+        return f"depformer.{name}"
+
+    def _shared_counterpart(self, name: str) -> str | None:
+        """`system_counterpart` in a shared Depformer: user step `dep_q + k`'s module -> system step k's."""
+        c = self.config
+        user_steps = range(c.dep_q, c.depformer_steps)
+        if match := re.match(r"depformer\.(heads|norms)\.(\d+)\.(.+)", name):
+            return f"depformer.{match[1]}.{int(match[2]) - c.dep_q}.{match[3]}"
+        if match := re.match(r"depformer\.emb\.(\d+)\.(.+)", name):
+            step = int(match[1]) + 1 - c.dep_q  # emb[i] is the input of step i + 1
+            return f"depformer.emb.{step - 1}.{match[2]}" if step >= 1 else None
+        if match := re.match(r"depformer\.in_projs\.(\d+)\.(.+)", name):
+            step = next(k for k in user_steps if self.depformer.in_proj_index(k) == int(match[1]))
+            return f"depformer.in_projs.{self.depformer.in_proj_index(step - c.dep_q)}.{match[2]}"
+        if match := re.match(r"(depformer\.transformer\.layers\.\d+\.(?:self_attn\.in_projs|self_attn\.out_projs|gating))"
+                             r"\.(\d+)\.(.+)", name):
+            step = next(k for k in user_steps if c.depformer_weight_set(k) == int(match[2]))
+            return f"{match[1]}.{c.depformer_weight_set(step - c.dep_q)}.{match[3]}"
+        return None
 
 
 __all__ = [

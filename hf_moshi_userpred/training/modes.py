@@ -15,26 +15,27 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..models.modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
-
 TRAINING_MODES = ("full", "user_branch", "voice_activity_head", "lora")
 LORA_PARTS = ("transformer", "text_linear", "depformer", "user_depformer")
 
 
-def freeze_all_but_user_branch(model: nn.Module, parts: tuple[str, ...] = USER_BRANCH_PREFIXES) -> list[str]:
-    """Freeze every parameter outside the user branch (`model.user_depformer` and `model.voice_activity_head`), or
-    outside the modules `parts` (name prefixes); returns the names left trainable.
+def freeze_all_but_user_branch(model: nn.Module, parts: tuple[str, ...] | None = None) -> list[str]:
+    """Freeze every parameter outside the user branch (`model.user_branch_prefixes`: the user Depformer, or a shared
+    Depformer's user steps, and the voice-activity head), or outside the modules `parts` (name prefixes); returns
+    the names left trainable.
 
     Raises:
         ValueError: the model has none of them.
     """
+    user_branch = parts is None
+    parts = model.user_branch_prefixes if user_branch else parts
     trainable = []
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(parts))
         if param.requires_grad:
             trainable.append(name)
     if not trainable:
-        what = ("a user branch (predict_user_audio=True)" if parts == USER_BRANCH_PREFIXES
+        what = ("a user branch (predict_user_audio=True)" if user_branch
                 else "a voice-activity head (config.voice_activity_horizon > 0)")
         raise ValueError(f"this training mode needs a model with {what}")
     return trainable
@@ -73,6 +74,10 @@ def apply_lora(
 
     if train_user_branch and "user_depformer" in parts:
         raise ValueError("parts includes user_depformer while train_user_branch=True trains it fully: choose one")
+    if train_user_branch and model.config.predict_user_audio and model.user_depformer is None:
+        raise ValueError("train_user_branch=True with a shared user Depformer (its user steps live inside the system "
+                         "Depformer, which PEFT cannot save apart): train them with training_mode 'user_branch', or "
+                         "adapt them with LoRA part 'depformer' and train_user_branch=False")
     targets = lora_target_modules(model, parts)
     if not targets:
         raise ValueError(f"no linear layer found under {list(parts)}")

@@ -25,7 +25,6 @@ from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.utils import logging
 
 from ..data.collator import DialogueSegments, MoshiSegmentCollator
-from ..models.modeling_moshi_checkpoint import USER_BRANCH_PREFIXES
 from ..models.modeling_moshi_userpred import MoshiUserPredOutput
 from .progress import TrainingLog, TrainingProgress
 
@@ -48,8 +47,8 @@ def default_stages(user_loss_weight: float, user_branch_only: bool = False) -> s
 
 
 def trains_only_the_user_branch(model: nn.Module) -> bool:
-    """True when every trainable parameter of `model` (a PEFT wrapper included) belongs to the user branch (the user
-    Depformer, the voice-activity head).
+    """True when every trainable parameter of `model` (a PEFT wrapper included) belongs to the user branch
+    (`user_branch_prefixes`: the user Depformer or a shared Depformer's user steps, the voice-activity head).
 
     Raises:
         ValueError: `model` has no trainable parameter at all.
@@ -57,7 +56,8 @@ def trains_only_the_user_branch(model: nn.Module) -> bool:
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameter: nothing would train (see training_mode)")
-    return all(any(part in name for part in USER_BRANCH_PREFIXES) for name in trainable)
+    prefixes = model.user_branch_prefixes  # a PEFT wrapper forwards it to the model, and prefixes every name
+    return all(any(part in name for part in prefixes) for name in trainable)
 
 
 def parse_stages(spec: str | Sequence[Sequence[float]]) -> list[tuple[float, float]]:
