@@ -53,6 +53,16 @@ def fake_microphone(tmp_path_factory) -> Path:
     return wav
 
 
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory) -> Path:
+    """A `--voice-prompt-dir` of two voices: the first seconds of two sample dialogues' system channels at 24 kHz."""
+    folder = tmp_path_factory.mktemp("voices")
+    for name, line in zip(("alice", "bob"), (SAMPLE_DIR / "train.jsonl").read_text().splitlines()):
+        audio, rate = soundfile.read(SAMPLE_DIR / json.loads(line)["path"], dtype="float32", always_2d=True)
+        soundfile.write(folder / f"{name}.wav", soxr.resample(audio[:, 0], rate, 24_000)[: 3 * 24_000], 24_000)
+    return folder
+
+
 @contextmanager
 def chromium(microphone: Path):
     """Headless Chromium with a fake microphone playing `microphone`, permissions granted, autoplay allowed."""
@@ -175,13 +185,24 @@ def wait_for_free_slot(url: str, timeout: float = 20) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ tests
-def test_conversation_in_the_browser(demo_model_dir, fake_microphone):
-    """Start, talk (Chromium's fake microphone), hear the model, read its text, watch the user-prediction panel;
-    Stop offers a 24 kHz stereo WAV (model left, user right) as long as the conversation."""
-    with serving(demo_model_dir, "--speculate-top-k", "4", "--max-sessions", "1") as (url, _), chromium(fake_microphone) as driver:
+def test_conversation_in_the_browser(demo_model_dir, fake_microphone, voices):
+    """Pick a voice and a role, start, talk (Chromium's fake microphone), hear the model, read its text, watch the
+    user-prediction panel; Stop offers a 24 kHz stereo WAV (model left, user right) as long as the conversation."""
+    with serving(demo_model_dir, "--speculate-top-k", "4", "--max-sessions", "1", "--voice-prompt-dir", str(voices),
+                 "--voice-prompt", "alice", "--text-prompt", "You are a patient tutor.") as (url, _), \
+            chromium(fake_microphone) as driver:
         driver.get(url + "/")
         assert driver.title.startswith("Moshi")
-        wait_for(driver, lambda s: s["state"] == "idle", 10, "the page loading")
+        wait_for(driver, lambda s: s["state"] == "idle" and s["voices"] is not None, 10, "the page loading")
+        # the voice picker offers the server's voices with its default picked, the role box its default role
+        options = driver.execute_script("return [...document.getElementById('voice').options].map(o => o.value);")
+        assert options == ["", "alice", "bob"], options
+        assert driver.execute_script("return document.getElementById('voice').value;") == "alice"
+        role = driver.find_element(By.ID, "role")
+        assert role.get_attribute("value") == "You are a patient tutor."
+        role.clear()
+        role.send_keys("You are a pirate.")
+        driver.execute_script("document.getElementById('voice').value = 'bob';")
         empty_chart = line_pixels(driver)
         click(driver, "start")
         wait_for(driver, lambda s: s["state"] == "live", 60, "the handshake")
@@ -192,6 +213,8 @@ def test_conversation_in_the_browser(demo_model_dir, fake_microphone):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SCREENSHOT))
         assert live["state"] == "live" and live["audioPagesSent"] > 0
+        assert live["persona"] == {"text_prompt": "You are a pirate.", "voice_prompt": "bob"}, live["persona"]
+        assert not role.is_enabled()  # the persona is read once, at the start
         assert visible_text(driver, "transcript").strip(), "no text in the transcript"
         assert line_pixels(driver) > empty_chart + 20, "the confidence chart did not draw the prediction"
         assert visible_text(driver, "tile-hits") != "\u2013" or live["hits"] + live["misses"] == 0
@@ -242,6 +265,17 @@ def test_error_states(demo_model_dir, fake_microphone):
                 assert visible_text(driver, "retry") == "Retry"
             driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
         assert asyncio.run(_health(url))["conversations"] == 0  # neither took a slot
+
+        # a voice the server does not have (a page older than the server's voices): refused with the reason
+        driver.get(url + "/")
+        wait_for(driver, lambda s: s["voices"] is not None, 10, "the page loading")
+        driver.execute_script("const v = document.getElementById('voice');"
+                              "v.add(new Option('carol', 'carol')); v.value = 'carol';")
+        click(driver, "start")
+        refused = wait_for(driver, lambda s: s["state"] not in ("idle", "connecting", "waiting"), 30, "the refusal")
+        assert refused["state"] == "error" and refused["closeCode"] == 1008, refused
+        assert "bad persona prompt: unknown voice prompt 'carol'" in visible_text(driver, "message")
+        assert asyncio.run(_health(url))["conversations"] == 0
 
         holder = SlotHolder(url)
         holder.start()

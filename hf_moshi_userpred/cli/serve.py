@@ -35,6 +35,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                           "seconds")
     sub.add_argument("--max-message-bytes", type=int, default=1 << 20,
                      help="close a client that sends a larger message (an 80 ms Opus page is a few hundred bytes)")
+    sub.add_argument("--voice-prompt-dir", default=None,
+                     help="a folder of voices for persona prompts (NAME.wav at Mimi's 24 kHz, or NAME.npy codes); a "
+                          "connection picks one with ?voice_prompt=NAME, the page with its voice picker")
+    sub.add_argument("--text-prompt", default=None,
+                     help="the default role of a conversation that gives none (?text_prompt=...): PersonaPlex's "
+                          "`<system> TEXT <system>` persona prompt")
+    sub.add_argument("--voice-prompt", default=None,
+                     help="the default voice: a name in --voice-prompt-dir, or a voice file")
     sub.add_argument("--greedy", action="store_true", help="greedy text and audio instead of the generation config")
     sub.add_argument("--no-predict-user", action="store_true",
                      help="switch the user branch off: moshi's tokens and cost, no speculation, no prediction extras")
@@ -88,6 +96,8 @@ def run(args: argparse.Namespace) -> None:
     check_options(args)
     check_device(args.device)
     model_dir = DEMO_MODEL if args.model is None else check_serving_folder(args.model)
+    if args.voice_prompt_dir is not None and not Path(args.voice_prompt_dir).is_dir():
+        raise ValueError(f"--voice-prompt-dir {args.voice_prompt_dir!r} does not exist or is not a folder")
     check_address(args.host, args.port)
     from ..serving.engine_process import EngineProcess
     from ..serving.server import MoshiServer, run_server
@@ -105,7 +115,8 @@ def run(args: argparse.Namespace) -> None:
     build = functools.partial(RealtimeEngine.from_pretrained, str(model_dir), dtype=torch_dtype(args.dtype),
                               device=args.device, max_conversations=args.max_conversations,
                               speculate_top_k=args.speculate_top_k, gap_fill_threshold=args.gap_fill_threshold,
-                              seed=args.seed, threads=args.threads, **sampling)
+                              seed=args.seed, threads=args.threads, voice_prompt_dir=args.voice_prompt_dir,
+                              text_prompt=args.text_prompt, voice_prompt=args.voice_prompt, **sampling)
     engine = build() if args.in_process else EngineProcess(build)
     try:
         run_server(MoshiServer(engine, idle_timeout_s=args.idle_timeout, send_timeout_s=args.send_timeout,

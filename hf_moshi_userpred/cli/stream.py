@@ -20,6 +20,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--mimi", default=None, help="transformers Mimi folder or Hub id (default: MODEL/mimi)")
     sub.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: MODEL/tokenizer.model)")
     sub.add_argument("--channel", type=int, default=None, help="channel to take from a multi-channel file")
+    sub.add_argument("--text-prompt", default=None,
+                     help="a role for the agent (PersonaPlex's persona prompt: `<system> TEXT <system>`, read before "
+                          "the user speaks)")
+    sub.add_argument("--voice-prompt", default=None,
+                     help="a voice for the agent: a WAV at Mimi's rate (24 kHz), or its codes as .npy [dep_q, frames]")
     sub.add_argument("--speculate-top-k", type=int, default=4, help="candidates precomputed per frame (0: off)")
     sub.add_argument("--realtime", action="store_true", help="deliver frames at 12.5 Hz, like a live microphone")
     sub.add_argument("--greedy", action="store_true", help="greedy text and audio instead of the generation config")
@@ -31,13 +36,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..data.audio import check_audio_file, load_mimi
+    from ..data.audio import check_audio_file, load_mimi, load_tokenizer
+    from ..data.persona import PersonaLibrary
     from ..serving.stream_recording import stream_user_audio
     from ..utils.files import MIMI_FOLDER, TOKENIZER_NAME
 
     existing_path(args.model)
     # before the model load: a typo, a folder or a device fails at once
     user_audio = check_audio_file(existing_path(args.user_audio))
+    if args.voice_prompt:
+        check_audio_file(existing_path(args.voice_prompt))
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     mimi_path = args.mimi or Path(args.model) / MIMI_FOLDER
     if args.mimi is None and not Path(mimi_path).is_dir():
@@ -46,7 +54,11 @@ def run(args: argparse.Namespace) -> None:
     if tokenizer is None and (Path(args.model) / TOKENIZER_NAME).is_file():
         tokenizer = Path(args.model) / TOKENIZER_NAME
     sampling = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
-    result = stream_user_audio(model, user_audio, args.out, mimi=load_mimi(mimi_path, args.device),
+    mimi = load_mimi(mimi_path, args.device)
+    if args.text_prompt or args.voice_prompt:
+        personas = PersonaLibrary(model.config, mimi, load_tokenizer(tokenizer) if tokenizer is not None else None)
+        sampling["persona"] = personas.prompt(args.text_prompt, args.voice_prompt)
+    result = stream_user_audio(model, user_audio, args.out, mimi=mimi,
                                tokenizer=tokenizer, speculate_top_k=args.speculate_top_k, realtime=args.realtime,
                                seed=args.seed, max_frames=args.max_frames, channel=args.channel,
                                progress=not args.quiet, **sampling)

@@ -14,6 +14,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.logging import tqdm
 
 from .generation_moshi_config import SAMPLING_FIELDS, SEARCH_FIELDS, MoshiUserPredGenerationConfig
+from .generation_moshi_persona import MoshiPersonaPrompt
 from .generation_moshi_search import requests_search, search_generate
 from .generation_moshi_streaming import MoshiStreamingSession, MoshiStreamStepOutput, SpeculationStats
 from .generation_moshi_text_constraints import WordTokenizer
@@ -145,6 +146,7 @@ class MoshiUserPredGenerationMixin:
         turn_taking_table: torch.Tensor | None = None,
         prompt_text: str | Sequence[Sequence[int]] | None = None,
         tokenizer: WordTokenizer | None = None,
+        persona: MoshiPersonaPrompt | None = None,
         **kwargs,
     ) -> Iterator[MoshiStreamingSession]:
         """Open `batch_size` real-time conversations ("slots"): `with model.streaming(B) as stream: out =
@@ -168,6 +170,8 @@ class MoshiUserPredGenerationMixin:
             prompt_text: what every slot says first (`stream.say(prompt_text)` before the first step): a string
                 (needs `tokenizer`) or words as token ids.
             tokenizer: the default tokenizer of `stream.say` (e.g. `load_tokenizer(folder / "tokenizer.model")`).
+            persona: a persona prompt (a voice and a role, `MoshiPersonaPrompt.build`) every slot starts from
+                (`stream.prompt(persona)`; per slot: `stream.prompt(persona, mask=...)` after a `reset`).
             **kwargs: generation config fields overriding `generation_config` (e.g. `speculate_top_k=4`).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -192,6 +196,8 @@ class MoshiUserPredGenerationMixin:
         processors = {"text": text_logits_processor, "audio": audio_logits_processor, "user": user_logits_processor}
         session = MoshiStreamingSession(self, batch_size, config, processors, generator, cuda_graphs,
                                         turn_taking_table=turn_taking_table, tokenizer=tokenizer)
+        if persona is not None:
+            session.prompt(persona)
         if prompt_text is not None:
             session.say(prompt_text)
         try:
@@ -216,8 +222,8 @@ class MoshiUserPredGenerationMixin:
 
         Args:
             user_codes: `[B, n_q - dep_q, T]` the user's Mimi tokens.
-            generation_config, seed, **kwargs: as for `streaming` (processors, `turn_taking_table`, `prompt_text`
-                and `tokenizer` included).
+            generation_config, seed, **kwargs: as for `streaming` (processors, `turn_taking_table`, `prompt_text`,
+                `tokenizer` and `persona` included).
             progress: show a progress bar.
             forced_text: `{call: text}`: every slot says `text` from call `call` on (`stream.say(text)` before that
                 step; a string needs `tokenizer`).

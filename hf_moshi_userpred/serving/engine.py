@@ -4,7 +4,8 @@ kyutai's server holds one conversation at a time (a lock around the whole sessio
 conversations share one [`MoshiStreamingSession`] of as many slots and one [`MimiStreamingCodec`], and a clock
 ticks every 80 ms (one Mimi frame). Each tick, in the engine's own thread:
 
-1. conversations that joined take a free slot (`reset` of that slot: the others run on), those that left free theirs;
+1. conversations that joined take a free slot (`reset` of that slot, or its persona prompt's prefill: the others run
+   on), those that left free theirs;
 2. every slot with a whole frame of audio waiting takes it; a slot whose frame is late is paused for the tick (the
    exec mask), or, when the operator turned gap filling on, steps on the user tokens the model predicted (at most
    `max_gap_frames` in a row; the late frame is then dropped when it arrives, its time has passed);
@@ -44,14 +45,18 @@ import torch
 from transformers import MimiModel
 
 from ..data.audio import check_mimi, check_tokenizer, text_piece
+from ..data.persona import PersonaLibrary
 from ..data.voice_activity import STATISTICS_NAME, TurnTakingStatistics
 from ..models.configuration_moshi_userpred import FRAME_PERIOD_S
+from ..models.generation_moshi_persona import MoshiPersonaPrompt
 from .audio_limiter import AudioLimiter
 from .engine_protocol import FrameOutput, user_audio
 from .mimi_streaming import MimiStreamingCodec
 
 logger = logging.getLogger(__name__)
 
+# persona prompts (role text, voice) an engine keeps built; each conversation's prefill is the session's to cache
+PERSONA_CACHE_SIZE = 64
 # speculate only while the tick would still end within this share of the period: the rest absorbs the jitter of
 # arrivals and scheduling, so that a tick that speculates still ends before the next frames are due
 SPECULATION_BUDGET = 0.7
@@ -69,6 +74,7 @@ class Conversation:
     frames_in: int = 0  # frames the model consumed (or gap-filled) so far
     gaps_in_a_row: int = 0
     to_drop: int = 0  # late frames that were gap-filled: dropped when they arrive
+    persona: MoshiPersonaPrompt | None = None  # the prompt the slot starts from (PersonaPlex's voice and role)
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -129,6 +135,10 @@ class RealtimeEngine:
         turn_taking_statistics ([`TurnTakingStatistics`], *optional*): the turn-taking signal's table (its `token`
             table goes to the session); default: `turn_taking_statistics.json` of the model's folder
             (`model.name_or_path`, where `demo` and `from_pretrained` put it) when there is one, else no signal.
+        voice_prompt_dir (*optional*): a folder of voices for persona prompts (`NAME.wav` at Mimi's rate, or
+            `NAME.npy` codes), encoded once at start; a conversation names one (`join(voice_prompt=NAME)`).
+        text_prompt, voice_prompt (`str`, *optional*): the persona of a conversation that gives none (a role text;
+            a voice name in `voice_prompt_dir`, or a voice file).
         **generation_kwargs: other generation config fields (e.g. `do_sample=False`, or `turn_hold_threshold=0.5`
             with a voice-activity head or the statistics).
 
@@ -156,6 +166,9 @@ class RealtimeEngine:
         seed: int | None = None,
         frame_period_s: float = FRAME_PERIOD_S,
         turn_taking_statistics: TurnTakingStatistics | None = None,
+        voice_prompt_dir: str | os.PathLike | None = None,
+        text_prompt: str | None = None,
+        voice_prompt: str | None = None,
         **generation_kwargs,
     ):
         if not isinstance(max_conversations, int) or max_conversations < 1:
@@ -175,6 +188,10 @@ class RealtimeEngine:
         self.model, self.tokenizer, self.max_conversations = model, tokenizer, max_conversations
         self.frame_period_s, self.max_gap_frames, self.jitter_frames = frame_period_s, max_gap_frames, jitter_frames
         self.gap_filling = gap_fill_threshold is not None
+        self.personas = PersonaLibrary(c, mimi, tokenizer, voice_prompt_dir)
+        self.default_persona = (text_prompt, voice_prompt)
+        self._personas: dict[tuple[str | None, str | None], MoshiPersonaPrompt | None] = {}
+        self.persona(None, None)  # a bad default fails here, at start, not at the first connection
         self.codec = MimiStreamingCodec(mimi, max_conversations, num_codebooks=c.dep_q)
         self.frame_size = self.codec.frame_size
         self.sampling_rate = mimi.config.sampling_rate
@@ -232,16 +249,48 @@ class RealtimeEngine:
                    **engine_kwargs)
 
     # ----------------------------------------------------------------------------------- conversations
-    def join(self, deliver: Callable[[FrameOutput], None]) -> Conversation | None:
+    def persona(self, text_prompt: str | None, voice_prompt: str | None) -> MoshiPersonaPrompt | None:
+        """The persona prompt of a role text and a voice name (None for either: the engine's default; "" : none),
+        built once per pair.
+
+        Raises:
+            ValueError: an unknown voice (listing the voices) or an unusable prompt, e.g. one too long for the
+                context.
+        """
+        text = self.default_persona[0] if text_prompt is None else text_prompt
+        voice = self.default_persona[1] if voice_prompt is None else voice_prompt
+        if (text, voice) not in self._personas:
+            prompt = self.personas.prompt(text, voice)
+            window = self.model.config.streaming_window
+            if prompt is not None and prompt.num_frames >= window:
+                raise ValueError(f"the persona prompt has {prompt.num_frames} frames: it leaves no room in the "
+                                 f"model's context of {window} frames (shorten the voice sample or the role text)")
+            if len(self._personas) >= PERSONA_CACHE_SIZE:
+                self._personas.pop(next(iter(self._personas)))
+            self._personas[(text, voice)] = prompt
+        return self._personas[(text, voice)]
+
+    def persona_options(self) -> dict:
+        """The voices of `voice_prompt_dir` and the default persona (what the page offers)."""
+        return {"voices": list(self.personas.voices), "text_prompt": self.default_persona[0],
+                "voice_prompt": self.default_persona[1]}
+
+    def join(self, deliver: Callable[[FrameOutput], None], text_prompt: str | None = None,
+             voice_prompt: str | None = None) -> Conversation | None:
         """Takes a free slot for a new conversation, or returns None when all `max_conversations` are in use.
 
         `deliver` is called from the engine's thread with each [`FrameOutput`]; it must not block (a server hands
-        the output to its event loop).
+        the output to its event loop). The conversation starts from the persona of `text_prompt` and
+        `voice_prompt` (see `persona`; prefilled at its first tick).
+
+        Raises:
+            ValueError: a bad persona prompt, before any slot is taken.
         """
+        persona = self.persona(text_prompt, voice_prompt)
         with self.lock:
             for slot, conversation in enumerate(self.conversations):
                 if conversation is None:
-                    conversation = Conversation(slot, deliver, self.frame_size, self.jitter_frames)
+                    conversation = Conversation(slot, deliver, self.frame_size, self.jitter_frames, persona=persona)
                     self.conversations[slot] = conversation
                     self.joined.append(slot)
                     self.served += 1
@@ -314,6 +363,14 @@ class RealtimeEngine:
             self.codec.reset(mask)
             for slot in joined:
                 self.limiter.reset(slot)
+            prompted: dict[int, list[int]] = {}  # one prefill (or cache copy) per persona for all its new slots
+            for slot in joined:
+                if slots[slot] is not None and slots[slot].persona is not None:
+                    prompted.setdefault(id(slots[slot].persona), []).append(slot)
+            for group in prompted.values():
+                prompt_mask = torch.zeros(self.max_conversations, dtype=torch.bool)
+                prompt_mask[group] = True
+                self.session.prompt(slots[group[0]].persona, prompt_mask.to(self.device))
         if not any(slots):
             return
         self.ticks += 1

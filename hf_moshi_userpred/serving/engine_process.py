@@ -81,6 +81,7 @@ class EngineProcess:
         self._reply_ready = threading.Condition()
         self.error: BaseException | None = None
         self.running = False
+        self._persona_options: dict | None = None
         kind, *payload = self._next_event(STARTUP_TIMEOUT_S)
         if kind == "failed":
             self._process.join()
@@ -110,11 +111,19 @@ class EngineProcess:
                 self._process.kill()
         self.running = False
 
-    def join(self, deliver: Callable[[FrameOutput], None]) -> RemoteConversation | None:
-        """Takes a free slot for a new conversation (None when all are in use); `deliver` is called from a reader
-        thread with each [`FrameOutput`] and must not block."""
+    def join(self, deliver: Callable[[FrameOutput], None], text_prompt: str | None = None,
+             voice_prompt: str | None = None) -> RemoteConversation | None:
+        """Takes a free slot for a new conversation (None when all are in use) with the persona of `text_prompt` and
+        `voice_prompt` (see [`RealtimeEngine.join`]); `deliver` is called from a reader thread with each
+        [`FrameOutput`] and must not block.
+
+        Raises:
+            ValueError: the engine refused the persona prompt (its message).
+        """
         conversation_id = next(self._ids)
-        slot = self._request(("join", conversation_id), conversation_id)
+        slot = self._request(("join", conversation_id, text_prompt, voice_prompt), conversation_id)
+        if isinstance(slot, str):
+            raise ValueError(slot)
         if slot is None:
             return None
         # Registered once joined: its first frame needs audio, which only comes after `join` returns.
@@ -139,6 +148,13 @@ class EngineProcess:
         """The engine's [`RealtimeEngine.metrics`], read in the child."""
         request_id = next(self._ids)
         return self._request(("metrics", request_id), request_id)
+
+    def persona_options(self) -> dict:
+        """The engine's [`RealtimeEngine.persona_options`], read in the child once (they do not change)."""
+        if self._persona_options is None:
+            request_id = next(self._ids)
+            self._persona_options = self._request(("persona_options", request_id), request_id)
+        return self._persona_options
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _send(self, message: tuple) -> None:
@@ -233,8 +249,13 @@ def _serve_commands(engine: RealtimeEngine, commands, events) -> None:
             if conversation is not None:
                 conversation.push_audio(payload[1])
         elif kind == "join":
-            conversation_id = payload[0]
-            conversation = engine.join(lambda output, cid=conversation_id: events.put(("frame", cid, output)))
+            conversation_id, text_prompt, voice_prompt = payload
+            try:
+                conversation = engine.join(lambda output, cid=conversation_id: events.put(("frame", cid, output)),
+                                           text_prompt, voice_prompt)
+            except ValueError as error:  # a bad persona prompt: the reason goes back to the client
+                events.put(("reply", conversation_id, str(error)))
+                continue
             if conversation is not None:
                 conversations[conversation_id] = conversation
             events.put(("reply", conversation_id, None if conversation is None else conversation.slot))
@@ -244,6 +265,8 @@ def _serve_commands(engine: RealtimeEngine, commands, events) -> None:
                 engine.leave(conversation)
         elif kind == "metrics":
             events.put(("reply", payload[0], engine.metrics()))
+        elif kind == "persona_options":
+            events.put(("reply", payload[0], engine.persona_options()))
         elif kind == "start":
             engine.start()
         elif kind == "stop":

@@ -62,8 +62,13 @@ class ConversationEngine(Protocol):
 
     def stop(self) -> None: ...
 
-    def join(self, deliver: Callable[[FrameOutput], None]) -> LiveConversation | None:
-        """A free slot for a new conversation, None when all are in use; `deliver` must not block."""
+    def join(self, deliver: Callable[[FrameOutput], None], text_prompt: str | None = None,
+             voice_prompt: str | None = None) -> LiveConversation | None:
+        """A free slot for a new conversation starting from a persona prompt (None: the engine's default), None when
+        all are in use; `deliver` must not block. Raises `ValueError` for a bad prompt."""
+
+    def persona_options(self) -> dict:
+        """`{"voices": [names], "text_prompt": default, "voice_prompt": default}` (the page's picker)."""
 
     def leave(self, conversation: LiveConversation) -> None:
         """Frees the conversation's slot (idempotent)."""

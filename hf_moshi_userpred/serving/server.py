@@ -114,13 +114,14 @@ class MoshiServer:
         self.engine, self.idle_timeout_s, self.send_timeout_s = engine, idle_timeout_s, send_timeout_s
         self.max_message_bytes, self.max_queued_bytes = max_message_bytes, max_queued_bytes
         self.connections: dict[web.WebSocketResponse, web.Request] = {}
-        self.counts = {"connections": 0, "refused_busy": 0, "closed_by_server": 0}
+        self.counts = {"connections": 0, "refused_busy": 0, "refused_prompt": 0, "closed_by_server": 0}
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/api/chat", self.chat)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/api/personas", self.personas)
         if STATIC_DIR.is_dir():
             app.router.add_get("/", self.index)
             app.router.add_static("/static/", STATIC_DIR)
@@ -147,6 +148,10 @@ class MoshiServer:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.json_response({**self.engine.metrics(), "server": dict(self.counts)})
 
+    async def personas(self, request: web.Request) -> web.Response:
+        """The voices a connection may name (`voice_prompt`) and the default persona: the page's voice picker."""
+        return web.json_response(self.engine.persona_options())
+
     # ---------------------------------------------------------------------------------------- /api/chat
     async def chat(self, request: web.Request) -> web.WebSocketResponse:
         # writer_limit: aiohttp checks whether the transport is full only every writer_limit bytes sent
@@ -157,7 +162,15 @@ class MoshiServer:
         outbox = _Outbox(self.engine.sampling_rate, request.query.get("extras", "").lower() in ("1", "true", "yes"),
                          self.max_queued_bytes)
         loop = asyncio.get_running_loop()
-        conversation = self.engine.join(lambda output: loop.call_soon_threadsafe(outbox.put, output))
+        # PersonaPlex's query parameters: absent, the server's default persona; empty, none.
+        text_prompt, voice_prompt = request.query.get("text_prompt"), request.query.get("voice_prompt")
+        try:
+            conversation = self.engine.join(lambda output: loop.call_soon_threadsafe(outbox.put, output),
+                                            text_prompt, voice_prompt)
+        except ValueError as error:  # a bad persona prompt: refused before any slot is taken
+            self.counts["refused_prompt"] += 1
+            await _close(ws, request, WSCloseCode.POLICY_VIOLATION, f"bad persona prompt: {error}")
+            return ws
         if conversation is None:
             self.counts["refused_busy"] += 1
             reason = f"server busy: all {self.engine.max_conversations} conversation slots are in use, try again later"
@@ -261,7 +274,9 @@ async def _close(ws: web.WebSocketResponse, request: web.Request, code: int, rea
     """Closes with `code` and `reason`, waiting `CLOSE_TIMEOUT_S` at most: a client that does not read never takes
     the close frame, and its socket is then dropped with what was still buffered for it."""
     try:
-        await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), CLOSE_TIMEOUT_S)
+        # a close reason holds 123 bytes: cut on a character boundary (a client refuses broken UTF-8)
+        message = reason.encode()[:120].decode(errors="ignore").encode()
+        await asyncio.wait_for(ws.close(code=code, message=message), CLOSE_TIMEOUT_S)
     except asyncio.TimeoutError:
         pass
     transport = request.transport

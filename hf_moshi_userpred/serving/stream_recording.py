@@ -167,6 +167,7 @@ def stream_user_audio(
             "realtime": realtime,
             "seed": seed,
             "max_frames": max_frames,
+            "persona_frames": 0 if generation_kwargs.get("persona") is None else generation_kwargs["persona"].num_frames,
             "sampling": streamed.sampling,
         },
         files={name: output_dir / filename for name, filename in OUTPUT_FILES.items()},

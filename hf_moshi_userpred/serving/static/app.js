@@ -24,7 +24,7 @@
     prob: $("tile-prob"), entropy: $("tile-entropy"), hits: $("tile-hits"), hitsDetail: $("tile-hits-detail"),
     critical: $("tile-critical"), criticalDetail: $("tile-critical-detail"), turnBox: $("tile-turn-box"),
     turn: $("tile-turn"), frames: $("tile-frames"), framesDetail: $("tile-frames-detail"),
-    legendTurn: $("legend-turn"),
+    legendTurn: $("legend-turn"), role: $("role"), voice: $("voice"),
   };
 
   // What the page did, for people debugging and for the browser tests.
@@ -32,7 +32,7 @@
     state: "idle", message: "", audioFramesReceived: 0, audioPagesSent: 0, audioSamplesPlayed: 0,
     audioSecondsPlayed: 0, underruns: 0, textPieces: 0, extrasReceived: 0, chartPoints: 0, hits: 0, misses: 0,
     notTried: 0, lateFrames: 0, gapFilled: 0, recordedSeconds: 0, talkSeconds: 0, contextSampleRate: null,
-    closeCode: null, closeReason: null, recordingUrl: null,
+    closeCode: null, closeReason: null, recordingUrl: null, voices: null, persona: null,
   };
   window.moshiStats = stats;
 
@@ -46,6 +46,7 @@
     ui.start.hidden = ["busy", "lost", "error", "denied"].includes(state);
     ui.retry.hidden = !["busy", "lost", "error", "denied"].includes(state);
     ui.stop.disabled = !(state === "connecting" || state === "waiting" || state === "live");
+    ui.role.disabled = ui.voice.disabled = busy; // the persona is read once, when the conversation starts
     if (message !== undefined) showMessage(message, kind);
   }
 
@@ -170,7 +171,10 @@
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     let ws;
     try {
-      ws = s.ws = new WebSocket(scheme + location.host + "/api/chat?extras=1");
+      // PersonaPlex's query parameters: the role and the voice picked (empty: none, not the server's default)
+      const persona = stats.persona = { text_prompt: ui.role.value.trim(), voice_prompt: ui.voice.value };
+      const query = new URLSearchParams({ extras: "1", ...persona });
+      ws = s.ws = new WebSocket(scheme + location.host + "/api/chat?" + query.toString());
     } catch (error) {
       s.socketSettled = Promise.resolve();
       return fail(s, "error", "Could not open a WebSocket to the server: " + error.message);
@@ -640,6 +644,25 @@
     });
   }
 
+  // The voices of the server's --voice-prompt-dir and its default persona, for the picker and the role box.
+  async function loadPersonas() {
+    try {
+      const response = await fetch("/api/personas");
+      if (!response.ok) return;
+      const options = await response.json();
+      stats.voices = options.voices || [];
+      for (const name of stats.voices) {
+        const option = document.createElement("option");
+        option.value = option.textContent = name;
+        ui.voice.appendChild(option);
+      }
+      if (options.voice_prompt && stats.voices.includes(options.voice_prompt)) ui.voice.value = options.voice_prompt;
+      if (options.text_prompt && !ui.role.value) ui.role.value = options.text_prompt;
+    } catch (error) {
+      stats.voices = []; // an older server: no persona options, the model's own voice
+    }
+  }
+
   // ------------------------------------------------------------------------------------------------ wiring
   ui.start.addEventListener("click", start);
   ui.retry.addEventListener("click", start);
@@ -651,5 +674,6 @@
   if (unsupported) setState("unsupported", unsupported, "error");
   else setState("idle");
   scheduleDraw();
+  loadPersonas();
   window.moshiApp = { start, stop };
 })();
