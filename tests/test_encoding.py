@@ -548,3 +548,32 @@ def test_encoded_dialogues_refuse_a_shard_of_float_or_not_2d_codes(tmp_path, cod
 def test_encoded_dialogues_from_codes_validation(codes, names, message):
     with pytest.raises(ValueError, match=message):
         EncodedDialogues.from_codes(codes, names)
+
+
+# ------------------------------------------------------------------------------------------------ persona prompts
+def test_a_dialogues_persona_prompt_is_encoded_beside_it(tmp_path, mimi, tokenizer):
+    """`text_prompt` / `voice_prompt` in a dialogue's json become the shard's `prompt` (PersonaPlex's layout, in the
+    shard's rows); the dataset hands it to the collator; a bad voice fails that dialogue alone, with the reason."""
+    soundfile.write(tmp_path / "voice.wav", stereo(0.5, seed=3)[:, 0], RATE)
+    lines = [write_dialogue(tmp_path, name, stereo(1.0, seed=i)) for i, name in enumerate(("prompted", "plain", "bad"))]
+    for name, fields in (("prompted", {"text_prompt": "hello world", "voice_prompt": "voice.wav"}),
+                         ("bad", {"voice_prompt": "missing.wav"})):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        (tmp_path / f"{name}.json").write_text(json.dumps({**data, **fields}))
+    summary = encode(write_manifest(tmp_path, lines), tmp_path / "out", mimi, tokenizer)
+    assert sorted(summary.encoded) == ["plain.wav", "prompted.wav"]
+    assert "its voice_prompt" in summary.failed["bad.wav"] and "missing.wav" in summary.failed["bad.wav"]
+    items = {item["name"]: item for item in EncodedDialogues(tmp_path / "out")}
+    assert "prompt" not in items["plain.wav"]
+    prompt, codes = items["prompted.wav"]["prompt"], items["prompted.wav"]["codes"]
+    role = tokenizer.encode("<system> hello world <system>")
+    voice_frames = math.ceil(0.5 * 12.5)
+    assert prompt.shape == (codes.shape[0], voice_frames + 12 + len(role))
+    assert prompt[0, voice_frames + 6 : voice_frames + 6 + len(role)].tolist() == role
+    assert (prompt[0, :voice_frames] == 3).all()  # text padding under the voice
+    assert (prompt[1 + NUM_CODEBOOKS :] == prompt[1 + NUM_CODEBOOKS :, :1]).all()  # the user's tone, one frame repeated
+    # the prompt is part of the shard's identity: editing the role re-encodes the dialogue
+    data = json.loads((tmp_path / "prompted.json").read_text())
+    (tmp_path / "prompted.json").write_text(json.dumps({**data, "text_prompt": "a small test"}))
+    again = encode(write_manifest(tmp_path, lines[:2]), tmp_path / "out", mimi, tokenizer)
+    assert again.encoded == ["prompted.wav"] and again.skipped == ["plain.wav"]

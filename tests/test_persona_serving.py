@@ -126,7 +126,8 @@ def test_a_refused_prompt_takes_no_slot(parts, voice_dir):
         assert engine.persona_options() == {"voices": ["alice", "bob"], "text_prompt": None, "voice_prompt": None}
     finally:
         engine.stop()
-    with pytest.raises(ValueError, match="unknown voice prompt 'carol'"):  # a bad default fails at start
+    with pytest.raises(ValueError, match=r"default voice prompt 'carol' is neither a voice .* \(alice, bob\) nor a "
+                                         "voice file"):  # a bad default fails at start
         RealtimeEngine(*parts, voice_prompt_dir=voice_dir, voice_prompt="carol")
     with pytest.raises(ValueError, match="leaves no room in the model's context"):
         RealtimeEngine(*parts, text_prompt="very long role " * 1200).join(lambda output: None)

@@ -163,7 +163,7 @@ def test_output_queued_past_the_bound_closes_the_client():
         def stop(self):
             self.running = False
 
-        def join(self, deliver):
+        def join(self, deliver, text_prompt=None, voice_prompt=None):
             self.active_conversations = 1
             for frame in range(300):
                 deliver(FrameOutput(frame, text="x" * 1024))

@@ -476,3 +476,35 @@ def test_data_the_model_cannot_read_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"segment_frames=44 is longer than both the model's context \(32 frames\) "
                                          r"and the longest dialogue of train_data \(43 frames\): give at most 43"):
         check_data_fits_model(config, 44, train_data=train, eval_data=(None, None))
+
+
+# ------------------------------------------------------------------------------------------------ persona prompts
+def test_a_persona_prompt_starts_every_segment_and_carries_no_loss(tmp_path):
+    items = dialogues(2, frames=40)
+    prompt = torch.randint(0, 16, (5, 6), generator=torch.Generator().manual_seed(1))
+    items[0]["prompt"] = prompt
+    batch = MoshiSegmentCollator(16)(items)
+    assert batch["prompt_frames"].tolist() == [6, 0]
+    assert torch.equal(batch["codes"][0, :, :6], prompt)
+    dialogue = items[0]["codes"]  # the rest of the segment: 10 consecutive frames of the dialogue
+    starts = [s for s in range(dialogue.shape[1] - 9) if torch.equal(dialogue[:, s : s + 10], batch["codes"][0, :, 6:])]
+    assert starts
+    with pytest.raises(ValueError, match="d0: its persona prompt has 16 frames, which leaves no room"):
+        MoshiSegmentCollator(16)([{**items[0], "prompt": torch.zeros(5, 16, dtype=torch.long)}])
+
+    model = tiny_model(base=TINY)
+    trainer = MoshiUserPredTrainer(model=model, args=training_args(tmp_path, user_loss_stages="0:0.25"))
+    model.eval()
+    with torch.no_grad():
+        _, prompted = trainer.compute_loss(model, batch, return_outputs=True)
+        plain = model(batch["codes"], return_loss=True)
+    for name in ("text_mask", "audio_mask", "user_mask"):
+        mask, reference = getattr(prompted, name), getattr(plain, name)
+        assert not mask[0, :, :6].any() and torch.equal(mask[0, :, 6:], reference[0, :, 6:]), name
+        assert torch.equal(mask[1], reference[1]), name  # the other dialogue keeps all its targets
+    assert not torch.allclose(prompted.loss, plain.loss)
+    # a training step runs on prompted dialogues
+    trainer = MoshiUserPredTrainer(model=model, args=training_args(tmp_path, max_steps=2),
+                                   train_dataset=items, data_collator=MoshiSegmentCollator(16, config=model.config))
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in step_logs(trainer))

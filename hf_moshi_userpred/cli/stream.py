@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
     mimi = load_mimi(mimi_path, args.device)
     if args.text_prompt or args.voice_prompt:
         personas = PersonaLibrary(model.config, mimi, load_tokenizer(tokenizer) if tokenizer is not None else None)
-        sampling["persona"] = personas.prompt(args.text_prompt, args.voice_prompt)
+        sampling["persona"] = personas.prompt(args.text_prompt, Path(args.voice_prompt) if args.voice_prompt else None)
     result = stream_user_audio(model, user_audio, args.out, mimi=mimi,
                                tokenizer=tokenizer, speculate_top_k=args.speculate_top_k, realtime=args.realtime,
                                seed=args.seed, max_frames=args.max_frames, channel=args.channel,

@@ -35,6 +35,10 @@ def _codes_of(item: Mapping | torch.Tensor) -> torch.Tensor:
 class MoshiSegmentCollator:
     """Collate dialogues `{"codes": [1 + n_q, T]}` into `{"codes": LongTensor [B, 1 + n_q, segment_frames]}`.
 
+    A dialogue with a persona prompt (`"prompt"` `[1 + n_q, P]`, from its `text_prompt`/`voice_prompt` fields, see
+    `encode`) starts each of its segments with the prompt, then `segment_frames - P` frames of the dialogue; the batch
+    then holds `"prompt_frames"` `[B]` (0 for the dialogues without one), which the model reads and does not learn.
+
     Args:
         segment_frames: frames per segment (12.5 per second).
         random_offset: a uniformly random start in `[0, T - segment_frames]` for each dialogue (training), drawn from
@@ -61,18 +65,36 @@ class MoshiSegmentCollator:
             raise ValueError(f"dialogues in a batch have different numbers of rows: {sorted(rows)}")
         batch = torch.full((len(codes), rows.pop(), self.segment_frames), ZERO_TOKEN_ID, dtype=torch.long)
         activity = self._activity_batch(items)
+        prompt_frames = torch.zeros(len(codes), dtype=torch.long)
         for i, c in enumerate(codes):
-            spare = c.shape[1] - self.segment_frames
+            prompt = items[i].get("prompt") if isinstance(items[i], Mapping) else None
+            if prompt is not None:  # a persona prompt starts every segment of its dialogue
+                prompt_frames[i] = self._check_prompt(prompt, c, items[i].get("name", f"item {i}"))
+                batch[i, :, : prompt_frames[i]] = prompt
+            room = self.segment_frames - int(prompt_frames[i])
+            spare = c.shape[1] - room
             start = int(torch.randint(spare + 1, ())) if self.random_offset and spare > 0 else 0
-            segment = c[:, start : start + self.segment_frames]
-            batch[i, :, : segment.shape[1]] = segment
+            segment = c[:, start : start + room]
+            batch[i, :, prompt_frames[i] : prompt_frames[i] + segment.shape[1]] = segment
             if activity is not None and isinstance(items[i], Mapping) and "user_activity" in items[i]:
-                ahead = items[i]["user_activity"][start : start + activity.shape[1]]
-                activity[i, : ahead.shape[0]] = ahead
+                ahead = items[i]["user_activity"][start : start + activity.shape[1] - int(prompt_frames[i])]
+                activity[i, prompt_frames[i] : prompt_frames[i] + ahead.shape[0]] = ahead
         out = {"codes": check_codes(batch, self.config, name="batch codes")}
         if activity is not None:
             out["user_activity"] = activity
+        if bool(prompt_frames.any()):
+            out["prompt_frames"] = prompt_frames
         return out
+
+    def _check_prompt(self, prompt: torch.Tensor, codes: torch.Tensor, name: str) -> int:
+        """The frames of a dialogue's persona prompt `[rows, P]`, refused when it leaves no room for the dialogue."""
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[0] != codes.shape[0]:
+            shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise ValueError(f"{name}: its persona prompt must be codes [{codes.shape[0]}, frames], got {shape}")
+        if prompt.shape[1] >= self.segment_frames:
+            raise ValueError(f"{name}: its persona prompt has {prompt.shape[1]} frames, which leaves no room for the "
+                             f"dialogue in segments of {self.segment_frames} frames (raise segment_frames)")
+        return prompt.shape[1]
 
     def _activity_batch(self, items: Sequence[Mapping | torch.Tensor]) -> torch.Tensor | None:
         """`[B, segment_frames + lookahead - 1 + horizon]` of -1 (unknown) when the model has a voice-activity head

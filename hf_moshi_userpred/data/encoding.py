@@ -2,8 +2,10 @@
 
 A moshi-finetune dataset is a `.jsonl` with one `{"path": "dialogue.wav", "duration": seconds}` per line; each wav
 is stereo (left channel: the system, Moshi; right channel: the user) and has its word alignments beside it in
-`dialogue.json`. [`encode_dataset`] turns every dialogue into one `codes` tensor `[1 + 2 * num_codebooks, T]` at
-Mimi's frame rate (12.5 Hz):
+`dialogue.json` (which may also give the dialogue a persona prompt: `"text_prompt"`, a role, and `"voice_prompt"`, a
+voice file relative to it; encoded as the shard's `prompt`, read by the model before the dialogue and never learnt).
+[`encode_dataset`] turns every dialogue into one `codes` tensor `[1 + 2 * num_codebooks, T]` at Mimi's frame rate
+(12.5 Hz):
 
     row 0                                         text of the system speaker (`text_alignment.interleave_text`)
     rows 1 .. num_codebooks                       Mimi codes of the left channel (system)
@@ -15,11 +17,13 @@ them. [`EncodedDialogues`] reads them back as a `torch.utils.data.Dataset`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from transformers import MimiModel
 from transformers.utils import logging
 
 from ..models.modeling_moshi_codes import check_codes
+from .persona import PersonaLibrary
 from ..utils.files import atomic_write, read_json_object, write_json
 from .audio import load_mimi, load_stereo, load_tokenizer
 from .text_alignment import (
@@ -137,6 +142,10 @@ def encode_dataset(
         )
 
     fingerprint = _fingerprint(mimi, tokenizer, num_codebooks, main_speaker, text_padding_id, text_end_padding_id)
+    # Persona prompts (a dialogue's `text_prompt` / `voice_prompt`) in the layout written here.
+    layout = SimpleNamespace(dep_q=num_codebooks, n_q=2 * num_codebooks, card=mimi.config.codebook_size,
+                             text_card=tokenizer.vocab_size(), existing_text_padding_id=text_padding_id)
+    personas = functools.cache(lambda: PersonaLibrary(layout, mimi, tokenizer))  # built for the first prompt
     codes_dir = output_dir / "codes"
     codes_dir.mkdir(parents=True, exist_ok=True)
     summary = EncodeSummary(output_dir=output_dir)
@@ -168,6 +177,7 @@ def encode_dataset(
                 text_padding_id=text_padding_id,
                 text_end_padding_id=text_end_padding_id,
                 max_dropped_fraction=max_dropped_fraction,
+                personas=personas,
             )
         except ValueError as error:
             summary.failed[source] = str(error)
@@ -273,8 +283,11 @@ class EncodedDialogues(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         item = self._items[index]
-        codes = load_file(item)["codes"] if isinstance(item, Path) else item
-        return {"codes": codes.long(), "name": self._names[index]}
+        tensors = load_file(item) if isinstance(item, Path) else {"codes": item}
+        out = {"codes": tensors["codes"].long(), "name": self._names[index]}
+        if "prompt" in tensors:  # the dialogue's persona prompt (see the collator)
+            out["prompt"] = tensors["prompt"].long()
+        return out
 
 
 def _fingerprint(
@@ -337,8 +350,10 @@ def _encode_file(
     text_padding_id: int,
     text_end_padding_id: int,
     max_dropped_fraction: float,
+    personas: Callable[[], PersonaLibrary],
 ) -> tuple[Path, int, bool, dict]:
-    """Encodes one dialogue unless an up-to-date shard exists.
+    """Encodes one dialogue unless an up-to-date shard exists. A `text_prompt` / `voice_prompt` (a WAV or `.npy` path
+    relative to the json) in its alignment json becomes the shard's `prompt` codes (`PersonaLibrary.prompt`).
 
     Returns:
         (shard, num_frames, skipped, words): `words` is `{"words": int, "dropped_words": [str], "truncated_words":
@@ -372,6 +387,18 @@ def _encode_file(
     except ValueError as error:
         raise ValueError(f"alignment file {alignment_path}: {error}") from error
 
+    text_prompt, voice_prompt = data.get("text_prompt"), data.get("voice_prompt")
+    for field_name, value in (("text_prompt", text_prompt), ("voice_prompt", voice_prompt)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"alignment file {alignment_path}: {field_name} must be a string, got {value!r}")
+    voice_path = alignment_path.parent / voice_prompt if voice_prompt else None
+    if voice_path is not None:
+        if not voice_path.is_file():
+            raise ValueError(f"alignment file {alignment_path}: its voice_prompt {voice_path} is not a file")
+        identity.update(voice_size=str(voice_path.stat().st_size), voice_mtime_ns=str(voice_path.stat().st_mtime_ns))
+    if text_prompt:
+        identity["text_prompt"] = text_prompt
+
     shard = codes_dir / _shard_name(source)
     existing = _read_metadata(shard)
     if existing is not None and all(existing.get(key) == value for key, value in identity.items()):
@@ -396,6 +423,14 @@ def _encode_file(
         raise ValueError(f"alignment file {alignment_path}: {error}") from error
     words = {"words": placed.num_words, "dropped_words": placed.dropped, "truncated_words": placed.truncated}
     codes = torch.cat([placed.tokens[None], audio_codes[0].cpu(), audio_codes[1].cpu()]).to(torch.int32)
+    tensors = {"codes": codes}
+    if text_prompt or voice_path is not None:
+        try:
+            prompt = personas().prompt(text_prompt, voice_path)
+        except ValueError as error:
+            raise ValueError(f"alignment file {alignment_path}: {error}") from error
+        if prompt is not None:
+            tensors["prompt"] = prompt.codes.to(torch.int32)
     metadata = {
         **identity,
         "duration": f"{audio.shape[-1] / mimi.config.sampling_rate:.6f}",
@@ -406,7 +441,7 @@ def _encode_file(
         "text_end_padding_id": str(text_end_padding_id),
         "words": json.dumps(words),
     }
-    atomic_write(shard, lambda path: save_file({"codes": codes}, path, metadata=metadata))
+    atomic_write(shard, lambda path: save_file(tensors, path, metadata=metadata))
     return shard, num_frames, False, words
 
 

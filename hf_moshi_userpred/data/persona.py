@@ -104,25 +104,24 @@ class PersonaLibrary:
         return self._encode(audio * (10 ** (VOICE_RMS_DBFS / 20) / rms), dep_q)
 
     def prompt(self, text: str | None = None, voice: str | os.PathLike | None = None) -> MoshiPersonaPrompt | None:
-        """The persona prompt of a role `text` and a `voice` (a name in the voice folder, or a file's path); None
-        when both are empty.
+        """The persona prompt of a role `text` and a `voice`: a string names a voice of the folder (never a file, so
+        a client naming "../secret.wav" reads nothing), a `Path` is a voice file. None when both are empty.
 
         Raises:
-            ValueError: a voice that is neither (listing the folder's voices), a role text without a tokenizer, or an
+            ValueError: an unknown voice name (listing the folder's voices), a role text without a tokenizer, or an
                 unusable voice file.
         """
         text = (text or "").strip()
         if not text and not voice:
             return None
         voice_codes = None
-        if voice:
-            if str(voice) in self.voices:
-                voice_codes = self.voices[str(voice)]
-            elif Path(voice).suffix.lower() in VOICE_SUFFIXES and Path(voice).is_file():
-                voice_codes = self.voice_codes(voice)
-            else:
-                known = ", ".join(self.voices) or "none: start the server with --voice-prompt-dir"
-                raise ValueError(f"unknown voice prompt {str(voice)!r}: the voices are {known}")
+        if isinstance(voice, os.PathLike):
+            voice_codes = self.voice_codes(voice)
+        elif voice:
+            if voice not in self.voices:
+                known = ", ".join(self.voices) or "none (no voice prompt folder)"
+                raise ValueError(f"unknown voice prompt {voice!r}: the voices are {known}")
+            voice_codes = self.voices[voice]
         role = None
         if text:
             if self.tokenizer is None:

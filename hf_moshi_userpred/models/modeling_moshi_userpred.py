@@ -344,6 +344,7 @@ class MoshiUserPredForConditionalGeneration(
         user_loss_weight: float | None = None,
         predict_user: bool = True,
         user_activity: torch.Tensor | None = None,
+        prompt_frames: torch.Tensor | None = None,
         **kwargs,
     ) -> MoshiUserPredOutput:
         r"""Teacher-forced logits of every stream (and losses with `return_loss`).
@@ -358,6 +359,9 @@ class MoshiUserPredForConditionalGeneration(
             user_activity (`torch.LongTensor` `[B, F]`, *optional*): the user's voice activity per frame from frame 0
                 (1 speaks, 0 silent, -1 unknown; `F` may exceed `T` by the frames the head looks ahead), the targets
                 of the voice-activity head's loss (see `voice_activity_targets`).
+            prompt_frames (`torch.LongTensor` `[B]`, *optional*): the first frames of each sequence that are a persona
+                prompt (`generation_moshi_persona.py`): the model reads them, but they are no target (their masks,
+                hence their losses, are False).
 
         Returns:
             [`MoshiUserPredOutput`].
@@ -395,6 +399,10 @@ class MoshiUserPredForConditionalGeneration(
         if self.voice_activity_head is not None:  # cheap, and it reads the hidden state only: run even without the branch
             voice_activity_logits = self.voice_activity_head(hidden)
 
+        if prompt_frames is not None:  # a persona prompt is read, never learnt
+            target = torch.arange(T, device=codes.device)[None, None] >= prompt_frames.to(codes.device)[:, None, None]
+            text_mask, audio_mask = text_mask & target, audio_mask & target
+            user_mask = None if user_mask is None else user_mask & target
         output = MoshiUserPredOutput(
             text_logits=text_logits, text_mask=text_mask, audio_logits=audio_logits, audio_mask=audio_mask,
             user_logits=user_logits, user_mask=user_mask, last_hidden_state=hidden,

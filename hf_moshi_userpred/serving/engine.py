@@ -250,15 +250,22 @@ class RealtimeEngine:
 
     # ----------------------------------------------------------------------------------- conversations
     def persona(self, text_prompt: str | None, voice_prompt: str | None) -> MoshiPersonaPrompt | None:
-        """The persona prompt of a role text and a voice name (None for either: the engine's default; "" : none),
-        built once per pair.
+        """The persona prompt of a role text and a voice name (None for either: the engine's default; "": none),
+        built once per pair. A client names voices of `voice_prompt_dir` only; the default may be a file.
 
         Raises:
             ValueError: an unknown voice (listing the voices) or an unusable prompt, e.g. one too long for the
                 context.
         """
         text = self.default_persona[0] if text_prompt is None else text_prompt
-        voice = self.default_persona[1] if voice_prompt is None else voice_prompt
+        voice = voice_prompt
+        if voice_prompt is None and self.default_persona[1] is not None:  # the operator's: a name, or else a file
+            default = self.default_persona[1]
+            voice = default if default in self.personas.voices else Path(default)
+            if isinstance(voice, Path) and not voice.is_file():
+                known = ", ".join(self.personas.voices) or "none"
+                raise ValueError(f"the default voice prompt {default!r} is neither a voice of the voice prompt folder "
+                                 f"({known}) nor a voice file")
         if (text, voice) not in self._personas:
             prompt = self.personas.prompt(text, voice)
             window = self.model.config.streaming_window

@@ -280,7 +280,8 @@ class MoshiUserPredTrainer(Trainer):
         # A zero-weight user loss trains nothing: in training the user branch is then not run at all (evaluation
         # still measures it).
         outputs = model(codes=codes, return_loss=True, user_loss_weight=weight,
-                        predict_user=not (model.training and weight == 0), user_activity=inputs.get("user_activity"))
+                        predict_user=not (model.training and weight == 0), user_activity=inputs.get("user_activity"),
+                        prompt_frames=inputs.get("prompt_frames"))
         self._record("train" if model.training else "eval", outputs, codes)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
