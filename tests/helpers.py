@@ -68,6 +68,32 @@ def tiny_model(seed: int = 0, base: dict | None = None, **overrides) -> MoshiUse
     return MoshiUserPredForConditionalGeneration(tiny_config(base, **overrides)).eval()
 
 
+def greedy_stream_is_teacher_forced_argmax(model, user: torch.Tensor) -> tuple[list, torch.Tensor, object]:
+    """Streams `user` `[B, n_q - dep_q, T]` greedily, rebuilds the training-layout codes of the stream and asserts that
+    `forward` scores its text and system audio as its argmax.
+
+    With delays `d`, out.tokens at call `o` holds frame `o - max(d)` of every generated row, and the streaming user frame
+    `f` plays training frame `f - 1` (frame 0 is never read: moshi feeds initial tokens there).
+
+    Returns:
+        the step outputs, the codes `[B, 1 + n_q, T - max(d)]` and `forward`'s output on them.
+    """
+    c = model.config
+    T, max_delay = user.shape[2], max(c.delays)
+    with model.streaming(user.shape[0], **GREEDY) as stream:
+        outs = [stream.step(user[:, :, t : t + 1]) for t in range(T)]
+    frames = T - max_delay
+    generated = torch.cat([o.tokens for o in outs[max_delay:]], dim=2)  # [B, 1 + dep_q, frames]
+    codes = torch.cat([generated, user[:, :, 1 : frames + 1]], dim=1)
+    with torch.no_grad():
+        tf = model(codes)
+    assert torch.equal(tf.text_logits[:, 0].argmax(-1), codes[:, 0])
+    for k in range(c.dep_q):
+        valid = frames - c.delays[1 + k]  # later frames' position is past the end
+        assert torch.equal(tf.audio_logits[:, k, :valid].argmax(-1), codes[:, 1 + k, :valid]), f"codebook {k}"
+    return outs, codes, tf
+
+
 def make_reference(LMModel, lm_kwargs: dict, seed: int = 0):
     """A moshi LMModel with every parameter perturbed, so norms, scales and biases are not at their init."""
     torch.manual_seed(seed)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # subprocesses / end-to-end runs
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["training", "streaming", "speculation", "serving", "quantization", "turn_taking"])
+@pytest.mark.parametrize("name", ["training", "streaming", "speculation", "serving", "quantization", "turn_taking",
+                                  "persona"])
 def test_benchmark_quick_run_writes_its_results(name, tmp_path):
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}

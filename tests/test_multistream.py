@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import GREEDY, assert_same_as_moshi, make_reference, random_codes
+from helpers import assert_same_as_moshi, greedy_stream_is_teacher_forced_argmax, make_reference, random_codes
 from hf_moshi_userpred import MoshiUserPredConfig, MoshiUserPredForConditionalGeneration
 from hf_moshi_userpred.hub.conversion import convert_kyutai_checkpoint, export_to_moshi, shared_user_steps_report
 from hf_moshi_userpred.models.modeling_moshi_cache import MoshiKVCache
+from hf_moshi_userpred.models.modeling_moshi_userpred import shift_time
 from hf_moshi_userpred.sample import moshiko_shaped_lm_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,27 +138,13 @@ def rule_reference(model, codes: torch.Tensor, position: int, hidden: torch.Tens
 def test_greedy_streaming_follows_the_step_by_step_rule(moshi_lm):
     _, model = personaplex_small(moshi_lm)
     c = model.config
-    B, T, max_delay = 2, 24, max(c.delays)
-    user = torch.randint(0, c.card, (B, c.n_q - c.dep_q, T), generator=torch.Generator().manual_seed(3))
-    with model.streaming(B, **GREEDY) as stream:
-        outs = [stream.step(user[:, :, t : t + 1]) for t in range(T)]
-    frames = T - max_delay
-    generated = torch.cat([o.tokens for o in outs[max_delay:]], dim=2)  # [B, 1 + dep_q, frames]
-    codes = torch.cat([generated, user[:, :, 1 : frames + 1]], dim=1)
-    with torch.no_grad():
-        tf = model(codes)
+    user = torch.randint(0, c.card, (2, c.n_q - c.dep_q, 24), generator=torch.Generator().manual_seed(3))
     # the system's greedy tokens are the argmax of the teacher-forced logits: the user steps never reach them
-    assert torch.equal(tf.text_logits[:, 0].argmax(-1), codes[:, 0])
-    for k in range(c.dep_q):
-        valid = frames - c.delays[1 + k]
-        assert torch.equal(tf.audio_logits[:, k, :valid].argmax(-1), codes[:, 1 + k, :valid]), f"codebook {k}"
+    outs, codes, tf = greedy_stream_is_teacher_forced_argmax(model, user)
     # the user steps of every call, against the rule computed from the teacher-forced Depformer
-    delays = torch.tensor(c.delays)
-    initial = torch.tensor(model.initial_tokens())[None, :, None].expand(B, -1, 1)
-    delayed = torch.cat([initial, torch.stack([codes[:, k].roll(int(d), -1) for k, d in enumerate(delays)], 1)], 2)
-    for k, d in enumerate(c.delays):  # the rolled-in tail of a delayed row is the initial token
-        delayed[:, k, 1 : 1 + d] = initial[:, k]
-    for call in range(max_delay, frames - 1):
+    frames = codes.shape[2]
+    delayed, _ = shift_time(codes, [-1 - d for d in c.delays], frames + 1, model.initial_tokens())
+    for call in range(max(c.delays), frames - 1):
         expected = rule_reference(model, delayed, call + 1, tf.last_hidden_state[:, call])
         assert torch.equal(outs[call].user_prediction[..., -1], expected), f"call {call}"
 

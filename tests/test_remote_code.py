@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from helpers import assert_same_outputs, load_without_package, random_codes, tiny_remote_model
 
@@ -30,6 +31,14 @@ def test_trust_remote_code_reproduces_logits_and_streaming(tmp_path):
     assert_same_outputs(model, codes, remote)
 
 
+def assert_close_to_saved(got, expected, name: str) -> None:
+    """Integer outputs (tokens) identical, float ones (logits, losses) within float32 rounding."""
+    if expected.is_floating_point():
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, equal_nan=True, msg=name)
+    else:
+        assert torch.equal(got, expected), name
+
+
 def test_a_model_saved_before_the_layout_move_still_loads_both_ways(tmp_path):
     """`tests/fixtures/model_saved_before_layout` was saved by the flat package (commit fac5d90), with its outputs:
     it loads through its own remote code where the package is absent, and through the package's auto classes."""
@@ -47,9 +56,11 @@ def test_a_model_saved_before_the_layout_move_still_loads_both_ways(tmp_path):
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == \
         "modeling_moshi_userpred.MoshiUserPredForConditionalGeneration"
 
+    # Float outputs equal to rounding: they were saved by older transformers and torch builds, whose kernels may
+    # round differently (1e-6 apart with transformers 5.25); the greedy tokens must be identical.
     _, remote = load_without_package(folder, codes, tmp_path)
     for name, value in expected.items():
-        assert torch.equal(remote[name].nan_to_num(), value.nan_to_num()), name
+        assert_close_to_saved(remote[name], value, name)
 
     model = AutoModel.from_pretrained(folder).eval()
     assert type(model).__module__ == "hf_moshi_userpred.models.modeling_moshi_userpred"
@@ -57,5 +68,4 @@ def test_a_model_saved_before_the_layout_move_still_loads_both_ways(tmp_path):
         out = model(codes, return_loss=True)
     streamed = model.generate(codes[:, 1 + model.config.dep_q:], progress=False, do_sample=False, audio_do_sample=False)
     for name, value in expected.items():
-        got = getattr(out if hasattr(out, name) else streamed, name)
-        assert torch.equal(got.nan_to_num(), value.nan_to_num()), name
+        assert_close_to_saved(getattr(out if hasattr(out, name) else streamed, name), value, name)

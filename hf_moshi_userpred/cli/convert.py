@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..models.configuration_moshi_userpred import USER_DEPFORMERS
 from .arguments import DTYPES, add_command, check_device, torch_dtype
 
 
@@ -20,7 +19,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--user-init", choices=("copy_system", "random"), default="copy_system",
                      help="initialise the user Depformer from the system one, or randomly")
     sub.add_argument("--user-dep-q", type=int, default=None, help="user codebooks to predict (default: all)")
-    sub.add_argument("--user-depformer", choices=USER_DEPFORMERS, default=None,
+    sub.add_argument("--user-depformer", choices=("separate", "shared"), default=None,
                      help="the user branch as a Depformer of its own (separate) or as the system Depformer's steps "
                           "after the system codebooks (shared: PersonaPlex's multistream layout); default: shared for "
                           "a multistream checkpoint (dep_q = n_q, e.g. nvidia/personaplex-7b-v1), else separate. "
