@@ -126,6 +126,11 @@ def test_statistics_see_the_generated_holds_and_timers_cannot_decide(conversatio
     assert all(value <= 0.65 for value in evaluated["timer_balanced_accuracy"].values())
     # the gaps before replies are shorter than the pauses inside turns, on the frame grid too
     assert evaluated["shift_silence"]["q50_s"] < evaluated["hold_silence"]["q50_s"]
+    # the last word decides most pauses (a conjunction or a filler holds, a tag or a question mark ends), not all
+    half = len(dialogues) // 2
+    split = corpus_statistics({"train": (alignments[:half], frames[:half]), "eval": (alignments[half:], frames[half:])},
+                              logs)
+    assert 0.7 < split["last_word"]["balanced_accuracy"] < 1.0 and split["last_word"]["words"] > 20
 
 
 def test_encoder_fit_targets_are_causal_and_train_only_the_encoder(one_thread):
@@ -183,6 +188,9 @@ def test_synthesize_command_writes_a_moshi_finetune_corpus(tmp_path, capsys):
     stats = json.loads((out / "statistics.json").read_text())
     assert set(stats["evaluated"]) == {"train", "eval"} and 0 <= stats["held_out_sentences_in_training"] < 0.5
     assert 0 <= stats["codec"]["clause_ending_probe"]["balanced_accuracy"] <= 1
+    sequence = stats["codec"]["clause_ending_probe"]["sequence"]  # a few minutes may be too few pauses to fit it
+    assert sequence["frames"] == 25 and ("not_fitted" in sequence or 0 <= sequence["balanced_accuracy"] <= 1)
+    assert 0.5 <= stats["last_word"]["balanced_accuracy"] <= 1  # the grammar's cue words decide most pauses
     assert stats["codec"]["fit_seconds"]["encoder_and_codebooks"] > 0 and stats["settings"]["encoder_steps"] == 3
     assert stats["settings"]["seed"] == 0 and stats["settings"]["overlap_share"] == 0.3
     assert not list(tmp_path.glob(".corpus.tmp-*"))  # built beside and renamed into place

@@ -6,6 +6,7 @@
   user's holds and shifts that a predictor can be scored at, backchannels and barge-ins over the system, and the
   balanced accuracy silence timers reach at the user's pauses ([`timer_fires`]: a timer takes the turn when the
   silence lasts its length before anyone speaks).
+- **The lexical cue** ([`lexical_cue`]): how well the user's last word alone tells a shift from a hold.
 
     statistics = corpus_statistics(splits, logs)      # {"generated": ..., "evaluated": {"train": ..., "eval": ...}}
     plot_corpus_statistics(statistics, "DIR/statistics.png")
@@ -99,12 +100,53 @@ def evaluated_statistics(alignments: Sequence[Sequence], num_frames: Sequence[in
     }
 
 
+def last_words(alignments: Sequence, num_frames: int) -> tuple[list[str], list[bool]]:
+    """The user's last word before each decidable pause of one dialogue, and the labels (True: shift)."""
+    user_words = sorted((start, word.lower()) for word, (start, _), speaker in alignments if speaker == USER)
+    words, labels = [], []
+    for pause in dialogue_events(alignments, num_frames).decidable_pauses():
+        end = (pause.end_frame + 1) / FRAME_RATE
+        spoken = [word for start, word in user_words if start < end]
+        if spoken:
+            words.append(spoken[-1])
+            labels.append(pause.shift)
+    return words, labels
+
+
+def lexical_cue(train: tuple[Sequence[Sequence], Sequence[int]], held_out: tuple[Sequence[Sequence], Sequence[int]]
+                ) -> dict:
+    """How much the last word alone decides shift / hold: P(shift | the user's last word before the pause), counted
+    on the training dialogues (add-one smoothed, unseen words at the prior) and scored on the held-out ones at the
+    training shift rate (balanced accuracy, AUC). A ceiling for the lexical cue that a model must hear in the audio;
+    the melody over the word adds to it."""
+    counts: dict[str, list[int]] = {}
+    for words, T in zip(*train):
+        for word, shift in zip(*last_words(words, T)):
+            counts.setdefault(word, [0, 0])[shift] += 1
+    total = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
+    if not all(total):
+        return {"balanced_accuracy": None, "auc": None}
+    prior = total[1] / sum(total)
+    scores, labels = [], []
+    for words, T in zip(*held_out):
+        for word, shift in zip(*last_words(words, T)):
+            holds, shifts = counts.get(word, (0, 0))
+            scores.append((shifts + prior) / (holds + shifts + 1))
+            labels.append(shift)
+    metrics = binary_metrics(scores, labels, prior)
+    return {"balanced_accuracy": None if metrics.balanced_accuracy is None else round(metrics.balanced_accuracy, 3),
+            "auc": None if metrics.auc is None else round(metrics.auc, 3), "words": len(counts)}
+
+
 def corpus_statistics(splits: Mapping[str, tuple[Sequence[Sequence], Sequence[int]]],
                       logs: Sequence[ConversationLog], sentence_overlap: float | None = None) -> dict:
-    """`{"generated": generated_statistics(logs), "evaluated": {split: evaluated_statistics(...)}}` for `splits`
-    (name -> (alignments, frame counts)), with the share of held-out sentences also in training."""
+    """`{"generated": generated_statistics(logs), "evaluated": {split: evaluated_statistics(...)}, "last_word":
+    lexical_cue(...)}` for `splits` (name -> (alignments, frame counts); `last_word` when they are "train" and
+    "eval"), with the share of held-out sentences also in training."""
     statistics = {"generated": generated_statistics(logs),
                   "evaluated": {name: evaluated_statistics(*split) for name, split in splits.items()}}
+    if "train" in splits and "eval" in splits:
+        statistics["last_word"] = lexical_cue(splits["train"], splits["eval"])
     if sentence_overlap is not None:
         statistics["held_out_sentences_in_training"] = round(sentence_overlap, 3)
     return statistics

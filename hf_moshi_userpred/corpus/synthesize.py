@@ -68,7 +68,8 @@ class CorpusSummary:
         return (f"{self.path}: {self.train_dialogues} training and {self.eval_dialogues} held-out dialogues, "
                 f"{self.hours:.2f} h, in {self.seconds:.0f} s ({self.hours * 3600 / self.seconds:.0f}x real time); "
                 f"held out: {evaluated['holds']} holds, {evaluated['shifts']} shifts, {evaluated['backchannels']} "
-                f"backchannels, {evaluated['barge_ins']} barge-ins; silence timers' balanced accuracy: {timers}")
+                f"backchannels, {evaluated['barge_ins']} barge-ins; silence timers' balanced accuracy: {timers}; "
+                f"the last word alone: {self.statistics['last_word']['balanced_accuracy']}")
 
 
 def _dialogues(rng: random.Random, espeak: Espeak, settings: ConversationSettings, options: CorpusOptions,
