@@ -493,7 +493,7 @@ def shared_user_steps_report(model: MoshiUserPredForConditionalGeneration) -> st
             copies.append(step)
     steps = f"user steps {c.dep_q}-{c.depformer_steps - 1} (shared Depformer)"
     if not copies:
-        return f"{steps}: trained (none is a copy of its system step {0}-{c.user_dep_q - 1})"
+        return f"{steps}: trained (none is a copy of its system step, 0-{c.user_dep_q - 1})"
     verdict = ("the user stream was initialised by copying and, unless trained since, predicts the system's voice: "
                "fine-tune the user branch (train --training_mode user_branch) before relying on its predictions")
     if len(copies) == c.user_dep_q:
