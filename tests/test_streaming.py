@@ -14,7 +14,7 @@ from hf_moshi_userpred.models.generation_moshi_config import (
     build_logits_processor,
     sample_from_scores,
 )
-from hf_moshi_userpred.models.generation_moshi_streaming import SpeculationStats
+from hf_moshi_userpred.models.generation_moshi_step_output import SpeculationStats
 from hf_moshi_userpred.models.generation_moshi_userpred import MoshiGenerateOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -45,7 +45,7 @@ from .generation_moshi_config import SEARCH_FIELDS, MoshiUserPredGenerationConfi
 from .modeling_moshi_codes import check_codes
 
 if TYPE_CHECKING:  # the model module imports the generation mixin, which imports this one
-    from .generation_moshi_streaming import MoshiStreamStepOutput, SpeculationStats
+    from .generation_moshi_step_output import MoshiStreamStepOutput, SpeculationStats
     from .modeling_moshi_userpred import MoshiUserPredForConditionalGeneration
 
 

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessorList
-from transformers.utils import ModelOutput
 
 from .generation_moshi_config import STREAMS, MoshiUserPredGenerationConfig, build_logits_processor, sample_from_scores
 from .generation_moshi_cuda_graphs import CUDAGraphed
+from .generation_moshi_step_output import MoshiStreamStepOutput, SpeculationStats
 from .generation_moshi_persona import MoshiPersonaPrompt, MoshiPromptState, prefill_persona_prompt, prompt_key
 from .generation_moshi_text_constraints import MoshiTextConstraints, MoshiUserTurnOutput, WordTokenizer
 from .modeling_moshi_codes import UNGENERATED_TOKEN_ID, ZERO_TOKEN_ID, check_codes
@@ -43,78 +43,6 @@ if TYPE_CHECKING:  # the model module imports this one (through the generation m
 # Persona prompts whose prefill a session keeps (by a digest of the codes): 0.5 MB per frame for moshiko's 7B in
 # bfloat16 (32 layers of 32 heads of 128 keys and values), about 100 MB for a 200-frame prompt.
 PROMPT_CACHE_SIZE = 8
-
-
-@dataclass
-class MoshiStreamStepOutput(ModelOutput):
-    r"""What one [`MoshiStreamingSession.step`] produced.
-
-    Args:
-        tokens (`torch.LongTensor` `[B, 1 + dep_q, 1]`, *optional*): text and system audio tokens aligned like moshi's
-            `LMGen.step` (the text token of the previous call with the audio of this one). None while every
-            slot is within its first `max(delays)` calls; -2 for a slot still warming up or paused.
-        user_prediction (`torch.LongTensor` `[B, user_dep_q, L]`): the user tokens the main transformer will read
-            in row `1 + dep_q + k` at calls `o + 1 .. o + L` (`L = user_prediction_lookahead`), each from the
-            latest call that predicted it; for a delay-0 row, entry 0 is the user's next frame. -1 before any
-            prediction exists.
-        user_probs (`torch.FloatTensor` `[B, user_dep_q, L]`): probability of each predicted token under the user
-            Depformer's own softmax (NaN where none).
-        user_entropy (`torch.FloatTensor` `[B, user_dep_q, L]`): entropy (nats) of that softmax.
-        user_turn ([`MoshiUserTurnOutput`], *optional*): the turn-taking signal, with the user branch on, for a
-            model with a voice-activity head (from it) or a session opened with `turn_taking_table`.
-        speculative (`list[str]`): per slot, "hit" (the precomputed step was committed), "miss" (the user's
-            tokens were not among the candidates: a normal step ran) or "not_tried".
-        gap_filled (`torch.BoolTensor` `[B, n_q - dep_q]`, *optional*): after `step(None)`, the user rows of the
-            missing frame that got the predicted token (the others got the fallback token).
-        critical_s (`float`): seconds from the frame's arrival to its tokens (the critical path of this call).
-        speculate_s (`float`): seconds this call spent precomputing the next one (0 without speculation); a
-            real-time loop spends them while it waits for the next frame.
-    """
-
-    tokens: torch.Tensor | None = None
-    user_prediction: torch.Tensor | None = None
-    user_probs: torch.Tensor | None = None
-    user_entropy: torch.Tensor | None = None
-    user_turn: MoshiUserTurnOutput | None = None
-    speculative: list[str] | None = None
-    gap_filled: torch.Tensor | None = None
-    critical_s: float | None = None
-    speculate_s: float | None = None
-
-
-@dataclass
-class SpeculationStats:
-    """Counts per slot-step and wall-clock seconds of speculative streaming.
-
-    `critical_hit_s` / `critical_normal_s` are the time from a frame's arrival to its tokens on steps that
-    committed a speculation and on the others; `speculate_s` is the time spent precomputing, which a real-time
-    loop spends while waiting for the next frame.
-    """
-
-    top_k: int = 0
-    hits: int = 0
-    misses: int = 0
-    not_tried: int = 0
-    hit_steps: int = 0
-    normal_steps: int = 0
-    speculate_s: float = 0.0
-    critical_hit_s: float = 0.0
-    critical_normal_s: float = 0.0
-
-    @property
-    def hit_rate(self) -> float:
-        tried = self.hits + self.misses
-        return self.hits / tried if tried else 0.0
-
-    @property
-    def saved_s(self) -> float:
-        """Critical-path time saved: hit steps would have cost a normal step each."""
-        if not self.normal_steps:
-            return 0.0
-        return self.hit_steps * self.critical_normal_s / self.normal_steps - self.critical_hit_s
-
-    def to_dict(self) -> dict:
-        return {**vars(self), "hit_rate": self.hit_rate, "saved_s": self.saved_s}
 
 
 @dataclass
@@ -192,6 +120,10 @@ class MoshiStreamingSession:
                                                 self.predicts_user, model.has_voice_activity_head)
         self.user_turn: MoshiUserTurnOutput | None = None  # the turn-taking signal of the last look-ahead
         self.prompt_states: dict[str, MoshiPromptState] = {}  # persona prompts' prefills, least recent first
+        # a shared user branch's predicted rows that hold a received frame (delayed), and those of delay 1
+        predicted = self.delays[self.user_offset : self.user_offset + c.user_dep_q]
+        shared = self.predicts_user and c.user_depformer == "shared"
+        self.known_user_rows = (predicted > 0, predicted == 1) if shared else None
 
     # ------------------------------------------------------------------------------------------ control
     def say(self, text: str | Sequence[Sequence[int]], *, tokenizer: WordTokenizer | None = None,
@@ -566,8 +498,9 @@ class MoshiStreamingSession:
             scores = self.processors["user"](sequence, logits.float())
             return sample_from_scores(scores, None if noise is None else noise[:, step])
 
-        tokens, logits = self.model.user_step(hidden, text, self.caches, sample_user, audio=audio,
-                                              known=self._known_user_tokens())
+        # only a shared user branch reads the microphone's known tokens (PersonaPlex's rule)
+        known = self._known_user_tokens() if self.known_user_rows is not None else None
+        tokens, logits = self.model.user_step(hidden, text, self.caches, sample_user, audio=audio, known=known)
         # The signal: the model's voice-activity head when it has one, else the turn-taking table's.
         signal = (self.model.voice_activity_signal(hidden) if self.constraints.head_signal
                   else self.constraints.table_signal(logits))
@@ -585,12 +518,11 @@ class MoshiStreamingSession:
         """`[B, user_dep_q]` the user tokens of the position the user branch predicts that the model will read
         anyway: the rows with a delay, which hold a frame already received (-1 for the rows of a frame not received
         yet, and of a gap-filled frame)."""
-        c = self.model.config
-        rows = slice(self.user_offset, self.user_offset + c.user_dep_q)
-        cell = (self.offsets % self.ring)[:, None, None].expand(-1, c.user_dep_q, 1)
+        delayed, delay_one = self.known_user_rows
+        rows = slice(self.user_offset, self.user_offset + delayed.shape[0])
+        cell = (self.offsets % self.ring)[:, None, None].expand(-1, delayed.shape[0], 1)
         received = self.tokens[:, rows].gather(-1, cell)[..., 0]
-        delayed = (self.delays[rows] > 0)[None] & ~(self.missing[:, None] & (self.delays[rows] == 1)[None])
-        return torch.where(delayed, received, ZERO_TOKEN_ID)
+        return torch.where(delayed & ~(self.missing[:, None] & delay_one), received, ZERO_TOKEN_ID)
 
     def _speculate(self) -> _Speculation:
         """Precompute the next call for the top-k next delay-0 user tokens (one batched forward)."""
@@ -652,4 +584,4 @@ def _pick(values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     return values[torch.arange(values.shape[0], device=values.device), choice]
 
 
-__all__ = ["MoshiStreamStepOutput", "MoshiStreamingSession", "SpeculationStats"]
+__all__ = ["MoshiStreamingSession"]

@@ -16,7 +16,8 @@ from transformers.utils.logging import tqdm
 from .generation_moshi_config import SAMPLING_FIELDS, SEARCH_FIELDS, MoshiUserPredGenerationConfig
 from .generation_moshi_persona import MoshiPersonaPrompt
 from .generation_moshi_search import requests_search, search_generate
-from .generation_moshi_streaming import MoshiStreamingSession, MoshiStreamStepOutput, SpeculationStats
+from .generation_moshi_step_output import MoshiStreamStepOutput, SpeculationStats
+from .generation_moshi_streaming import MoshiStreamingSession
 from .generation_moshi_text_constraints import WordTokenizer
 from .modeling_moshi_codes import check_codes
 

@@ -52,7 +52,7 @@ from ..data.audio import (
 )
 from ..models.configuration_moshi_userpred import FRAME_PERIOD_S
 from ..models.generation_moshi_config import STREAMS
-from ..models.generation_moshi_streaming import SpeculationStats
+from ..models.generation_moshi_step_output import SpeculationStats
 from ..utils.files import atomic_write, check_output_dir, write_json
 from .audio_limiter import AudioLimiter
 from .mimi_streaming import MimiStreamingCodec

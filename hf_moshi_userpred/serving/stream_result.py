@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.generation_moshi_streaming import SpeculationStats
+from ..models.generation_moshi_step_output import SpeculationStats
 
 
 @dataclass
